@@ -29,7 +29,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.scene3d-installed"
-inputs_hash=$( (cat requirements.txt pyproject.toml setup.py; find ops -type f -print0 2>/dev/null | sort -z | xargs -0 -r cat) | sha256sum | cut -d' ' -f1)
+inputs_hash=$( {
+  cat requirements.txt pyproject.toml setup.py
+  if [ -d ops ]; then find ops -type f -print0 | sort -z | xargs -0 -r cat; fi
+} | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_hash" ] && "$VENV/bin/python" -c "import scene3d" 2>/dev/null; then
   exit 0
 fi
