@@ -1,13 +1,59 @@
-"""`scene3d prep refer`: not built yet (referring datasets, issue #4)."""
+"""`scene3d prep refer --dataset {scanrefer,multi3drefer,nr3d,sr3d} SRC --out OUT.jsonl [--processed DIR]
+[--labels TSV]`: a referring dataset -> referring-sample jsonl (row format: data_prep/refer.py)."""
 
 from __future__ import annotations
 
-from scene3d.cli import NotYetImplemented
+import logging
+from pathlib import Path
+
+from data_prep.refer import DATASETS
 
 
 def add_parser(sub, name, help_):
-    return sub.add_parser(name, help=help_ + " [not implemented yet]")
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("src", type=Path, help="ScanRefer / Multi3DRefer json, or Nr3D / Sr3D csv")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="format of SRC")
+    p.add_argument("--out", required=True, type=Path, help="output jsonl (written atomically)")
+    p.add_argument("--processed", type=Path, default=None,
+                   help="processed scenes: rows whose scene or objects are missing there are reported and dropped")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="scannetv2-labels.combined.tsv (required for scanrefer: unique/multiple flags)")
+    p.add_argument("--unique-from", choices=["scanrefer", "processed"], default="scanrefer",
+                   help="scanrefer (default): count a target's class among the objects SRC describes, as "
+                        "ScanRefer does (exact for the full split files); processed: among all objects of "
+                        "the processed scene (approximation for subsets; needs --processed)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(_accepts_overrides=False)
+    return p
 
 
 def run(args) -> int:
-    raise NotYetImplemented("prep refer", "referring datasets, issue #4")
+    from data_prep import refer
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    progress = not args.no_progress
+    if args.processed is not None and not args.processed.is_dir():
+        raise SystemExit(f"--processed {args.processed}: not a directory")
+    if args.dataset == "scanrefer":
+        if args.labels is None:
+            raise SystemExit("--labels TSV is required for --dataset scanrefer (ScanRefer's 18-class mapping)")
+        raw2nyu = refer.load_label_map(args.labels)
+        population = None
+        if args.unique_from == "processed":
+            if args.processed is None:
+                raise SystemExit("--unique-from processed needs --processed DIR")
+            scenes = {r["scene_id"] for r in refer.load_json_list(args.src)}
+            population = refer.processed_population(args.processed, scenes)
+        rows = refer.read_scanrefer(args.src, raw2nyu, population=population, progress=progress)
+    elif args.dataset == "multi3drefer":
+        rows = refer.read_multi3drefer(args.src, progress=progress)
+    else:
+        rows = refer.read_referit3d(args.src, args.dataset, progress=progress)
+    if args.processed is not None:
+        report = refer.filter_against_processed(rows, args.processed)
+        rows = report.kept
+        if report.dropped:
+            print(f"dropped {len(report.dropped)} rows: " + ", ".join(f"{k}={v}" for k, v in report.reasons.items()))
+    n = refer.write_refer_jsonl(rows, args.out)
+    print(f"wrote {n} {args.dataset} rows to {args.out}")
+    return 0
