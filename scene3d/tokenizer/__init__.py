@@ -1,0 +1,34 @@
+"""Object tokenizer: voxelize -> sparse U-Net -> per-object pooling (+ octree geometry) -> relation context.
+
+The octree codec (:mod:`scene3d.tokenizer.octree`) and its encoder (:mod:`scene3d.tokenizer.geometry`) are
+re-exported when present.
+"""
+
+from scene3d.tokenizer.backbone import BackboneConfig, SparseUNet
+from scene3d.tokenizer.model import ObjectTokenizer, ObjectTokenizerConfig, TokenizerLosses, TokenizerOutput
+from scene3d.tokenizer.pooling import STATS_DIM, pool_objects, token_dim
+from scene3d.tokenizer.proposals import (
+    OffsetLoss,
+    ProposalConfig,
+    ProposalHead,
+    Recall,
+    cluster_proposals,
+    offset_loss,
+    proposal_recall,
+)
+from scene3d.tokenizer.relation import RelationConfig, RelationContext, pair_encoding
+from scene3d.tokenizer.voxelize import Voxels, scatter_pool, voxelize
+
+__all__ = [
+    "BackboneConfig", "ObjectTokenizer", "ObjectTokenizerConfig", "OffsetLoss", "ProposalConfig", "ProposalHead",
+    "Recall", "RelationConfig", "RelationContext", "STATS_DIM", "SparseUNet", "TokenizerLosses", "TokenizerOutput",
+    "Voxels", "cluster_proposals", "offset_loss", "pair_encoding", "pool_objects", "proposal_recall",
+    "scatter_pool", "token_dim", "voxelize",
+]
+
+try:  # built by another engineer; optional here so this package imports without it
+    from scene3d.tokenizer.geometry import GeometryEncoder, GeometryEncoderConfig
+except ImportError:  # pragma: no cover - only while geometry.py is absent
+    pass
+else:
+    __all__ += ["GeometryEncoder", "GeometryEncoderConfig"]
