@@ -1,0 +1,474 @@
+"""ReferringSegmenter: the one place where object tokens, gating, the LLM and the mask decoder meet.
+
+Data flow of one sample (shapes for one scene with ``M`` objects, ``N`` points, LLM width ``H``)::
+
+    ObjectTokens feat [M, C] --(optional gate(tokens, query_emb) -> kept rows + gated feat)--> [M', C]
+        --projector(feat, center, size)--> [M', H] spliced at the <obj_feat> positions of
+    "system ... <OBJs> <obj_feat> ... user ... <text> assistant : <OBJa> <OBJb> [SEG]"
+        --LLM (frozen + LoRA)--> logits [L, V] (LM loss on the answer only), hidden at [SEG] [H]
+        --MaskDecoder(points, objects)--> point logits [N] (BCE + Dice), object logits [M] (weighted BCE)
+
+Losses (:class:`ReferringLoss`): LM cross-entropy over answer tokens; mask BCE (mean over points) + Dice
+(per scene, smoothed so zero-target scenes push the mask to empty); per-object target BCE where *hard
+negatives* — objects of a target's class that are not targets (when ``object_class`` is given) and Sr3D
+``distractors`` — weigh ``hard_negative_weight`` instead of 1.
+
+Inference (:meth:`ReferringSegmenter.predict`) returns, per query, the decoder mask, the mask of the
+identifiers the answer names, and a reconciled result. Reconciliation rule: the objects are the ones whose
+identifiers the answer names (identifiers map back to objects exactly); when the answer names none, the
+objects whose decoder score is ``>= threshold`` are taken instead; when neither gives any object the result
+is empty (zero targets). The reconciled point mask is the union of the chosen objects' points (instance
+masks are exact where the dense head is smooth); the raw decoder mask is returned beside it.
+
+Gating is pluggable: any callable ``gate(tokens, query_embedding [B, H]) -> GateSelection`` (an ``nn.Module``
+is registered, so its scorer trains and is checkpointed). The query embedding is the mean input embedding of
+the question tokens. Because a query-conditioned gate changes the scene prefix per query, the scene cache
+(:mod:`scene3d.models.cache`) is only used without a gate.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scene3d.constants import IGNORE_INDEX
+from scene3d.heads.mask_decoder import MaskDecoder, MaskDecoderConfig
+from scene3d.llm.loader import IdentifierLM, LLMConfig, load_llm
+from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, ScenePrompt, build_prefix, build_prompt,
+                                build_query, identifier_permutation, parse_answer, select_objects)
+from scene3d.structures.objects import ObjectTokens
+from scene3d.structures.points import PointBatch
+from scene3d.structures.ragged import counts_from_offset
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class ReferringConfig:
+    """Everything that builds a :class:`ReferringSegmenter` (saved as json beside checkpoints)."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    obj_dim: int = 32  # C of ObjectTokens.feat
+    point_dim: int = 32  # C of the dense point features
+    projector_hidden: int = 256
+    overflow: str = "error"  # more objects than identifiers: "error" or "topk" (most points kept)
+    shuffle_identifiers: bool = True  # in training mode only; evaluation uses the identity
+    lm_weight: float = 1.0
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    obj_weight: float = 1.0
+    hard_negative_weight: float = 3.0
+    threshold: float = 0.5
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for name, cls in (("llm", LLMConfig), ("decoder", MaskDecoderConfig), ("prompt", PromptConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        if self.overflow not in ("error", "topk"):
+            raise ValueError(f"overflow must be 'error' or 'topk', got {self.overflow!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReferringConfig":
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+class GateSelection(NamedTuple):
+    """What a gate returns: kept global object rows ``[M']`` (sorted) and their gated features ``[M', C]``."""
+
+    kept_index: torch.Tensor
+    feat: torch.Tensor
+
+
+GateFn = Callable[[ObjectTokens, torch.Tensor], GateSelection]
+
+
+@dataclass
+class SceneInputs:
+    """A ragged batch of scenes: object tokens, dense point features ``[N, C_pt]`` and the points."""
+
+    tokens: ObjectTokens
+    point_feat: torch.Tensor
+    points: PointBatch
+
+    def __post_init__(self) -> None:
+        if self.point_feat.dim() != 2 or self.point_feat.shape[0] != self.points.coord.shape[0]:
+            raise ValueError(f"point_feat must be [N={self.points.coord.shape[0]}, C], got {tuple(self.point_feat.shape)}")
+        if self.tokens.point2obj.shape[0] != self.points.coord.shape[0]:
+            raise ValueError("tokens.point2obj must have one entry per point")
+        if self.tokens.batch_size != len(counts_from_offset(self.points.offset)):
+            raise ValueError(f"{self.tokens.batch_size} scenes of objects but "
+                             f"{len(self.points.offset)} scenes of points")
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.batch_size
+
+    def scene(self, b: int) -> "SceneInputs":
+        """Scene ``b`` alone (rows re-based)."""
+        o = torch.cat([self.tokens.obj_offset.new_zeros(1), self.tokens.obj_offset])
+        p = torch.cat([self.points.offset.new_zeros(1), self.points.offset])
+        o0, o1, p0, p1 = int(o[b]), int(o[b + 1]), int(p[b]), int(p[b + 1])
+        p2o = self.tokens.point2obj[p0:p1]
+        t = self.tokens
+        tokens = ObjectTokens(t.feat[o0:o1], t.center[o0:o1], t.size[o0:o1], t.obj_offset.new_tensor([o1 - o0]),
+                              torch.where(p2o >= 0, p2o - o0, p2o),
+                              None if t.object_ids is None else t.object_ids[o0:o1])
+        pb = self.points
+        fields = {k: (getattr(pb, k)[p0:p1] if getattr(pb, k) is not None else None)
+                  for k in ("coord", "color", "normal", "superpoint", "segment", "instance")}
+        points = PointBatch(offset=pb.offset.new_tensor([p1 - p0]),
+                            scene_ids=list(pb.scene_ids[b : b + 1]) if pb.scene_ids else [], **fields)
+        return SceneInputs(tokens, self.point_feat[p0:p1], points)
+
+
+@dataclass
+class ReferringBatch:
+    """``B`` samples, sample ``b`` on scene ``b`` of ``scene``.
+
+    ``targets[b]`` / ``distractors[b]`` are source object ids (matched against ``tokens.object_ids``);
+    ``object_class [M]`` (optional) gives same-class hard negatives; ``seeds[b]`` (optional) seeds the
+    identifier shuffle of sample ``b`` in training.
+    """
+
+    scene: SceneInputs
+    texts: list
+    targets: list
+    distractors: Optional[list] = None
+    object_class: Optional[torch.Tensor] = None
+    seeds: Optional[list] = None
+
+    def __post_init__(self) -> None:
+        b = self.scene.batch_size
+        for name in ("texts", "targets", "distractors", "seeds"):
+            v = getattr(self, name)
+            if v is not None and len(v) != b:
+                raise ValueError(f"{name} has {len(v)} entries for {b} scenes")
+        if self.object_class is not None and self.object_class.shape != (self.scene.tokens.num_objects,):
+            raise ValueError(f"object_class must be [{self.scene.tokens.num_objects}]")
+
+
+class ReferringLoss(NamedTuple):
+    total: torch.Tensor
+    lm: torch.Tensor
+    mask_bce: torch.Tensor
+    mask_dice: torch.Tensor
+    obj: torch.Tensor
+
+
+class ModelInputs(NamedTuple):
+    """Padded LLM inputs of a batch: embeds ``[B, L, H]``, mask ``[B, L]``, labels ``[B, L]``, ``seg_pos [B]``."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    seg_pos: torch.Tensor
+    prompts: list
+
+
+class Prediction(NamedTuple):
+    """One query's result on one scene (local object indices; masks over the scene's ``N`` points)."""
+
+    point_mask: torch.Tensor  # [N] bool, reconciled
+    objects: torch.Tensor  # [T] long, reconciled local object indices (may be empty)
+    object_ids: torch.Tensor  # [T] long, their source ids (-1 where unknown)
+    decoder_mask: torch.Tensor  # [N] bool
+    identifier_mask: torch.Tensor  # [N] bool
+    obj_scores: torch.Tensor  # [M] float, sigmoid of the decoder's object logits
+    answer_ids: list  # generated token ids (ends with [SEG])
+    identifiers: list  # identifiers named in the answer
+    source: str  # "identifiers", "decoder" or "none"
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ReferringSegmenter(nn.Module):
+    """See the module docstring. ``lm`` may be passed in (already loaded) to share one across models."""
+
+    def __init__(self, config: ReferringConfig, gate: Optional[GateFn] = None,
+                 lm: Optional[IdentifierLM] = None) -> None:
+        super().__init__()
+        self.lm = lm if lm is not None else load_llm(config.llm)
+        self.vocab = IdentifierVocab.from_lm(self.lm)
+        h = self.lm.hidden_size
+        # the decoder's widths follow the LLM and the inputs (a resolved copy; the caller's config is untouched)
+        config = dataclasses.replace(config, decoder=dataclasses.replace(
+            config.decoder, llm_dim=h, point_dim=config.point_dim, obj_dim=config.obj_dim))
+        self.config = config
+        self.projector = nn.Sequential(nn.Linear(config.obj_dim + 6, config.projector_hidden), nn.GELU(),
+                                       nn.Linear(config.projector_hidden, h))
+        self.decoder = MaskDecoder(config.decoder)
+        self.gate = gate  # an nn.Module gate is registered as a submodule by nn.Module.__setattr__
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    # -- planning: which objects, which identifiers, which features ----------------------------------
+    def _keep(self, scene: SceneInputs, b: int, kept_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        t = scene.tokens
+        o0 = int(t.obj_offset[b - 1]) if b else 0
+        m = int(t.obj_counts[b])
+        keep = torch.arange(m) if kept_rows is None else kept_rows[(kept_rows >= o0) & (kept_rows < o0 + m)] - o0
+        k = self.vocab.num_identifiers
+        if keep.numel() > k:
+            if self.config.overflow == "error":
+                raise ValueError(f"scene {b} has {keep.numel()} objects for {k} identifiers; raise "
+                                 "llm.num_obj_tokens or set overflow='topk'")
+            p2o = t.point2obj
+            npts = torch.bincount(p2o[p2o >= 0], minlength=t.num_objects)[o0 : o0 + m].cpu()
+            keep = keep[select_objects(keep.numel(), k, npts[keep])]
+        return keep.cpu()
+
+    def _gate(self, scene: SceneInputs, texts: Sequence[str]):
+        """Run the gate (if any): (kept global rows or None, feature table [M, C] with gated rows)."""
+        feat = scene.tokens.feat
+        if self.gate is None:
+            return None, feat
+        dev = feat.device
+        qe = torch.stack([self.lm.embed(build_query(self.tokenizer, t, self.config.prompt).to(dev)[None])[0].mean(0)
+                          for t in texts])  # (B, H)
+        sel = self.gate(scene.tokens, qe)
+        kept = sel.kept_index.long()
+        if sel.feat.shape != (kept.numel(), feat.shape[1]):
+            raise ValueError(f"gate returned feat {tuple(sel.feat.shape)} for {kept.numel()} kept rows")
+        return kept.cpu(), feat.index_put((kept,), sel.feat.to(feat.dtype))
+
+    def _object_embeds(self, scene: SceneInputs, feat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Projected object tokens ``[P, H]`` of global ``rows``."""
+        t = scene.tokens
+        rows = rows.to(feat.device)
+        x = torch.cat([feat[rows], t.center[rows].to(feat.dtype), t.size[rows].to(feat.dtype)], dim=1)
+        return self.projector(x).to(self.lm.new_embed.weight.dtype)
+
+    def _embed_prompt(self, scene: SceneInputs, b: int, prompt: ScenePrompt, feat: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``[L, H]`` with object tokens spliced at the placeholders (``get_input_embeddings``
+        under :meth:`IdentifierLM.embed`)."""
+        o0 = int(scene.tokens.obj_offset[b - 1]) if b else 0
+        dev = feat.device
+        emb = self.lm.embed(prompt.input_ids.to(dev)[None])[0]  # (L, H)
+        obj = self._object_embeds(scene, feat, prompt.placeholder_obj + o0)  # (P, H)
+        return emb.index_put((prompt.placeholder_pos.to(dev),), obj)
+
+    def _local_targets(self, scene: SceneInputs, b: int, ids: Sequence[int], what: str) -> torch.Tensor:
+        t = scene.tokens
+        if t.object_ids is None:
+            raise ValueError("tokens.object_ids is needed to match target / distractor object ids")
+        o0 = int(t.obj_offset[b - 1]) if b else 0
+        scene_ids = t.object_ids[o0 : o0 + int(t.obj_counts[b])].tolist()
+        out = []
+        for i in ids:
+            if int(i) not in scene_ids:
+                raise ValueError(f"sample {b}: {what} object id {i} is not among the scene's object ids")
+            out.append(scene_ids.index(int(i)))
+        return torch.tensor(sorted(set(out)), dtype=torch.long)
+
+    def build_inputs(self, batch: ReferringBatch) -> ModelInputs:
+        """Tokenize, shuffle identifiers (training), splice object tokens and pad (right) the batch."""
+        scene = batch.scene
+        kept, feat = self._gate(scene, batch.texts)
+        shuffle = self.training and self.config.shuffle_identifiers
+        embeds, prompts = [], []
+        for b in range(scene.batch_size):
+            seed = None
+            if shuffle:
+                seed = int(batch.seeds[b]) if batch.seeds is not None else int(torch.randint(0, 2**31 - 1, ()))
+            targets = self._local_targets(scene, b, batch.targets[b], "target").tolist()
+            prompt = build_prompt(self.tokenizer, self.vocab, int(scene.tokens.obj_counts[b]), batch.texts[b],
+                                  targets, seed=seed, keep=self._keep(scene, b, kept), config=self.config.prompt)
+            prompts.append(prompt)
+            embeds.append(self._embed_prompt(scene, b, prompt, feat))
+        lmax = max(e.shape[0] for e in embeds)
+        h = embeds[0].shape[1]
+        dev = embeds[0].device
+        x = embeds[0].new_zeros(len(embeds), lmax, h)
+        mask = torch.zeros(len(embeds), lmax, dtype=torch.long, device=dev)
+        labels = torch.full((len(embeds), lmax), IGNORE_INDEX, dtype=torch.long, device=dev)
+        for b, (e, p) in enumerate(zip(embeds, prompts)):
+            x = x.index_put((torch.tensor(b, device=dev), torch.arange(e.shape[0], device=dev)), e)
+            mask[b, : e.shape[0]] = 1
+            labels[b, : e.shape[0]] = p.labels.to(dev)
+        seg = torch.tensor([p.seg_pos for p in prompts], device=dev)
+        return ModelInputs(x, mask, labels, seg, prompts)
+
+    # -- training ------------------------------------------------------------------------------------
+    def forward(self, batch: ReferringBatch) -> ReferringLoss:
+        c = self.config
+        scene = batch.scene
+        inp = self.build_inputs(batch)
+        out = self.lm(inp.inputs_embeds, attention_mask=inp.attention_mask)
+        lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), inp.labels[:, 1:].flatten(),
+                                  ignore_index=IGNORE_INDEX)
+        seg_hidden = out.hidden[torch.arange(len(inp.prompts)), inp.seg_pos]  # (B, H)
+        dec = self.decoder(seg_hidden.float(), scene.point_feat, scene.points.coord, scene.points.offset,
+                           scene.tokens, scene.points.superpoint)
+        gt_point, obj_label, obj_weight = self._targets(batch)
+        bce = F.binary_cross_entropy_with_logits(dec.point_logits, gt_point)
+        dice = _dice_loss(dec.point_logits, gt_point, scene.points.offset)
+        obj = (F.binary_cross_entropy_with_logits(dec.obj_logits, obj_label, reduction="none") * obj_weight).sum() \
+            / obj_weight.sum().clamp_min(1e-6)
+        total = c.lm_weight * lm_loss + c.bce_weight * bce + c.dice_weight * dice + c.obj_weight * obj
+        return ReferringLoss(total, lm_loss, bce, dice, obj)
+
+    def _targets(self, batch: ReferringBatch):
+        """Point targets ``[N]``, object labels ``[M]`` and object weights ``[M]`` (hard negatives weigh more)."""
+        t = batch.scene.tokens
+        dev = t.feat.device
+        label = torch.zeros(t.num_objects, device=dev)
+        weight = torch.ones(t.num_objects, device=dev)
+        for b in range(batch.scene.batch_size):
+            o0 = int(t.obj_offset[b - 1]) if b else 0
+            rows = self._local_targets(batch.scene, b, batch.targets[b], "target").to(dev) + o0
+            hard = torch.zeros(t.num_objects, dtype=torch.bool, device=dev)
+            if batch.object_class is not None and rows.numel():
+                m = int(t.obj_counts[b])
+                cls = batch.object_class.to(dev)
+                same = torch.isin(cls[o0 : o0 + m], cls[rows])
+                hard[o0 : o0 + m] = same
+            if batch.distractors is not None and batch.distractors[b]:
+                hard[self._local_targets(batch.scene, b, batch.distractors[b], "distractor").to(dev) + o0] = True
+            weight[hard] = self.config.hard_negative_weight
+            label[rows] = 1.0
+            weight[rows] = 1.0
+        gt_point = (label[t.point2obj.clamp_min(0)] * (t.point2obj >= 0)).float()
+        return gt_point, label, weight
+
+    # -- inference -----------------------------------------------------------------------------------
+    def prefix_embeds(self, scene: SceneInputs):
+        """Embeddings ``[Lp, H]`` of the scene prefix of one scene (no gate, identity identifiers) and the
+        identifier of each object ``[M]`` (-1 where left out)."""
+        if scene.batch_size != 1:
+            raise ValueError(f"prefix_embeds takes one scene, got {scene.batch_size}")
+        keep = self._keep(scene, 0, None)
+        slots = identifier_permutation(keep.numel(), self.vocab.num_identifiers, None)
+        ids, pos, which = build_prefix(self.tokenizer, self.vocab, slots, self.config.prompt)
+        slot_of_object = torch.full((scene.tokens.num_objects,), -1, dtype=torch.long)
+        slot_of_object[keep] = slots
+        prompt = ScenePrompt(ids, torch.full_like(ids, IGNORE_INDEX), pos, keep[which], ids.numel(), ids.numel(),
+                             -1, slot_of_object)
+        return self._embed_prompt(scene, 0, prompt, scene.tokens.feat), slot_of_object
+
+    @torch.no_grad()
+    def predict(self, scene: SceneInputs, texts: Sequence[str], use_cache: bool = True) -> list:
+        """Answer every text on one scene; with ``use_cache`` the scene prefix is encoded once (see
+        :class:`scene3d.models.cache.SceneCache`), otherwise it is re-encoded per query."""
+        from scene3d.models.cache import SceneCache
+
+        if scene.batch_size != 1:
+            raise ValueError(f"predict takes one scene, got {scene.batch_size}")
+        if isinstance(texts, str):
+            texts = [texts]
+        if use_cache and self.gate is None:
+            sc = SceneCache(self, scene)
+            return [self._answer(scene, text, sc) for text in texts]
+        return [self._answer(scene, text, None) for text in texts]
+
+    def _answer(self, scene: SceneInputs, text: str, scene_cache) -> Prediction:
+        dev = scene.tokens.feat.device
+        if scene_cache is not None:
+            cache = scene_cache.fork()
+            q_ids = build_query(self.tokenizer, text, self.config.prompt).to(dev)
+            out = self.lm(self.lm.embed(q_ids[None]), cache=cache, use_cache=True)
+            slot_of_object = scene_cache.slot_of_object
+        else:
+            kept, feat = self._gate(scene, [text])
+            prompt = build_prompt(self.tokenizer, self.vocab, scene.tokens.num_objects, text, None, seed=None,
+                                  keep=self._keep(scene, 0, kept), config=self.config.prompt)
+            out = self.lm(self._embed_prompt(scene, 0, prompt, feat)[None], use_cache=True)
+            slot_of_object = prompt.slot_of_object
+        answer, seg_hidden = self._generate(out)
+        dec = self.decoder(seg_hidden[None].float(), scene.point_feat, scene.points.coord, scene.points.offset,
+                           scene.tokens, scene.points.superpoint)
+        return self._reconcile(scene, answer, slot_of_object, dec)
+
+    def _generate(self, out):
+        """Greedy decoding from ``out`` (holding the cache) until ``[SEG]``; a missing ``[SEG]`` is appended
+        after ``max_new_tokens`` so the decoder always gets a state. Returns (answer ids, [SEG] hidden [H])."""
+        seg, eos = self.vocab.seg_token_id, self.tokenizer.eos_token_id
+        answer: list = []
+        logits, cache = out.logits[0, -1], out.cache
+        dev = logits.device
+        for _ in range(self.config.max_new_tokens):
+            logits = logits.clone()
+            logits[self.vocab.placeholder_id] = float("-inf")  # placeholders are never generated
+            nxt = int(logits.argmax())
+            if nxt == eos:
+                break
+            answer.append(nxt)
+            out = self.lm(self.lm.embed(torch.tensor([[nxt]], device=dev)), cache=cache, use_cache=True)
+            cache = out.cache
+            if nxt == seg:
+                return answer, out.hidden[0, -1]
+            logits = out.logits[0, -1]
+        answer.append(seg)
+        out = self.lm(self.lm.embed(torch.tensor([[seg]], device=dev)), cache=cache, use_cache=True)
+        return answer, out.hidden[0, -1]
+
+    def _reconcile(self, scene: SceneInputs, answer: list, slot_of_object: torch.Tensor, dec) -> Prediction:
+        t = scene.tokens
+        parsed = parse_answer(answer, self.vocab, slot_of_object)
+        scores = torch.sigmoid(dec.obj_logits)
+        decoder_mask = torch.sigmoid(dec.point_logits) >= self.config.threshold
+        named = torch.tensor(sorted(parsed.objects), dtype=torch.long, device=t.feat.device)
+        identifier_mask = torch.isin(t.point2obj, named)
+        if named.numel():
+            objects, source = named, "identifiers"
+        else:
+            objects = (scores >= self.config.threshold).nonzero().flatten()
+            source = "decoder" if objects.numel() else "none"
+        point_mask = torch.isin(t.point2obj, objects)
+        ids = t.object_ids[objects] if t.object_ids is not None else torch.full_like(objects, -1)
+        return Prediction(point_mask, objects, ids, decoder_mask, identifier_mask, scores, answer,
+                          parsed.identifiers, source)
+
+
+def _dice_loss(logits: torch.Tensor, target: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Mean over scenes of ``1 - (2|p g| + 1) / (|p| + |g| + 1)`` (smoothing 1: an empty target asks for an
+    empty prediction)."""
+    p = torch.sigmoid(logits)
+    counts = counts_from_offset(offset).to(logits.device)
+    batch = torch.repeat_interleave(torch.arange(len(counts), device=logits.device), counts)
+    inter = torch.zeros(len(counts), device=logits.device).index_add(0, batch, p * target)
+    ps = torch.zeros(len(counts), device=logits.device).index_add(0, batch, p)
+    gs = torch.zeros(len(counts), device=logits.device).index_add(0, batch, target)
+    return (1 - (2 * inter + 1) / (ps + gs + 1)).mean()
+
+
+def synthetic_scene(num_objects: Sequence[int] = (6,), points_per_object: int = 20, obj_dim: int = 32,
+                    point_dim: int = 32, seed: int = 0, unassigned: int = 5) -> SceneInputs:
+    """Random scenes for tests, benchmarks and the demo: object ``j`` of a scene is a blob of points around a
+    random center, with ``unassigned`` extra points of no object; superpoints are pairs of points of one object.
+    Object ids are ``10 * (j + 1)`` so they differ from row indices."""
+    gen = torch.Generator().manual_seed(seed)
+    feats, centers, sizes, coords, p2o, sps, ids, pfeat = [], [], [], [], [], [], [], []
+    o_counts, p_counts, row = [], [], 0
+    for m in num_objects:
+        c = torch.rand(m, 3, generator=gen) * 6.0
+        s = torch.rand(m, 3, generator=gen) * 0.8 + 0.2
+        xyz = (c.repeat_interleave(points_per_object, 0)
+               + (torch.rand(m * points_per_object, 3, generator=gen) - 0.5) * s.repeat_interleave(points_per_object, 0))
+        owner = torch.arange(m).repeat_interleave(points_per_object)
+        xyz = torch.cat([xyz, torch.rand(unassigned, 3, generator=gen) * 6.0])
+        owner = torch.cat([owner + row, torch.full((unassigned,), -1)])
+        sp = torch.cat([torch.arange(m * points_per_object) // 2, m * points_per_object + torch.arange(unassigned)])
+        feats.append(torch.randn(m, obj_dim, generator=gen))
+        centers.append(c); sizes.append(s); coords.append(xyz); p2o.append(owner); sps.append(sp)
+        ids.append(10 * (torch.arange(m) + 1))
+        pfeat.append(torch.randn(xyz.shape[0], point_dim, generator=gen))
+        o_counts.append(m); p_counts.append(xyz.shape[0]); row += m
+    tokens = ObjectTokens(torch.cat(feats), torch.cat(centers), torch.cat(sizes),
+                          torch.cumsum(torch.tensor(o_counts), 0), torch.cat(p2o), torch.cat(ids))
+    points = PointBatch(torch.cat(coords), torch.cumsum(torch.tensor(p_counts), 0), superpoint=torch.cat(sps))
+    return SceneInputs(tokens, torch.cat(pfeat), points)

@@ -1,0 +1,214 @@
+"""ReferringSegmenter: splicing, labels, trainable parameters, losses, hard negatives, prediction, checkpoints."""
+
+import pytest
+import torch
+
+from scene3d.constants import IGNORE_INDEX
+from scene3d.heads.mask_decoder import MaskDecoderConfig
+from scene3d.llm.loader import LLMConfig
+from scene3d.llm.tiny import TinyLLMConfig
+from scene3d.models.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from scene3d.models.referring import (GateSelection, ReferringBatch, ReferringConfig, ReferringSegmenter,
+                                      synthetic_scene)
+
+TINY = TinyLLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2)
+
+
+def _config(**kw):
+    return ReferringConfig(llm=LLMConfig(tiny=TINY, num_obj_tokens=16, lora_r=4),
+                           decoder=MaskDecoderConfig(dim=32, num_queries=2, num_layers=1, num_heads=4),
+                           obj_dim=8, point_dim=8, projector_hidden=32, **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ReferringSegmenter(_config())
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return synthetic_scene((5, 7), points_per_object=6, obj_dim=8, point_dim=8, seed=1)
+
+
+def _batch(scene, **kw):
+    return ReferringBatch(scene, ["the brown chair left of the desk", "the two tables"], [[20], [10, 30]],
+                          seeds=[3, 4], **kw)
+
+
+def test_splice_positions_and_ignored_labels(model, scene):
+    for training in (False, True):
+        model.train(training)
+        inp = model.build_inputs(_batch(scene))
+        model.eval()
+        base = model.lm.get_input_embeddings().weight
+        t = scene.tokens
+        for b, p in enumerate(inp.prompts):
+            o0 = [0, 5][b]
+            L = p.input_ids.numel()
+            ph = set(p.placeholder_pos.tolist())
+            for i in range(L):
+                tid = int(p.input_ids[i])
+                if i in ph:
+                    continue
+                if tid < model.lm.n_base_rows and int(model.lm.new_index[tid]) < 0:
+                    assert torch.equal(inp.inputs_embeds[b, i], base[tid])
+            for pos, obj in zip(p.placeholder_pos.tolist(), p.placeholder_obj.tolist()):
+                r = o0 + obj
+                ref = model.projector(torch.cat([t.feat[r], t.center[r], t.size[r]]))
+                torch.testing.assert_close(inp.inputs_embeds[b, pos], ref)
+                # the identifier before the placeholder is the object's identifier
+                k = model.vocab.obj_token_ids.index(int(p.input_ids[pos - 1]))
+                assert k == int(p.slot_of_object[obj])
+            assert (inp.labels[b, : p.answer_start] == IGNORE_INDEX).all()
+            assert (inp.labels[b, L:] == IGNORE_INDEX).all() and (inp.attention_mask[b, L:] == 0).all()
+            assert torch.equal(inp.labels[b, p.answer_start : L], p.input_ids[p.answer_start:])
+            assert int(p.input_ids[p.seg_pos]) == model.vocab.seg_token_id == int(inp.labels[b, L - 1])
+        slots = [p.slot_of_object for p in inp.prompts]
+        if training:
+            assert not torch.equal(slots[1], torch.arange(7))  # shuffled
+        else:
+            assert torch.equal(slots[0], torch.arange(5)) and torch.equal(slots[1], torch.arange(7))
+
+
+def test_gradients_only_to_trainable(model, scene):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(_batch(scene)).total.backward()
+    model.eval()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("projector.", "decoder.", "lm.new_embed", "lm.new_head")) or "lora_" in n for n in names)
+    assert any(n.startswith("projector.") for n in names) and any(n.startswith("decoder.") for n in names)
+    for n, p in model.named_parameters():
+        if p.requires_grad and "lora_A" not in n:  # lora_A gets no grad while lora_B is still zero
+            assert p.grad is not None, n
+        if not p.requires_grad:
+            assert p.grad is None, n
+    assert model.projector[0].weight.grad.abs().sum() > 0  # the LM loss reaches the spliced features
+    model.zero_grad(set_to_none=True)
+
+
+def test_hard_negative_weights(model):
+    scene = synthetic_scene((4,), points_per_object=3, obj_dim=8, point_dim=8)
+    cls = torch.tensor([1, 2, 1, 3])
+    batch = ReferringBatch(scene, ["the chair"], [[10]], distractors=[[40]], object_class=cls)
+    gt_point, label, weight = model._targets(batch)
+    assert label.tolist() == [1, 0, 0, 0]
+    hw = model.config.hard_negative_weight
+    assert weight.tolist() == [1, 1, hw, hw]  # object 2: same class; object 3: Sr3D distractor
+    assert torch.equal(gt_point.bool(), scene.tokens.point2obj == 0)
+    with pytest.raises(ValueError, match="target object id 99"):
+        model._targets(ReferringBatch(scene, ["the chair"], [[99]]))
+
+
+def test_loss_decreases_and_zero_targets(scene):
+    torch.manual_seed(0)
+    m = ReferringSegmenter(_config())
+    batch = ReferringBatch(scene, ["the brown chair", "the piano"], [[20, 40], []], seeds=[3, 4],
+                           distractors=[[30], []])
+    m.train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = m(batch)
+        assert all(torch.isfinite(x) for x in loss)
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+        losses.append(loss)
+    assert losses[-1].total < 0.6 * losses[0].total
+    assert losses[-1].lm < losses[0].lm and losses[-1].obj < losses[0].obj
+
+
+def test_predict_and_reconcile(model, scene):
+    model.eval()
+    one = scene.scene(1)
+    preds = model.predict(one, ["the table", "a chair"])
+    assert len(preds) == 2
+    for p in preds:
+        assert p.point_mask.shape == (one.points.coord.shape[0],) and p.obj_scores.shape == (7,)
+        assert p.answer_ids[-1] == model.vocab.seg_token_id
+    v = model.vocab
+    dec = type("D", (), {})()
+    dec.obj_logits = torch.tensor([-5.0, 5.0, -5.0, 5.0, -5.0, -5.0, -5.0])
+    dec.point_logits = torch.full((one.points.coord.shape[0],), -5.0)
+    ident = torch.arange(7)
+    p2o = one.tokens.point2obj
+    # identifiers named -> those objects, exact instance points
+    r = model._reconcile(one, [v.obj_token_ids[2], v.obj_token_ids[5], v.seg_token_id], ident, dec)
+    assert r.source == "identifiers" and r.objects.tolist() == [2, 5] and r.object_ids.tolist() == [30, 60]
+    assert torch.equal(r.point_mask, (p2o == 2) | (p2o == 5)) and torch.equal(r.identifier_mask, r.point_mask)
+    # none named -> decoder objects above threshold
+    r = model._reconcile(one, [v.seg_token_id], ident, dec)
+    assert r.source == "decoder" and r.objects.tolist() == [1, 3]
+    assert torch.equal(r.point_mask, (p2o == 1) | (p2o == 3))
+    # none anywhere -> zero targets
+    dec.obj_logits = torch.full((7,), -5.0)
+    r = model._reconcile(one, [v.seg_token_id], ident, dec)
+    assert r.source == "none" and r.objects.numel() == 0 and not r.point_mask.any()
+
+
+def test_overflow_error_and_topk(model):
+    big = synthetic_scene((20,), points_per_object=2, obj_dim=8, point_dim=8)
+    with pytest.raises(ValueError, match="identifiers"):
+        model.build_inputs(ReferringBatch(big, ["a chair"], [[10]]))
+    # top-K keeps the objects with the most points: the 5 unassigned points go to objects 15..19
+    t = big.tokens
+    p2o = t.point2obj.clone()
+    p2o[-5:] = torch.tensor([15, 16, 17, 18, 19])
+    big2 = type(big)(t.replace(point2obj=p2o), big.point_feat, big.points)
+    m2 = ReferringSegmenter(_config(overflow="topk"), lm=model.lm)
+    inp = m2.build_inputs(ReferringBatch(big2, ["a chair"], [[10]]))
+    kept = (inp.prompts[0].slot_of_object >= 0).nonzero().flatten().tolist()
+    assert kept == sorted(set(range(15, 20)) | set(range(11)))  # ties among the rest: lower index first
+
+
+def test_pluggable_gate(model, scene):
+    def gate(tokens, query):
+        assert query.shape == (tokens.batch_size, model.lm.hidden_size)
+        keep = torch.arange(0, tokens.num_objects, 2)
+        return GateSelection(keep, tokens.feat[keep] * 0.5)
+
+    m = ReferringSegmenter(_config(), gate=gate, lm=model.lm)
+    m.projector.load_state_dict(model.projector.state_dict())
+    m.eval()
+    inp = m.build_inputs(_batch(scene))
+    p0, p1 = inp.prompts
+    assert p0.placeholder_obj.tolist() == [0, 2, 4] and p1.placeholder_obj.tolist() == [1, 3, 5]  # rows 6, 8, 10
+    t = scene.tokens
+    ref = m.projector(torch.cat([t.feat[6] * 0.5, t.center[6], t.size[6]]))
+    torch.testing.assert_close(inp.inputs_embeds[1, p1.placeholder_pos[0]], ref)
+    with pytest.raises(ValueError, match="gate"):
+        from scene3d.models.cache import SceneCache
+        SceneCache(m, scene.scene(0))
+
+
+def test_checkpoint_round_trip(tmp_path, scene):
+    torch.manual_seed(0)
+    m = ReferringSegmenter(_config())
+    m.train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        m(_batch(scene)).total.backward()
+        opt.step()
+    m.eval()
+    save_checkpoint(m, tmp_path / "ck")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ck" / WEIGHTS_FILE), "pt") as f:
+        keys = set(f.keys())
+    assert any("lora_B" in k for k in keys) and "lm.new_embed.weight" in keys and "lm.new_head.weight" in keys
+    assert not any(("embed_tokens" in k or "lm_head" in k) for k in keys)  # frozen base not stored
+    torch.manual_seed(123)  # different init: everything must come from the checkpoint
+    m2 = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        a, b = m(_batch(scene)), m2(_batch(scene))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    pa, pb = m.predict(scene.scene(0), ["the chair"])[0], m2.predict(scene.scene(0), ["the chair"])[0]
+    assert pa.answer_ids == pb.answer_ids and torch.equal(pa.obj_scores, pb.obj_scores)
+    # a corrupt weights file is a clear error
+    (tmp_path / "ck" / WEIGHTS_FILE).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(tmp_path / "ck")
