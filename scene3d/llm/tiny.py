@@ -43,7 +43,7 @@ _RELATIONS = (
     "left right front behind back above below under on top bottom near next to beside close closest far "
     "farthest between middle center corner side against facing opposite across from with of in at by the a an "
     "this that these those is are it its which who one two three four five first second third last other "
-    "another same different larger largest smaller smallest big bigger small tall taller short long round "
+    "another same different large larger largest smaller smallest big bigger small tall taller short long round "
     "square rectangular open closed empty full there here when you look while standing sitting entering "
     "room wall-mounted and or not"
 )
@@ -52,13 +52,23 @@ _PROMPT = (
     "description answer none targets target segment the no matching object"
 )
 _DIGITS = " ".join(str(i) for i in range(10))
+_VIEWPOINTS = "looking towards toward north south east west viewpoint view seen from"
+
+
+def _plural(word: str) -> str:
+    if word.endswith(("s", "x", "ch", "sh")):
+        return word + "es"
+    if word.endswith("f"):
+        return word[:-1] + "ves"
+    return word + "s"
 
 
 def tiny_vocabulary() -> list[str]:
     """The base word list: special tokens first, then every distinct word of the in-code corpus."""
     words: list[str] = [PAD, UNK, BOS, EOS]
     seen = set(words)
-    for chunk in (_CLASSES, _COLOURS, _RELATIONS, _PROMPT, _DIGITS):
+    plurals = " ".join(_plural(w) for w in _CLASSES.split())  # "all the chairs ..."
+    for chunk in (_CLASSES, _COLOURS, _RELATIONS, _PROMPT, _DIGITS, _VIEWPOINTS, plurals):
         for w in chunk.split():
             if w not in seen:
                 seen.add(w)

@@ -1,0 +1,151 @@
+"""Referring-segmentation dataset: processed scenes + referring-sample rows -> batches.
+
+One item is one referring sample (a sentence about one scene) with that scene's points:
+
+==================  ================  ===========================================================
+key                 type              meaning
+==================  ================  ===========================================================
+``scene_id``        str               scene of the sample
+``points``          dict of tensors   ``coord`` [N,3] f32, ``color`` [N,3] f32 in [0,1],
+                                      ``instance`` [N] i64 (-1 none), ``superpoint`` [N] i64,
+                                      ``normal`` [N,3] f32 when the scene has normals
+``sample``          dict              the jsonl row (``targets``, ``text``, ``distractors``, ...)
+==================  ================  ===========================================================
+
+:func:`collate_referring` turns a list of items into a :class:`ReferringBatch`: a
+:class:`~scene3d.structures.PointBatch` plus the rows. Scenes are loaded once and kept in memory (many
+samples share a scene). Training may subsample points per scene (``max_points``) and jitter them;
+evaluation uses every point so masks are scored on the full scene.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from scene3d.data.scene import Scene, load_processed_scene
+from scene3d.structures import PointBatch
+
+
+def read_jsonl(path) -> list[dict]:
+    """Rows of a jsonl file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"referring samples file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+@dataclass
+class ReferringDataConfig:
+    processed_dir: str = "???"
+    samples: str = "???"            # jsonl of referring rows
+    max_points: Optional[int] = None  # subsample scenes to at most this many points (training)
+    jitter: float = 0.0             # std of gaussian coordinate noise in metres (training)
+    scale_range: float = 0.0        # random isotropic scale in [1-r, 1+r] (training)
+    max_samples: Optional[int] = None
+    seed: int = 0
+
+
+class ReferringDataset(Dataset):
+    def __init__(self, processed_dir, samples, max_points: Optional[int] = None, jitter: float = 0.0,
+                 scale_range: float = 0.0, max_samples: Optional[int] = None, seed: int = 0,
+                 rows: Optional[Sequence[dict]] = None):
+        self.processed_dir = Path(processed_dir)
+        if not self.processed_dir.is_dir():
+            raise FileNotFoundError(f"processed scenes directory not found: {self.processed_dir}")
+        self.rows = list(rows) if rows is not None else read_jsonl(samples)
+        missing = sorted({r["scene_id"] for r in self.rows if not (self.processed_dir / r["scene_id"]).is_dir()})
+        if missing:
+            raise ValueError(f"{len(missing)} scenes of {samples} are not in {self.processed_dir}: {missing[:5]}")
+        if max_samples is not None:
+            self.rows = self.rows[:max_samples]
+        if not self.rows:
+            raise ValueError(f"no referring samples in {samples}")
+        self.max_points, self.jitter, self.scale_range, self.seed = max_points, jitter, scale_range, seed
+        self.epoch = 0
+        self._load = lru_cache(maxsize=64)(self._load_scene)
+
+    @classmethod
+    def from_config(cls, cfg: ReferringDataConfig) -> "ReferringDataset":
+        return cls(cfg.processed_dir, cfg.samples, cfg.max_points, cfg.jitter, cfg.scale_range,
+                   cfg.max_samples, cfg.seed)
+
+    def _load_scene(self, scene_id: str) -> Scene:
+        return load_processed_scene(self.processed_dir / scene_id)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def scene(self, scene_id: str) -> Scene:
+        return self._load(scene_id)
+
+    def __getitem__(self, idx: int) -> dict:
+        row = self.rows[idx]
+        scene = self._load(row["scene_id"])
+        unknown = [t for t in row.get("targets", []) if t not in scene.object_by_id()]
+        if unknown:
+            raise ValueError(f"sample {row.get('ann_id', idx)}: target ids {unknown} not in scene {row['scene_id']}")
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        keep = None
+        if self.max_points is not None and scene.num_points > self.max_points:
+            keep = np.sort(rng.choice(scene.num_points, self.max_points, replace=False))
+        points = scene_to_tensors(scene, keep)
+        if self.scale_range > 0:
+            points["coord"] = points["coord"] * float(rng.uniform(1 - self.scale_range, 1 + self.scale_range))
+        if self.jitter > 0:
+            noise = rng.normal(0.0, self.jitter, size=points["coord"].shape).astype(np.float32)
+            points["coord"] = points["coord"] + torch.from_numpy(noise)
+        return {"scene_id": row["scene_id"], "points": points, "sample": row}
+
+
+def scene_to_tensors(scene: Scene, keep: Optional[np.ndarray] = None) -> dict:
+    """Per-point tensors of a scene (optionally a subset of points), in the dtypes the model expects."""
+    sel = (lambda a: a) if keep is None else (lambda a: a[keep])
+    out = {
+        "coord": torch.from_numpy(np.ascontiguousarray(sel(scene.coord), dtype=np.float32)),
+        "color": torch.from_numpy(np.ascontiguousarray(sel(scene.color), dtype=np.float32) / 255.0),
+        "instance": torch.from_numpy(np.ascontiguousarray(sel(scene.instance)).astype(np.int64)),
+    }
+    if scene.superpoint is not None:
+        out["superpoint"] = torch.from_numpy(np.ascontiguousarray(sel(scene.superpoint)).astype(np.int64))
+    else:  # no over-segmentation: every point is its own superpoint
+        out["superpoint"] = torch.arange(len(out["coord"]), dtype=torch.long)
+    if scene.normal is not None:
+        out["normal"] = torch.from_numpy(np.ascontiguousarray(sel(scene.normal), dtype=np.float32))
+    return out
+
+
+class ReferringBatch(NamedTuple):
+    points: PointBatch
+    samples: list      # the jsonl rows, one per scene in ``points``
+
+
+def collate_referring(items: Sequence[dict]) -> ReferringBatch:
+    """Collate dataset items (one scene copy per sample) into a :class:`ReferringBatch`."""
+    if not items:
+        raise ValueError("cannot collate an empty list of samples")
+    # every item carries the same optional fields only if all scenes have them
+    common = set.intersection(*(set(it["points"]) for it in items))
+    scenes = [{k: v for k, v in it["points"].items() if k in common} for it in items]
+    pb = PointBatch.from_list(scenes, scene_ids=[it["scene_id"] for it in items])
+    return ReferringBatch(points=pb, samples=[it["sample"] for it in items])

@@ -1,0 +1,168 @@
+"""Scene3DModel: points -> object tokenizer -> (gate) -> LLM head -> masks, end to end.
+
+This composes :class:`~scene3d.tokenizer.model.ObjectTokenizer` (spconv U-Net, pooling, octree geometry,
+relations, proposals) with :class:`~scene3d.models.referring.ReferringSegmenter` (identifiers, LLM, mask
+decoder) and is what training, evaluation and the query API run.
+
+Training batches come from :mod:`scene3d.data.referring` (a :class:`PointBatch` with one scene copy per
+sample, plus the jsonl rows). ``forward`` returns a dict of scalar losses with ``"loss"`` the total:
+the referring losses (LM, mask BCE + Dice, object BCE with hard negatives) plus the tokenizer's proposal
+loss weighted by ``tokenizer_loss_weight``. Hard negatives are the same-class objects of the scene (labels
+from ``objects.json``) and Sr3D ``distractors`` where the row has them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from scene3d.models.referring import Prediction, ReferringBatch as ModelBatch, ReferringConfig, ReferringSegmenter, \
+    SceneInputs
+from scene3d.structures.points import PointBatch
+from scene3d.tokenizer.backbone import BackboneConfig
+from scene3d.tokenizer.model import IN_CHANNELS, ObjectTokenizer, ObjectTokenizerConfig
+from scene3d.tokenizer.proposals import ProposalConfig
+from scene3d.tokenizer.relation import RelationConfig
+
+
+@dataclass
+class GateConfig:
+    """Spatial token gating (AdaToken-3D): off by default; see :mod:`scene3d.gating`."""
+
+    enabled: bool = False
+    keep_ratio: float = 0.5
+    min_keep: int = 4
+    threshold: float = 0.0
+    hidden: int = 64
+
+
+@dataclass
+class PipelineConfig:
+    tokenizer: ObjectTokenizerConfig = field(default_factory=ObjectTokenizerConfig)
+    referring: ReferringConfig = field(default_factory=ReferringConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    tokenizer_loss_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokenizer, dict):
+            t = dict(self.tokenizer)
+            for key, cls in (("backbone", BackboneConfig), ("relation", RelationConfig), ("proposal", ProposalConfig)):
+                if isinstance(t.get(key), dict):
+                    t[key] = cls(**t[key])
+            self.tokenizer = ObjectTokenizerConfig(**t)
+        if isinstance(self.referring, dict):
+            self.referring = ReferringConfig(**self.referring)
+        if isinstance(self.gate, dict):
+            self.gate = GateConfig(**self.gate)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        return cls(**d)
+
+
+def class_code(label: str) -> int:
+    """A stable integer for a class label (hard negatives compare classes, not names)."""
+    return zlib.crc32(label.encode("utf-8")) & 0x7FFFFFFF
+
+
+def build_gate(cfg: PipelineConfig, llm_dim: int):
+    if not cfg.gate.enabled:
+        return None
+    from scene3d.gating.adapter import LLMTokenGate  # the op-backed gate, adapted to the model's hook
+
+    return LLMTokenGate(obj_dim=cfg.tokenizer.out_dim, query_dim=llm_dim, config=cfg.gate)
+
+
+class Scene3DModel(nn.Module):
+    def __init__(self, config: PipelineConfig) -> None:
+        super().__init__()
+        self.tokenizer3d = ObjectTokenizer(config.tokenizer)
+        referring = dataclasses.replace(config.referring, obj_dim=config.tokenizer.out_dim,
+                                        point_dim=self.tokenizer3d.backbone.out_channels)
+        self.config = dataclasses.replace(config, referring=referring)
+        self.segmenter = ReferringSegmenter(referring)
+        gate = build_gate(self.config, self.segmenter.lm.hidden_size)
+        if gate is not None:
+            self.segmenter.gate = gate
+
+    # ---------------------------------------------------------------------------------------------------
+    def encode(self, points: PointBatch, objects: Optional[torch.Tensor] = None):
+        """Tokenize ``points``: returns (SceneInputs for the segmenter, the tokenizer output)."""
+        out = self.tokenizer3d(points, objects)
+        return SceneInputs(out.tokens, out.point_feat, points), out
+
+    def forward(self, batch) -> dict:
+        """``batch``: :class:`scene3d.data.referring.ReferringBatch`. Returns scalar losses, ``"loss"`` the total."""
+        points = batch.points
+        scene, tok_out = self.encode(points)
+        rows = batch.samples
+        object_class = None
+        labels = getattr(batch, "object_labels", None)
+        if labels is not None and scene.tokens.object_ids is not None:
+            obj_batch = scene.tokens.obj_batch.tolist()
+            object_class = torch.tensor([
+                class_code(labels[b].get(int(oid), f"?{int(oid)}"))
+                for b, oid in zip(obj_batch, scene.tokens.object_ids.tolist())
+            ], dtype=torch.long)
+        distractors = [list(r.get("distractors") or []) for r in rows]
+        mb = ModelBatch(scene=scene, texts=[r["text"] for r in rows], targets=[list(r["targets"]) for r in rows],
+                        distractors=distractors, object_class=object_class,
+                        seeds=[_sample_seed(r) for r in rows] if getattr(batch, "seeded", False) else None)
+        ref = self.segmenter(mb)
+        tok = self.tokenizer3d.losses(points, tok_out).total
+        total = ref.total + self.config.tokenizer_loss_weight * tok
+        return {"loss": total, "lm": ref.lm.detach(), "mask_bce": ref.mask_bce.detach(),
+                "mask_dice": ref.mask_dice.detach(), "obj": ref.obj.detach(), "proposal": tok.detach()}
+
+    @torch.no_grad()
+    def predict(self, points: PointBatch, texts: Sequence[str], objects: Optional[torch.Tensor] = None,
+                use_cache: bool = True) -> list[Prediction]:
+        """Answer ``texts`` on one scene. Objects come from ``objects [N]`` if given, else from
+        ``points.instance`` when present, else from the tokenizer's proposals."""
+        if points.batch_size != 1:
+            raise ValueError(f"predict takes one scene, got {points.batch_size}")
+        was_training = self.training
+        self.eval()
+        try:
+            if objects is None and points.instance is not None and bool((points.instance >= 0).any()):
+                objects = points.instance
+            scene, _ = self.encode(points, objects)
+            return self.segmenter.predict(scene, list(texts), use_cache=use_cache)
+        finally:
+            self.train(was_training)
+
+    # ---- checkpoint hooks (scene3d.engine saves only what trains) ---------------------------------------
+    def trainable_state_dict(self) -> dict:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items()
+                if k in names or _is_buffer_of_trainable(k, names)}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        own = self.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"checkpoint has tensors this model does not: {unknown[:5]}")
+        missing, _ = self.load_state_dict(state, strict=False)
+        expected = set(self.trainable_state_dict())
+        lacking = sorted(expected - set(state))
+        if lacking:
+            raise ValueError(f"checkpoint lacks trainable tensors: {lacking[:5]}")
+
+
+def _is_buffer_of_trainable(key: str, trainable: set) -> bool:
+    """Buffers (e.g. batch-norm statistics) of modules whose parameters train."""
+    prefix = key.rsplit(".", 1)[0]
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked")) and any(
+        n.startswith(prefix + ".") for n in trainable)
+
+
+def _sample_seed(row: dict) -> int:
+    return zlib.crc32(str(row.get("ann_id", row.get("text", ""))).encode("utf-8"))
