@@ -47,7 +47,11 @@ def test_only_trainable_parts_are_saved_and_restore_predictions(data):
     model = Scene3DModel(small_config()).eval()
     state = model.trainable_state_dict()
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen and not any(n in state for n in frozen)  # the frozen LLM base is not saved
+    assert frozen and all(n.startswith("segmenter.lm.") for n in frozen)  # only the LLM base is frozen
+    assert all(n in state for n in frozen)  # the tiny in-memory LLM is stored whole
+    real = Scene3DModel(small_config())
+    real.config.referring.llm.path = "/some/local/llm"  # a real LLM's frozen base is not stored
+    assert not any(n in real.trainable_state_dict() for n in frozen)
     torch.manual_seed(1)
     other = Scene3DModel(small_config()).eval()
     other.load_trainable_state_dict(state)

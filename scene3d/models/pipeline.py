@@ -141,9 +141,13 @@ class Scene3DModel(nn.Module):
 
     # ---- checkpoint hooks (scene3d.engine saves only what trains) ---------------------------------------
     def trainable_state_dict(self) -> dict:
+        """What a checkpoint stores: every trainable tensor (and the buffers of trainable modules). A
+        tiny in-memory LLM (``llm.path`` unset) is stored whole, so a checkpoint never depends on
+        re-creating random weights; a real LLM's frozen base is reloaded from its local directory."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
+        whole_llm = self.config.referring.llm.path is None
         return {k: v for k, v in self.state_dict().items()
-                if k in names or _is_buffer_of_trainable(k, names)}
+                if k in names or _is_buffer_of_trainable(k, names) or (whole_llm and k.startswith("segmenter.lm."))}
 
     def load_trainable_state_dict(self, state: dict) -> None:
         own = self.state_dict()
