@@ -23,16 +23,7 @@ import numpy as np
 from data_prep.scannet import compute_object_boxes, segment20_of_nyu40
 from data_prep.scannet_labels import CLASS_LABELS_200, NYU40_CLASSES, VALID_CLASS_IDS_20
 from scene3d.constants import SCENE_ARRAYS
-from scene3d.data.scene import SceneFormatError
-
-
-def _load(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise SceneFormatError(f"{path}: missing file") from None
-    except (ValueError, OSError, EOFError) as e:
-        raise SceneFormatError(f"{path}: not a readable .npy array ({e})") from None
+from scene3d.data.scene import SceneFormatError, load_npy
 
 
 def majority_per_instance(instance: np.ndarray, values: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -74,7 +65,7 @@ def read_pointcept_scene(scene_dir) -> dict:
     arrays: dict = {}
     for name, p in files.items():
         if p.exists():
-            arrays[name] = _load(p)
+            arrays[name] = load_npy(p)
         elif name in ("coord", "color"):
             raise SceneFormatError(f"{p}: missing file (required in a Pointcept scene)")
         else:
@@ -132,7 +123,7 @@ def read_mmdet_export(path) -> dict:
     f = find_mmdet_export(path)
     if f is None:
         raise SceneFormatError(f"{path}: no mmdet3d export (<scene>_vert[_all].npy) found")
-    vert, ins, sem = _load(f.vert), _load(f.ins), _load(f.sem)
+    vert, ins, sem = load_npy(f.vert), load_npy(f.ins), load_npy(f.sem)
     if vert.ndim != 2 or vert.shape[1] < 6:
         raise SceneFormatError(f"{f.vert}: shape {vert.shape}, expected [N, 6] (xyz + rgb)")
     n = vert.shape[0]

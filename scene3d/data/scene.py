@@ -145,7 +145,7 @@ def _cast(a: np.ndarray, dtype, f) -> np.ndarray:
     return a.astype(target)
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -207,7 +207,7 @@ def _load_scene3d_dir(path: Path) -> Scene:
         raise SceneFormatError(f"{meta_path}: format_version {got!r}, this code reads {PROCESSED_FORMAT_VERSION}")
     files = {k: path / f for k, f in SCENE_ARRAYS.items()}
     files["objects"] = path / OBJECTS_FILE
-    arrays = {k: _load_npy(p) for k, p in files.items() if k != "objects"}
+    arrays = {k: load_npy(p) for k, p in files.items() if k != "objects"}
     try:
         obj = json.loads(files["objects"].read_text(encoding="utf-8"))
         rows = obj["objects"]
