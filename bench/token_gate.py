@@ -1,0 +1,87 @@
+"""Benchmark: scene3d::token_gate (compiled op) against the vectorised pure-PyTorch reference, in one run.
+
+Prints, per configuration, the median time of the op and of the reference and their ratio (reference / op),
+forward only and forward + backward, on CPU and, where a GPU is present, on CUDA. Both sides skip the input
+validation of the public wrappers (one host sync and a NaN scan), so the kernels themselves are compared.
+
+    .venv/bin/python bench/token_gate.py [--keep-ratio 0.5] [--min-run-time 0.5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from torch.utils import benchmark
+
+from scene3d.gating.op import has_native_op, token_gate_reference
+
+CONFIGS = [(8, 300, 1024), (8, 4096, 1024)]  # (scenes B, tokens per scene, channels C)
+
+
+def make_inputs(b, n, c, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # ragged: scene sizes spread around n (n/2 .. 3n/2), same total B*n
+    counts = torch.full((b,), n, dtype=torch.long)
+    counts += torch.linspace(-n // 2, n // 2, b).long()
+    counts[-1] += b * n - int(counts.sum())
+    tokens = torch.randn(int(counts.sum()), c, generator=g, dtype=dtype)
+    scores = torch.rand(tokens.shape[0], generator=g, dtype=dtype)
+    return tokens.to(device), scores.to(device), torch.cumsum(counts, 0).to(device)
+
+
+def op_fn(tokens, scores, offset, ratio):
+    return torch.ops.scene3d.token_gate(tokens, scores, offset, ratio, 1, -math.inf)[0]
+
+
+def ref_fn(tokens, scores, offset, ratio):
+    return token_gate_reference(tokens, scores, offset, ratio, 1, -math.inf, validate=False)[0]
+
+
+def time_it(stmt, env, min_run_time):
+    t = benchmark.Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads())
+    return t.blocked_autorange(min_run_time=min_run_time).median
+
+
+def bench_device(device, ratio, min_run_time):
+    print(f"\n== {device}  (keep_ratio={ratio}, min_keep=1, float32, threads={torch.get_num_threads()})")
+    print(f"{'B x n x C':>16} {'pass':>9} {'op ms':>9} {'ref ms':>9} {'ratio':>7}")
+    for b, n, c in CONFIGS:
+        tokens, scores, offset = make_inputs(b, n, c, device)
+        # the two sides agree before we time them
+        a, r = op_fn(tokens, scores, offset, ratio), ref_fn(tokens, scores, offset, ratio)
+        assert torch.equal(a, r), "op and reference disagree"
+        t_req, s_req = tokens.clone().requires_grad_(), scores.clone().requires_grad_()
+        grad = torch.randn_like(a)
+        env = dict(op=op_fn, ref=ref_fn, tokens=tokens, scores=scores, offset=offset, ratio=ratio, t=t_req,
+                   s=s_req, grad=grad)
+        rows = [
+            ("fwd", "op(tokens, scores, offset, ratio)", "ref(tokens, scores, offset, ratio)"),
+            ("fwd+bwd", "op(t, s, offset, ratio).backward(grad)", "ref(t, s, offset, ratio).backward(grad)"),
+        ]
+        for name, op_stmt, ref_stmt in rows:
+            t_op = time_it(op_stmt, env, min_run_time)
+            t_ref = time_it(ref_stmt, env, min_run_time)
+            print(f"{f'{b}x{n}x{c}':>16} {name:>9} {t_op * 1e3:9.3f} {t_ref * 1e3:9.3f} {t_ref / t_op:6.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep-ratio", type=float, default=0.5)
+    ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not has_native_op():
+        raise SystemExit("scene3d._C is not built: `pip install --no-build-isolation --no-deps -e .` first")
+    bench_device("cpu", args.keep_ratio, args.min_run_time)
+    if torch.cuda.is_available():
+        bench_device("cuda", args.keep_ratio, args.min_run_time)
+    else:
+        print("\n(no CUDA device: CUDA ratio not measured)")
+
+
+if __name__ == "__main__":
+    main()
