@@ -72,3 +72,31 @@ def test_predict_shapes_and_one_scene_only(data):
         assert p.point_mask.shape == (pts.num_points,) and p.point_mask.dtype == torch.bool
     with pytest.raises(ValueError, match="one scene"):
         model.predict(collate_referring([data[0], data[1]]).points, ["x"])
+
+
+def test_gated_model_trains_and_prunes(data):
+    import dataclasses
+
+    from scene3d.models.pipeline import GateConfig
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(small_config(), gate=GateConfig(enabled=True, keep_ratio=0.3, min_keep=2,
+                                                              anneal_steps=2))
+    model = Scene3DModel(cfg)
+    gate = model.segmenter.gate
+    assert gate is not None and any(n.startswith("segmenter.gate.") for n in model.trainable_state_dict())
+    batch = collate_referring([data[0], data[1]])
+    out = model(batch)
+    out["loss"].backward()
+    scorer_grads = [p.grad for n, p in gate.named_parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in scorer_grads)  # the scorer learns through the op
+    assert int(gate.step) == 1
+    model.eval()
+    points = collate_referring([data[0]]).points
+    scene, _ = model.encode(points, points.instance)
+    query = torch.randn(1, model.segmenter.lm.hidden_size)
+    sel = gate(scene.tokens, query)
+    n = scene.tokens.num_objects
+    assert n > 5
+    assert sel.kept_index.numel() == max(2, -(-3 * n // 10))  # ceil(0.3 n), at least min_keep
+    assert torch.all(sel.kept_index[1:] > sel.kept_index[:-1])  # original order kept

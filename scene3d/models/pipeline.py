@@ -37,8 +37,9 @@ class GateConfig:
     enabled: bool = False
     keep_ratio: float = 0.5
     min_keep: int = 4
-    threshold: float = 0.0
+    threshold: float = 0.0     # drop kept tokens whose gate score is below this (0: off)
     hidden: int = 64
+    anneal_steps: int = 500    # training anneals the keep ratio from 1.0 down to keep_ratio
 
 
 @dataclass
