@@ -1,6 +1,6 @@
 """Tokenizer figures: octree compression and sparse U-Net throughput on CPU.
 
-Prints, per scene (a real-size synthetic stand-in and the real ScanNet exports of mmdetection3d):
+Prints, per scene (a real-size synthetic ScanNet-format scene and the real ScanNet exports of mmdetection3d):
 occupied voxels, plain octree tokens, compressed tokens, reduction ratio (goal >= 8x vs occupied voxels),
 bits per point, encode+decode points/s (``scene3d.tokenizer.octree.octree_stats``), and backbone
 forward+backward scenes/s.
@@ -30,32 +30,20 @@ from scene3d.tokenizer.voxelize import voxelize  # noqa: E402
 REAL_EXPORTS = "open-mmlab__mmdetection3d/tests/data/scannet/scannet_train_instance_data"
 
 
-def stand_in_scene(seed: int = 0, num_points: int = 150_000):
-    """A real-size synthetic room (~7 x 6 x 3 m): floor/walls plus ~25 box objects, surface-sampled.
+def synthetic_scene(seed: int = 0):
+    """A real-size synthetic ScanNet-format scene (``scene3d synth --preset real``: ~150k vertices, ~35
+    objects), run through the real preprocessing in memory. Returns (coord, rgb in [0,1], instance)."""
+    import tempfile
 
-    Stand-in until the lead's ``data_prep.synth.generate_dataset(..., preset='real')`` output has a
-    processed-scene reader to plug in here (it writes the raw ScanNet layout).
-    """
-    rng = np.random.default_rng(seed)
-    w, d, h = 7.0, 6.0, 3.0
-    boxes = [((0, 0, -0.02), (w, d, 0.02)), ((0, 0, 0), (0.02, d, h)), ((0, 0, 0), (w, 0.02, h))]
-    for _ in range(25):
-        size = rng.uniform([0.3, 0.3, 0.4], [1.5, 1.2, 1.8])
-        lo = rng.uniform([0.1, 0.1, 0.0], [w - size[0] - 0.1, d - size[1] - 0.1, 0.0])
-        boxes.append((tuple(lo), tuple(size)))
-    area = np.array([2 * (s[0] * s[1] + s[1] * s[2] + s[0] * s[2]) for _, s in boxes])
-    per = rng.multinomial(num_points, area / area.sum())
-    pts, inst = [], []
-    for k, ((lo, size), n) in enumerate(zip(boxes, per)):
-        lo, size = np.asarray(lo), np.asarray(size)
-        u = rng.random((n, 3))
-        face = rng.integers(0, 3, n)
-        u[np.arange(n), face] = rng.integers(0, 2, n)  # snap one coordinate onto a face
-        pts.append(lo + u * size)
-        inst.append(np.full(n, k))
-    coord = np.concatenate(pts).astype(np.float32)
-    coord += rng.normal(0, 0.003, coord.shape).astype(np.float32)
-    return coord, rng.random((len(coord), 3)).astype(np.float32), np.concatenate(inst)
+    from data_prep.scannet import build_scene, read_label_tsv
+    from data_prep.synth import generate_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = generate_dataset(tmp, num_scenes=1, seed=seed, preset="real")
+        sid = out["scenes"][0]
+        scene = build_scene(Path(tmp) / "scans" / sid, read_label_tsv(out["files"]["labels"]))
+    a = scene["arrays"]
+    return a["coord"], a["color"].astype(np.float32) / 255.0, a["instance"].astype(np.int64)
 
 
 def real_scenes(root: Path):
@@ -102,7 +90,7 @@ def main(argv=None) -> None:
 
     from scene3d.tokenizer.octree import octree_stats
 
-    scenes = [("synthetic stand-in", *stand_in_scene())] + list(real_scenes(args.real_root))
+    scenes = [("synthetic (real preset)", *synthetic_scene())] + list(real_scenes(args.real_root))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (spconv runs single-threaded), "
           f"voxel {args.voxel_size} m")
     head = (f"{'scene':<20}{'points':>8}{'part':>9}{'voxels':>9}{'plain':>9}{'compr':>8}{'ratio':>7}"

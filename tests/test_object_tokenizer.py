@@ -77,7 +77,6 @@ def test_inference_uses_proposals():
 
 
 def test_with_octree_geometry():
-    pytest.importorskip("scene3d.tokenizer.geometry", reason="geometry encoder is another engineer's module")
     torch.manual_seed(3)
     model = ObjectTokenizer(small_cfg(geometry=True)).train()
     pts = PointBatch.from_list([scene(5, 2), scene(6, 1)])

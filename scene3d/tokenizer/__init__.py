@@ -1,10 +1,11 @@
 """Object tokenizer: voxelize -> sparse U-Net -> per-object pooling (+ octree geometry) -> relation context.
 
-The octree codec (:mod:`scene3d.tokenizer.octree`) and its encoder (:mod:`scene3d.tokenizer.geometry`) are
-re-exported when present.
+The octree codec lives in :mod:`scene3d.tokenizer.octree`; its encoder (:mod:`scene3d.tokenizer.geometry`)
+is re-exported here.
 """
 
 from scene3d.tokenizer.backbone import BackboneConfig, SparseUNet
+from scene3d.tokenizer.geometry import GeometryEncoder, GeometryEncoderConfig
 from scene3d.tokenizer.model import ObjectTokenizer, ObjectTokenizerConfig, TokenizerLosses, TokenizerOutput
 from scene3d.tokenizer.pooling import STATS_DIM, pool_objects, token_dim
 from scene3d.tokenizer.proposals import (
@@ -20,15 +21,8 @@ from scene3d.tokenizer.relation import RelationConfig, RelationContext, pair_enc
 from scene3d.tokenizer.voxelize import Voxels, scatter_pool, voxelize
 
 __all__ = [
-    "BackboneConfig", "ObjectTokenizer", "ObjectTokenizerConfig", "OffsetLoss", "ProposalConfig", "ProposalHead",
+    "BackboneConfig", "GeometryEncoder", "GeometryEncoderConfig", "ObjectTokenizer", "ObjectTokenizerConfig", "OffsetLoss", "ProposalConfig", "ProposalHead",
     "Recall", "RelationConfig", "RelationContext", "STATS_DIM", "SparseUNet", "TokenizerLosses", "TokenizerOutput",
     "Voxels", "cluster_proposals", "offset_loss", "pair_encoding", "pool_objects", "proposal_recall",
     "scatter_pool", "token_dim", "voxelize",
 ]
-
-try:  # built by another engineer; optional here so this package imports without it
-    from scene3d.tokenizer.geometry import GeometryEncoder, GeometryEncoderConfig
-except ImportError:  # pragma: no cover - only while geometry.py is absent
-    pass
-else:
-    __all__ += ["GeometryEncoder", "GeometryEncoderConfig"]
