@@ -1,0 +1,492 @@
+"""The query API: from a checkpoint and a scene to "which points are *the chair by the window*?".
+
+::
+
+    from scene3d import Segmenter
+
+    seg = Segmenter.from_pretrained("runs/tiny", device="cpu")     # a checkpoint dir, its parent or a run dir
+    scene = seg.load_scene("scans/scene0000_00")                    # or a mesh / point cloud / arrays
+    result = seg.segment(scene, "the chair by the window")          # SegmentResult
+    results = seg.segment(scene, ["the table", "all the chairs"])   # one encoded scene, one scene cache
+
+:meth:`Segmenter.load_scene` accepts
+
+==============================  ==============================================================================
+input                           read by
+==============================  ==============================================================================
+processed scene3d directory     :func:`scene3d.data.scene.load_processed_scene` (``meta.json`` + ``*.npy``)
+Pointcept directory             the same (``coord.npy`` ... without ``meta.json``)
+mmdet3d / votenet export        the same (``<dir>/<id>_vert.npy`` or the prefix ``<dir>/<id>``)
+raw ScanNet scan directory      :func:`data_prep.scannet.build_scene` in memory (nothing is written); the label
+                                tsv is looked up beside the scan, else labels are left unknown
+mesh / point cloud file         trimesh (``.ply .obj .off .stl .glb`` ...; vertices kept, colours if present) or
+                                open3d for ``.pcd`` / ``.xyz`` / ``.pts``
+arrays                          ``coord=`` [N, 3] (+ ``color``, ``normal``, ``instance``, ``superpoint``)
+==============================  ==============================================================================
+
+A scene without instances (a mesh, arrays without ``instance``, an unannotated scan) gets its objects from
+the tokenizer's proposal head (class-agnostic clustering of centre votes); their ``object_ids`` are -1 and
+results name them by their row (``objects``).
+
+:class:`SceneData` fields (immutable; arrays are read-only):
+
+================  ==================  ==========================================================
+field             shape / dtype       meaning
+================  ==================  ==========================================================
+``coord``         [N, 3] float32      xyz in metres
+``color``         [N, 3] uint8 | None rgb 0..255
+``normal``        [N, 3] float32|None unit normals
+``instance``      [N] int64 | None    object id per point, -1 none (None: use proposals)
+``superpoint``    [N] int64 | None    over-segment id per point (>= 0)
+``scene_id``      str                 name used in messages and output files
+``source``        str                 ``scene3d``, ``pointcept``, ``mmdet3d``, ``scannet-raw``, ``mesh``,
+                                      ``pointcloud`` or ``arrays``
+``path``          str | None          what it was read from
+``labels``        dict                object id -> class label, where the source has labels
+================  ==================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from scene3d.data.scene import Scene, SceneFormatError
+
+#: mesh / point cloud suffixes read with open3d (trimesh has no reader for them)
+OPEN3D_SUFFIXES = (".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts")
+LABEL_TSV = "scannetv2-labels.combined.tsv"
+
+
+class SceneLoadError(ValueError):
+    """A scene could not be read or is unusable; the message names the file or the argument."""
+
+
+# ------------------------------------------------------------------------------------------------ scene data
+@dataclass(frozen=True, eq=False)
+class SceneData:
+    """One scene ready for :meth:`Segmenter.segment` (see the module docstring for the fields)."""
+
+    coord: np.ndarray
+    color: Optional[np.ndarray] = None
+    normal: Optional[np.ndarray] = None
+    instance: Optional[np.ndarray] = None
+    superpoint: Optional[np.ndarray] = None
+    scene_id: str = "scene"
+    source: str = "arrays"
+    path: Optional[str] = None
+    labels: dict = field(default_factory=dict)
+
+    @property
+    def num_points(self) -> int:
+        return int(self.coord.shape[0])
+
+    @property
+    def has_instances(self) -> bool:
+        return self.instance is not None and bool((self.instance >= 0).any())
+
+    def to_points(self, device: Union[str, torch.device] = "cpu"):
+        """The scene as a :class:`~scene3d.structures.PointBatch` of one (colours in [0, 1])."""
+        from scene3d.structures import PointBatch
+
+        fields = {"coord": torch.from_numpy(np.array(self.coord, dtype=np.float32))}
+        if self.color is not None:
+            fields["color"] = torch.from_numpy(np.asarray(self.color, dtype=np.float32) / 255.0)
+        if self.normal is not None:
+            fields["normal"] = torch.from_numpy(np.array(self.normal, dtype=np.float32))
+        if self.superpoint is not None:
+            fields["superpoint"] = torch.from_numpy(np.array(self.superpoint, dtype=np.int64))
+        if self.has_instances:
+            fields["instance"] = torch.from_numpy(np.array(self.instance, dtype=np.int64))
+        return PointBatch.from_list([fields], scene_ids=[self.scene_id]).to(device)
+
+
+def make_scene(coord, color=None, normal=None, instance=None, superpoint=None, *, scene_id: str = "scene",
+               source: str = "arrays", path=None, labels: Optional[dict] = None) -> SceneData:
+    """Validate and convert per-point arrays into a :class:`SceneData`.
+
+    ``color`` may be integers 0..255 or floats in [0, 1]. Errors name ``path`` when given, else the argument.
+    """
+    coord = np.asarray(coord)
+    where = (lambda name: f"{path}" if path is not None else f"argument {name!r}")
+    if coord.ndim != 2 or coord.shape[1] != 3:
+        raise SceneLoadError(f"{where('coord')}: coordinates must be [N, 3], got shape {coord.shape}")
+    if coord.dtype.kind not in "fiu":
+        raise SceneLoadError(f"{where('coord')}: coordinates must be numbers, got dtype {coord.dtype}")
+    n = coord.shape[0]
+    if n == 0:
+        raise SceneLoadError(f"{where('coord')}: the scene has no points")
+    coord = coord.astype(np.float32)
+    finite = np.isfinite(coord).all(axis=1)
+    if not finite.any():
+        raise SceneLoadError(f"{where('coord')}: every point has NaN/inf coordinates")
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise SceneLoadError(f"{where('coord')}: {bad.size} of {n} points have NaN/inf coordinates "
+                             f"(first at row {int(bad[0])})")
+
+    def check_len(a, name, tail):
+        a = np.asarray(a)
+        if a.shape[:1] != (n,) or a.shape[1:] != tail:
+            raise SceneLoadError(f"{where(name)}: {name} has shape {a.shape} but coord has {n} points; "
+                                 f"expected {(n, *tail)} (arrays 'coord' and {name!r} must have the same length)")
+        return a
+
+    if color is not None:
+        color = check_len(color, "color", (3,))
+        if color.dtype.kind == "f":
+            if not np.isfinite(color).all():
+                raise SceneLoadError(f"{where('color')}: NaN/inf colours")
+            scale = 255.0 if color.size and float(color.max()) <= 1.0 else 1.0
+            color = np.round(color * scale)
+        elif color.dtype.kind not in "iu":
+            raise SceneLoadError(f"{where('color')}: colours must be numbers, got dtype {color.dtype}")
+        if color.size and (color.min() < 0 or color.max() > 255):
+            raise SceneLoadError(f"{where('color')}: colours must be 0..255 integers or floats in [0, 1]")
+        color = color.astype(np.uint8)
+    if normal is not None:
+        normal = check_len(normal, "normal", (3,)).astype(np.float32)
+        if not np.isfinite(normal).all():
+            raise SceneLoadError(f"{where('normal')}: NaN/inf normals")
+    ints = {}
+    for name, a in (("instance", instance), ("superpoint", superpoint)):
+        if a is None:
+            ints[name] = None
+            continue
+        a = check_len(a, name, ())
+        if a.dtype.kind not in "iu":
+            raise SceneLoadError(f"{where(name)}: {name} ids must be integers, got dtype {a.dtype}")
+        a = a.astype(np.int64)
+        lo = -1 if name == "instance" else 0
+        if a.size and a.min() < lo:
+            raise SceneLoadError(f"{where(name)}: {name} ids must be >= {lo}, got {int(a.min())}")
+        ints[name] = a
+    arrays = {"coord": coord, "color": color, "normal": normal, **ints}
+    for a in arrays.values():
+        if a is not None:
+            a.setflags(write=False)
+    return SceneData(**arrays, scene_id=str(scene_id), source=source,
+                     path=None if path is None else str(path), labels=dict(labels or {}))
+
+
+def scene_from_processed(scene: Scene, path=None) -> SceneData:
+    """A loaded processed :class:`~scene3d.data.scene.Scene` as :class:`SceneData`."""
+    return make_scene(scene.coord, scene.color, scene.normal, scene.instance, scene.superpoint,
+                      scene_id=scene.scene_id, source=scene.source, path=path,
+                      labels={o.id: o.label for o in scene.objects})
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def find_raw_scan(path: Path) -> Optional[tuple[Path, str]]:
+    """``(scan dir, scene id)`` when ``path`` is a raw ScanNet scan dir (or its ``_vh_clean_2.ply``) with the
+    segs.json beside the mesh; None otherwise."""
+    if path.is_file() and path.name.endswith("_vh_clean_2.ply"):
+        d, sid = path.parent, path.name[: -len("_vh_clean_2.ply")]
+    elif path.is_dir():
+        d = path
+        if (d / f"{d.name}_vh_clean_2.ply").exists():
+            sid = d.name
+        else:
+            plys = sorted(d.glob("*_vh_clean_2.ply"))
+            if len(plys) != 1:
+                return None
+            sid = plys[0].name[: -len("_vh_clean_2.ply")]
+    else:
+        return None
+    if not (d / f"{sid}_vh_clean_2.0.010000.segs.json").exists():
+        return None
+    return d, sid
+
+
+def read_raw_scan(scan_dir: Path, scene_id: str, label_tsv=None) -> SceneData:
+    """Run the real ScanNet preparation (:func:`data_prep.scannet.build_scene`) in memory.
+
+    The label tsv is ``label_tsv`` or ``scannetv2-labels.combined.tsv`` in the scan dir or up to two levels
+    above it; without one, labels are unknown (instances are kept). Missing aggregation / txt are allowed
+    (unannotated scan: proposals; identity alignment).
+    """
+    from data_prep.scannet import LabelMap, PrepConfig, ScanNetFormatError, build_scene, read_label_tsv
+
+    if label_tsv is None:
+        for d in (scan_dir, scan_dir.parent, scan_dir.parent.parent):
+            if (d / LABEL_TSV).is_file():
+                label_tsv = d / LABEL_TSV
+                break
+    # an unannotated scan (no aggregation.json) gets proposals; labels the tsv lacks stay "unknown"
+    cfg = PrepConfig(allow_unannotated=True, require_txt=False, unknown_label="ignore")
+    try:
+        label_map = read_label_tsv(label_tsv) if label_tsv is not None else LabelMap("<no label tsv>", "", {}, {})
+        d = build_scene(scan_dir, label_map, cfg, scene_id=scene_id)
+    except ScanNetFormatError as e:
+        raise SceneLoadError(str(e)) from None
+    a = d["arrays"]
+    return make_scene(a["coord"], a["color"], a["normal"], a["instance"], a["superpoint"], scene_id=scene_id,
+                      source="scannet-raw", path=scan_dir, labels={o["id"]: o["label"] for o in d["objects"]})
+
+
+def read_point_file(path: Path, scene_id: Optional[str] = None) -> SceneData:
+    """A mesh or point cloud file: trimesh for meshes and PLY/OBJ/OFF/STL/GLB point sets, open3d for PCD.
+
+    Meshes keep their vertices (with vertex normals and colours where present); a textured mesh's colours
+    come from trimesh's ``to_color`` conversion.
+    """
+    sid = scene_id or path.stem
+    if path.suffix.lower() in OPEN3D_SUFFIXES:
+        return _read_open3d(path, sid)
+    import trimesh
+
+    try:
+        loaded = trimesh.load(str(path), process=False)
+    except Exception as e:  # trimesh raises many types (ValueError, KeyError, NotImplementedError, ...)
+        raise SceneLoadError(f"{path}: not a mesh or point cloud trimesh can read ({type(e).__name__}: {e})") \
+            from None
+    if isinstance(loaded, trimesh.Scene):
+        geoms = [g for g in loaded.dump() if hasattr(g, "vertices")] if loaded.geometry else []
+        if not geoms:
+            raise SceneLoadError(f"{path}: the file holds no mesh or point geometry")
+        try:
+            loaded = trimesh.util.concatenate(geoms) if len(geoms) > 1 else geoms[0]
+        except Exception as e:  # e.g. meshes mixed with point sets
+            raise SceneLoadError(f"{path}: cannot merge its {len(geoms)} geometries ({e})") from None
+    if not hasattr(loaded, "vertices"):
+        raise SceneLoadError(f"{path}: not a mesh or point cloud ({type(loaded).__name__})")
+    coord = np.asarray(loaded.vertices, dtype=np.float64)
+    if coord.shape[0] == 0:
+        raise SceneLoadError(f"{path}: the file has no points")
+    color = normal = None
+    if isinstance(loaded, trimesh.Trimesh):
+        source = "mesh"
+        vis = loaded.visual
+        if vis is not None and vis.kind == "texture":
+            vis = vis.to_color()
+        if vis is not None and vis.kind == "vertex":
+            color = np.asarray(vis.vertex_colors)[:, :3]
+        elif vis is not None and vis.kind == "face":  # spread face colours to their vertices
+            color = np.zeros((len(coord), 3), np.float64)
+            cnt = np.zeros(len(coord))
+            fc = np.asarray(vis.face_colors)[:, :3].astype(np.float64)
+            for k in range(3):
+                np.add.at(color, loaded.faces[:, k], fc)
+                np.add.at(cnt, loaded.faces[:, k], 1)
+            color = np.where(cnt[:, None] > 0, color / np.maximum(cnt, 1)[:, None], 128).round().astype(np.uint8)
+        if len(loaded.faces) and np.isfinite(coord).all():
+            normal = np.asarray(loaded.vertex_normals, dtype=np.float32)
+            if not np.isfinite(normal).all():
+                normal = None
+    else:  # trimesh.PointCloud
+        source = "pointcloud"
+        c = getattr(loaded, "colors", None)
+        if c is not None and len(c) == len(coord):
+            color = np.asarray(c)[:, :3]
+    return make_scene(coord, color, normal, scene_id=sid, source=source, path=path)
+
+
+def _read_open3d(path: Path, sid: str) -> SceneData:
+    try:
+        import open3d as o3d
+    except ImportError:
+        raise SceneLoadError(f"{path}: reading {path.suffix} files needs open3d (pip install open3d-cpu)") from None
+    if path.stat().st_size == 0:
+        raise SceneLoadError(f"{path}: empty file, not a point cloud")
+    pcd = o3d.io.read_point_cloud(str(path), print_progress=False)
+    coord = np.asarray(pcd.points, dtype=np.float64)
+    if coord.shape[0] == 0:
+        raise SceneLoadError(f"{path}: no points could be read (not a point cloud open3d reads, or empty)")
+    color = np.asarray(pcd.colors, dtype=np.float64) if pcd.has_colors() else None
+    normal = np.asarray(pcd.normals, dtype=np.float32) if pcd.has_normals() else None
+    return make_scene(coord, color, normal, scene_id=sid, source="pointcloud", path=path)
+
+
+def load_scene(path=None, *, coord=None, color=None, normal=None, instance=None, superpoint=None,
+               scene_id: Optional[str] = None, label_tsv=None) -> SceneData:
+    """Read a scene from ``path`` (any input of the module docstring) or build it from arrays."""
+    if path is None:
+        if coord is None:
+            raise SceneLoadError("load_scene needs a path or coord= (an [N, 3] array)")
+        return make_scene(coord, color, normal, instance, superpoint, scene_id=scene_id or "scene")
+    if coord is not None or any(a is not None for a in (color, normal, instance, superpoint)):
+        raise SceneLoadError("load_scene takes either a path or arrays (coord=...), not both")
+    p = Path(path)
+    raw = find_raw_scan(p)
+    if raw is not None:
+        return read_raw_scan(raw[0], scene_id or raw[1], label_tsv)
+    from data_prep.exports import find_mmdet_export
+
+    if p.is_dir() or find_mmdet_export(p) is not None:
+        from scene3d.data.scene import load_processed_scene
+
+        try:
+            sd = scene_from_processed(load_processed_scene(p), path=p)
+        except SceneFormatError as e:
+            raise SceneLoadError(str(e)) from None
+        except FileNotFoundError:
+            plys = sorted(p.glob("*_vh_clean_2.ply")) if p.is_dir() else []
+            if plys:
+                raise SceneLoadError(f"{p}: looks like a raw ScanNet scan ({plys[0].name}) but "
+                                     f"{plys[0].name[:-4]}.0.010000.segs.json is missing; pass the mesh file "
+                                     "itself to read it as a plain mesh") from None
+            raise SceneLoadError(f"{p}: not a scene directory (no meta.json / coord.npy of a processed scene, no "
+                                 f"<id>_vh_clean_2.ply + segs.json of a raw ScanNet scan)") from None
+        return sd if scene_id is None else _renamed(sd, scene_id)
+    if not p.exists():
+        raise FileNotFoundError(f"scene not found: {p}")
+    return read_point_file(p, scene_id)
+
+
+def _renamed(sd: SceneData, scene_id: str) -> SceneData:
+    import dataclasses
+
+    return dataclasses.replace(sd, scene_id=str(scene_id))
+
+
+# ------------------------------------------------------------------------------------------------ results
+class SegmentResult(NamedTuple):
+    """One query's answer on one scene (``T`` chosen objects, ``M`` objects in the scene, ``N`` points).
+
+    ===================  ==============  ==============================================================
+    field                shape / dtype   meaning
+    ===================  ==============  ==============================================================
+    ``text``             str             the query
+    ``point_mask``       [N] bool        points of the chosen objects (union)
+    ``object_masks``     [T, N] bool     points of each chosen object
+    ``objects``          [T] int64       rows of the chosen objects among the scene's ``M`` objects
+    ``object_ids``       [T] int64       their source object ids (-1 for proposals)
+    ``scores``           [T] float32     decoder target score of each chosen object (sigmoid)
+    ``boxes``            [T, 6] float32  axis-aligned box of each chosen object: center xyz, size xyz
+    ``all_scores``       [M] float32     decoder target score of every object
+    ``decoder_mask``     [N] bool        the dense decoder's own mask (threshold 0.5)
+    ``answer``           str             the generated answer text (identifiers + ``[SEG]``)
+    ``identifiers``      list[str]       identifiers named in the answer
+    ``source``           str             ``identifiers`` (named by the answer), ``decoder`` (scores >=
+                                         threshold) or ``none`` (zero targets)
+    ``proposals``        bool            objects came from the proposal head (no instances)
+    ===================  ==============  ==============================================================
+    """
+
+    text: str
+    point_mask: np.ndarray
+    object_masks: np.ndarray
+    objects: np.ndarray
+    object_ids: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+    all_scores: np.ndarray
+    decoder_mask: np.ndarray
+    answer: str
+    identifiers: list
+    source: str
+    proposals: bool
+
+    @property
+    def num_points(self) -> int:
+        return int(self.point_mask.sum())
+
+
+class EncodedScene(NamedTuple):
+    """What :meth:`Segmenter.encode` caches per scene: the segmenter inputs and whether objects are proposals."""
+
+    inputs: object  # scene3d.models.referring.SceneInputs
+    proposals: bool
+
+
+# ------------------------------------------------------------------------------------------------ segmenter
+class Segmenter:
+    """A trained :class:`~scene3d.models.pipeline.Scene3DModel` behind a small API (module docstring).
+
+    The last encoded scene (backbone, proposals, object tokens) is cached, so several ``segment`` calls on
+    the same :class:`SceneData` encode it once; a list of queries also shares one LLM prefix cache.
+    """
+
+    def __init__(self, model, device: Union[str, torch.device] = "cpu", config: Optional[dict] = None,
+                 checkpoint: Optional[str] = None, step: Optional[int] = None) -> None:
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.config = config or {}
+        self.checkpoint = checkpoint
+        self.step = step
+        self._cached: Optional[tuple[SceneData, bool, EncodedScene]] = None  # (scene, proposals, encoding)
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device: Union[str, torch.device] = "cpu") -> "Segmenter":
+        """Load a checkpoint written by ``scene3d train`` (the dir, its ``checkpoints/`` parent or the run dir;
+        the newest checkpoint is used). No hydra, no pickle."""
+        from scene3d.models.loading import load_model
+
+        p = Path(ckpt_dir)
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint not found: {p}")
+        loaded = load_model(p, device)
+        return cls(loaded.model, device, loaded.config, loaded.path, loaded.step)
+
+    # -- scenes ---------------------------------------------------------------------------------------------
+    def load_scene(self, path=None, *, coord=None, color=None, normal=None, instance=None, superpoint=None,
+                   scene_id: Optional[str] = None, label_tsv=None) -> SceneData:
+        """See :func:`load_scene`."""
+        return load_scene(path, coord=coord, color=color, normal=normal, instance=instance, superpoint=superpoint,
+                          scene_id=scene_id, label_tsv=label_tsv)
+
+    @torch.no_grad()
+    def encode(self, scene: SceneData, proposals: bool = False) -> EncodedScene:
+        """Tokenize ``scene`` (cached for the last scene). Objects are the scene's instances when it has any
+        (unless ``proposals``), else the proposal head's clusters (as :meth:`Scene3DModel.predict` does)."""
+        if self._cached is not None and self._cached[0] is scene and self._cached[1] == proposals:
+            return self._cached[2]
+        if not isinstance(scene, SceneData):
+            raise TypeError(f"scene must be a SceneData (from load_scene), got {type(scene).__name__}")
+        points = scene.to_points(self.device)
+        objects = points.instance if scene.has_instances and not proposals else None
+        self.model.eval()
+        inputs, _ = self.model.encode(points, objects)
+        m = inputs.tokens.num_objects
+        if m == 0:
+            how = ("the proposal head found no object (ProposalConfig.min_points="
+                   f"{self.model.config.tokenizer.proposal.min_points})" if objects is None else "no instances")
+            raise ValueError(f"scene {scene.scene_id!r} ({scene.num_points} points) has no objects: {how}")
+        k = self.model.segmenter.vocab.num_identifiers
+        if m > k and self.model.segmenter.config.overflow == "error":
+            raise ValueError(f"scene {scene.scene_id!r} has {m} objects but the model has {k} identifiers; "
+                             "raise llm.num_obj_tokens or set referring.overflow='topk' in the model config")
+        enc = EncodedScene(inputs, objects is None)
+        self._cached = (scene, proposals, enc)
+        return enc
+
+    def segment(self, scene: SceneData, text: Union[str, Sequence[str]], proposals: bool = False):
+        """Answer one query (``str`` -> :class:`SegmentResult`) or several (list -> list, one encoded scene).
+
+        ``proposals``: take objects from the proposal head even when the scene has instances (as on an
+        unannotated scan)."""
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not single and not texts:
+            raise ValueError("text: an empty list of queries")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"text[{i}]: a query must be a str, got {type(t).__name__}")
+            if not t.strip():
+                raise ValueError("text: the query is empty" if single else f"text[{i}]: the query is empty")
+        enc = self.encode(scene, proposals)
+        preds = self.model.segmenter.predict(enc.inputs, [t.strip() for t in texts], use_cache=True)
+        results = [self._result(enc, t, p) for t, p in zip(texts, preds)]
+        return results[0] if single else results
+
+    def _result(self, enc: EncodedScene, text: str, pred) -> SegmentResult:
+        tokens = enc.inputs.tokens
+        rows = pred.objects.long()
+        p2o = tokens.point2obj
+        masks = (p2o[None, :] == rows.to(p2o.device)[:, None]).cpu().numpy()  # (T, N)
+        boxes = torch.cat([tokens.center[rows], tokens.size[rows]], 1).float().cpu().numpy()
+        scores = pred.obj_scores.float().cpu()
+        answer = self.model.segmenter.tokenizer.decode(pred.answer_ids, skip_special_tokens=False)
+        return SegmentResult(
+            text=text, point_mask=pred.point_mask.cpu().numpy(), object_masks=masks,
+            objects=rows.cpu().numpy(), object_ids=pred.object_ids.long().cpu().numpy(),
+            scores=scores[rows.cpu()].numpy(), boxes=boxes, all_scores=scores.numpy(),
+            decoder_mask=pred.decoder_mask.cpu().numpy(), answer=answer, identifiers=list(pred.identifiers),
+            source=pred.source, proposals=enc.proposals)
+
+
+__all__ = ["EncodedScene", "SceneData", "SceneLoadError", "SegmentResult", "Segmenter", "load_scene", "make_scene"]

@@ -1,0 +1,345 @@
+"""scene3d.api: Segmenter.from_pretrained, load_scene for every input kind, segment (single / list /
+proposals), and the errors of bad input."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from scene3d import Segmenter
+from scene3d.api import SceneLoadError, SegmentResult, load_scene
+from scene3d.data.referring import scene_to_tensors
+from scene3d.data.scene import load_processed_scene
+from scene3d.data.synthetic import prepare_synthetic
+from scene3d.engine.checkpoint import CheckpointError, save_checkpoint
+from scene3d.models.pipeline import PipelineConfig, Scene3DModel
+from scene3d.models.referring import ReferringConfig
+from scene3d.structures import PointBatch
+from scene3d.tokenizer.backbone import BackboneConfig
+from scene3d.tokenizer.model import ObjectTokenizerConfig
+from scene3d.tokenizer.relation import RelationConfig
+
+
+def small_config(**referring) -> PipelineConfig:
+    """As tests/test_pipeline.py: a model that builds in seconds (``referring``: ReferringConfig fields)."""
+    tok = ObjectTokenizerConfig(voxel_size=0.08, out_dim=64, backbone=BackboneConfig(channels=(16, 24)),
+                                relation=RelationConfig(dim=64), geometry_dim=32)
+    return PipelineConfig(tokenizer=tok, referring=ReferringConfig(**referring))
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    return prepare_synthetic(tmp_path_factory.mktemp("api"), num_scenes=1, seed=3, val_fraction=0.0,
+                             progress=False)
+
+
+@pytest.fixture(scope="module")
+def scene_dir(syn):
+    (sid,) = os.listdir(syn.processed)
+    return syn.processed / sid
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small model and the run dir of a checkpoint of it (written by the engine's save_checkpoint)."""
+    torch.manual_seed(0)
+    model = Scene3DModel(small_config()).eval()
+    run = tmp_path_factory.mktemp("run")
+    save_checkpoint(run / "checkpoints", 3, model.trainable_state_dict(), config={"model": small_config().to_dict()})
+    return model, run
+
+
+@pytest.fixture(scope="module")
+def seg(trained):
+    return Segmenter.from_pretrained(trained[1], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scene(seg, scene_dir):
+    return seg.load_scene(scene_dir)
+
+
+# ------------------------------------------------------------------------------------------ from_pretrained
+def test_from_pretrained_answers_like_the_saved_model(seg, trained, scene_dir, scene):
+    model, _ = trained
+    assert seg.step == 3 and seg.checkpoint.endswith("step_00000003")
+    s = load_processed_scene(scene_dir)
+    pts = PointBatch.from_list([scene_to_tensors(s)], scene_ids=[s.scene_id])
+    ref = model.predict(pts, ["the brown chair"])[0]  # independent path: the dataset's tensors + model.predict
+    got = seg.segment(scene, "the brown chair")
+    assert np.array_equal(got.point_mask, ref.point_mask.numpy())
+    assert np.allclose(got.all_scores, ref.obj_scores.numpy(), atol=1e-6)
+    assert np.array_equal(got.object_ids, ref.object_ids.numpy()) and got.source == ref.source
+
+
+def test_from_pretrained_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Segmenter.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        Segmenter.from_pretrained(tmp_path)  # exists, holds no checkpoint
+
+
+# ------------------------------------------------------------------------------------------ load_scene
+def test_load_processed_dir(scene, scene_dir):
+    s = load_processed_scene(scene_dir)
+    assert scene.source == "scene3d" and scene.scene_id == s.scene_id and scene.num_points == s.num_points
+    assert np.array_equal(scene.coord, s.coord) and np.array_equal(scene.color, s.color)
+    assert np.array_equal(scene.instance, s.instance) and np.array_equal(scene.superpoint, s.superpoint)
+    assert scene.labels == {o.id: o.label for o in s.objects}
+    assert not scene.coord.flags.writeable  # immutable: the segmenter's cache keys on identity
+
+
+def test_load_raw_scan_dir_runs_the_prep_in_memory(syn, scene, scene_dir):
+    scan = syn.root / "raw" / "scans" / scene_dir.name
+    before = sorted(os.listdir(scan))
+    raw = load_scene(scan)
+    assert raw.source == "scannet-raw" and raw.scene_id == scene_dir.name
+    # the processed dir written by the prep tool is the reference
+    for name in ("coord", "color", "normal", "instance", "superpoint"):
+        assert np.array_equal(getattr(raw, name), getattr(scene, name)), name
+    assert raw.labels == scene.labels
+    assert sorted(os.listdir(scan)) == before  # nothing written
+    # the mesh file itself, with its segs beside it, is read the same way
+    assert load_scene(scan / f"{scene_dir.name}_vh_clean_2.ply").source == "scannet-raw"
+
+
+def test_load_pointcept_dir_and_mmdet_export(tmp_path, scene):
+    pc = tmp_path / "pc" / "scene_pc"
+    pc.mkdir(parents=True)
+    np.save(pc / "coord.npy", scene.coord)
+    np.save(pc / "color.npy", scene.color.astype(np.float32))  # Pointcept-style float colours
+    np.save(pc / "instance.npy", scene.instance.astype(np.int16))
+    got = load_scene(pc)
+    assert got.source == "pointcept" and got.scene_id == "scene_pc"
+    assert np.array_equal(got.coord, scene.coord) and np.array_equal(got.color, scene.color)
+    assert np.array_equal(got.instance, scene.instance)
+
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    np.save(mm / "sc_vert.npy", np.c_[scene.coord, scene.color.astype(np.float32)])
+    np.save(mm / "sc_ins_label.npy", (scene.instance + 1).astype(np.int64))  # exports store objectId + 1
+    np.save(mm / "sc_sem_label.npy", np.zeros(scene.num_points, dtype=np.int64))
+    got = load_scene(mm / "sc_vert.npy")
+    assert got.source == "mmdet3d" and np.array_equal(got.instance, scene.instance)
+    assert np.array_equal(got.coord, scene.coord)
+
+
+def _sphere():
+    import trimesh
+
+    mesh = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    rgb = (np.abs(mesh.vertices) * 400).clip(0, 255).astype(np.uint8)
+    mesh.visual.vertex_colors = np.c_[rgb, np.full(len(rgb), 255, np.uint8)]
+    return mesh, rgb
+
+
+def _sorted_rows(a):
+    a = np.round(np.asarray(a, dtype=np.float64), 5)
+    return a[np.lexsort(a.T[::-1])]
+
+
+def test_load_mesh_files_with_trimesh(tmp_path):
+    mesh, rgb = _sphere()
+    mesh.export(tmp_path / "ball.ply")
+    got = load_scene(tmp_path / "ball.ply")
+    assert got.source == "mesh" and got.scene_id == "ball" and got.instance is None
+    assert np.allclose(got.coord, mesh.vertices, atol=1e-6) and np.array_equal(got.color, rgb)
+    assert np.allclose(np.linalg.norm(got.normal, axis=1), 1.0, atol=1e-4)
+    mesh.export(tmp_path / "ball.obj")
+    got = load_scene(tmp_path / "ball.obj")
+    assert got.num_points == len(mesh.vertices)
+    assert np.allclose(_sorted_rows(got.coord), _sorted_rows(mesh.vertices), atol=1e-5)
+    import trimesh  # a point-only PLY (no faces) is a point cloud
+
+    trimesh.PointCloud(mesh.vertices, colors=np.c_[rgb, np.full(len(rgb), 255)]).export(tmp_path / "pts.ply")
+    got = load_scene(tmp_path / "pts.ply")
+    assert got.source == "pointcloud" and np.array_equal(got.color, rgb) and got.normal is None
+
+
+def test_load_pcd_with_open3d(tmp_path):
+    o3d = pytest.importorskip("open3d")
+    rng = np.random.default_rng(0)
+    xyz = rng.random((300, 3))
+    col = rng.random((300, 3))
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz))
+    pcd.colors = o3d.utility.Vector3dVector(col)
+    assert o3d.io.write_point_cloud(str(tmp_path / "room.pcd"), pcd)
+    got = load_scene(tmp_path / "room.pcd")
+    assert got.source == "pointcloud" and got.num_points == 300
+    assert np.allclose(got.coord, xyz, atol=1e-6)
+    assert np.abs(got.color.astype(int) - np.round(col * 255)).max() <= 1
+
+
+def test_load_arrays():
+    coord = np.arange(30, dtype=np.float64).reshape(10, 3)
+    got = load_scene(coord=coord, color=np.full((10, 3), 0.5), instance=np.r_[np.zeros(5), np.ones(5)].astype(int),
+                     scene_id="mine")
+    assert got.scene_id == "mine" and got.coord.dtype == np.float32 and np.array_equal(got.coord, coord)
+    assert (got.color == 128).all() and got.has_instances  # floats in [0, 1] -> round(0.5 * 255)
+    assert load_scene(coord=coord, color=np.full((10, 3), 200, np.uint8)).color[0, 0] == 200
+    assert not load_scene(coord=coord, instance=np.full(10, -1)).has_instances
+
+
+# ------------------------------------------------------------------------------------------ segment
+def _box_of(coord, mask):
+    lo, hi = coord[mask].min(0), coord[mask].max(0)
+    return np.r_[(lo + hi) / 2, hi - lo]
+
+
+def test_segment_result_is_consistent_with_the_scene(seg, scene):
+    r = seg.segment(scene, "the table next to the sofa")
+    assert isinstance(r, SegmentResult) and r.text == "the table next to the sofa" and not r.proposals
+    n, t = scene.num_points, len(r.objects)
+    assert r.point_mask.shape == (n,) and r.point_mask.dtype == bool and r.object_masks.shape == (t, n)
+    assert np.array_equal(r.point_mask, r.object_masks.any(0)) and r.num_points == int(r.point_mask.sum())
+    assert r.boxes.shape == (t, 6) and r.scores.shape == (t,)
+    assert np.allclose(r.scores, r.all_scores[r.objects])
+    assert r.answer.endswith("[SEG]") and r.source in ("identifiers", "decoder", "none")
+    for k, oid in enumerate(r.object_ids):  # instance scenes: object k is exactly the points of its instance id
+        assert np.array_equal(r.object_masks[k], scene.instance == oid)
+        assert np.allclose(r.boxes[k], _box_of(scene.coord, scene.instance == oid), atol=1e-5)
+
+
+def test_segment_list_equals_single_and_encodes_once(seg, scene, monkeypatch):
+    texts = ["the chair", "all the pillows", "the lamp on the nightstand"]
+    singles = [seg.segment(scene, t) for t in texts]
+    seg._cached = None
+    calls = {"encode": 0, "predict": []}
+    encode, predict = seg.model.encode, seg.model.segmenter.predict
+
+    def count_encode(*a, **k):
+        calls["encode"] += 1
+        return encode(*a, **k)
+
+    def count_predict(scene_inputs, txts, use_cache=True):
+        calls["predict"].append(list(txts))
+        return predict(scene_inputs, txts, use_cache=use_cache)
+
+    monkeypatch.setattr(seg.model, "encode", count_encode)
+    monkeypatch.setattr(seg.model.segmenter, "predict", count_predict)
+    batch = seg.segment(scene, texts)
+    assert calls["encode"] == 1 and calls["predict"] == [texts]  # one encoded scene, one predict call
+    assert isinstance(batch, list) and len(batch) == 3
+    for a, b in zip(batch, singles):
+        for name in SegmentResult._fields:
+            x, y = getattr(a, name), getattr(b, name)
+            assert (np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y), name
+    seg.segment(scene, "the bed")
+    assert calls["encode"] == 1  # the cached encoding is reused for the same scene
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_segment_without_instances_uses_proposals(seg, scene, forced):
+    bare = scene if forced else load_scene(coord=scene.coord, color=scene.color, scene_id="bare")  # no instances
+    r = seg.segment(bare, "the sofa", proposals=forced)
+    enc = seg.encode(bare, proposals=forced)
+    assert r.proposals and enc.proposals and enc.inputs.tokens.num_objects > 0
+    assert (r.object_ids == -1).all() and r.point_mask.shape == (bare.num_points,)
+    p2o = enc.inputs.tokens.point2obj.numpy()
+    assert np.array_equal(r.point_mask, np.isin(p2o, r.objects))
+    for k, row in enumerate(r.objects):
+        assert np.array_equal(r.object_masks[k], p2o == row)
+        assert np.allclose(r.boxes[k], _box_of(bare.coord, p2o == row), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("text, match", [("", "text"), ("   \n", "text"), (["ok", " "], r"text\[1\]"),
+                                         ([], "text"), ([3], r"text\[0\]")])
+def test_bad_query_text(seg, scene, text, match):
+    with pytest.raises(ValueError, match=match):
+        seg.segment(scene, text)
+
+
+def test_bad_arrays():
+    with pytest.raises(SceneLoadError, match="no points"):
+        load_scene(coord=np.zeros((0, 3)))
+    with pytest.raises(SceneLoadError, match=r"row 1"):
+        load_scene(coord=np.array([[0, 0, 0], [np.nan, 0, 0]]))
+    with pytest.raises(SceneLoadError, match="every point"):
+        load_scene(coord=np.full((4, 3), np.nan))
+    with pytest.raises(SceneLoadError, match=r"'color'.*coord"):
+        load_scene(coord=np.zeros((5, 3)), color=np.zeros((4, 3)))
+    with pytest.raises(SceneLoadError, match=r"'instance'.*coord"):
+        load_scene(coord=np.zeros((5, 3)), instance=np.zeros(6, int))
+    with pytest.raises(SceneLoadError, match=r"\[N, 3\]"):
+        load_scene(coord=np.zeros((5, 2)))
+    with pytest.raises(SceneLoadError, match="path or coord"):
+        load_scene()
+
+
+def _ascii_ply(path, rows):
+    head = f"ply\nformat ascii 1.0\nelement vertex {len(rows)}\nproperty float x\nproperty float y\n" \
+           "property float z\nend_header\n"
+    path.write_text(head + "".join(" ".join(str(v) for v in r) + "\n" for r in rows))
+
+
+def test_bad_files_name_the_file(tmp_path):
+    notes = tmp_path / "notes.ply"
+    notes.write_text("these are not vertices\n")
+    with pytest.raises(SceneLoadError, match="notes.ply"):
+        load_scene(notes)
+    nan = tmp_path / "nan.ply"
+    _ascii_ply(nan, [(0, 0, 0), (1, "nan", 0), (0, 1, 0)])
+    with pytest.raises(SceneLoadError, match=r"nan\.ply.*NaN"):
+        load_scene(nan)
+    all_nan = tmp_path / "allnan.ply"
+    _ascii_ply(all_nan, [("nan", "nan", "nan")] * 3)
+    with pytest.raises(SceneLoadError, match=r"allnan\.ply.*every point"):
+        load_scene(all_nan)
+    empty = tmp_path / "empty.ply"
+    _ascii_ply(empty, [])
+    with pytest.raises(SceneLoadError, match="empty.ply"):
+        load_scene(empty)
+    junk = tmp_path / "junk.pcd"
+    junk.write_bytes(b"\x00\x01garbage")
+    pytest.importorskip("open3d")
+    with pytest.raises(SceneLoadError, match="junk.pcd"):
+        load_scene(junk)
+    with pytest.raises(FileNotFoundError, match="missing.ply"):
+        load_scene(tmp_path / "missing.ply")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SceneLoadError, match="folder.*not a scene directory"):
+        load_scene(tmp_path / "folder")
+
+
+def test_scene_without_objects(seg):
+    tiny = load_scene(coord=np.random.default_rng(0).random((12, 3)), scene_id="speck")  # < min_points
+    with pytest.raises(ValueError, match="speck.*no objects"):
+        seg.segment(tiny, "the chair")
+
+
+def test_too_many_objects_follows_the_model_rule(scene):
+    from scene3d.llm.loader import LLMConfig
+
+    torch.manual_seed(0)
+    few = Segmenter(Scene3DModel(small_config(llm=LLMConfig(num_obj_tokens=4))))
+    assert len(np.unique(scene.instance[scene.instance >= 0])) > 4
+    with pytest.raises(ValueError, match=r"objects but the model has 4 identifiers"):
+        few.segment(scene, "the chair")
+    few.model.segmenter.config.overflow = "topk"  # the model's other rule: keep the 4 largest objects
+    few._cached = None
+    r = few.segment(scene, "the chair")
+    assert r.point_mask.shape == (scene.num_points,)
+    if r.source == "identifiers":  # named objects can only be among the 4 that got identifiers
+        counts = np.bincount(scene.instance[scene.instance >= 0])
+        assert set(r.object_ids.tolist()) <= set(np.argsort(-counts, kind="stable")[:4].tolist())
+
+
+@pytest.mark.realdata
+def test_real_scannet_export_boxes_match_mmdet3d(real_data, seg):
+    """A real ScanNet scene (mmdet3d export, 80k points): object boxes equal the export's own aligned boxes."""
+    d = real_data / "open-mmlab__mmdetection3d/tests/data/scannet/scannet_train_instance_data"
+    scene = seg.load_scene(d / "scene0000_01_vert_all.npy")
+    assert scene.source == "mmdet3d" and scene.num_points == 80583
+    r = seg.segment(scene, "the bed")
+    enc = seg.encode(scene)
+    ids = enc.inputs.tokens.object_ids.numpy()
+    boxes = torch.cat([enc.inputs.tokens.center, enc.inputs.tokens.size], 1).numpy()
+    ref, ref_idx = np.load(d / "scene0000_01_bbox.npy"), np.load(d / "scene0000_01_bbox_idx.npy")
+    for row, ins_label in zip(ref, ref_idx):  # bbox_idx holds ins_label = objectId + 1
+        (j,) = np.flatnonzero(ids == int(ins_label) - 1)
+        assert np.allclose(boxes[j], row[:6], atol=1e-4)
+    assert np.allclose(r.boxes, boxes[r.objects], atol=1e-6)
