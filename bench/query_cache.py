@@ -1,9 +1,17 @@
 """Per-query time on one scene with and without the scene cache (tiny model, CPU).
 
-Without the cache every query re-encodes the scene prefix (system prompt + one identifier and one object
-token per object); with it the prefix is encoded once into a DynamicCache and each query only runs its own
-tokens (question, generated answer, [SEG]) on a copy. Both paths run the same greedy decoding and mask
-decoder, so the ratio is what the cache saves per query. Prints the figures; asserts nothing about time.
+Both sides call ``ReferringSegmenter.predict`` on the same 10 questions and do the same batched work except
+the cache:
+
+* without the cache: every question's whole prompt (system prompt + one identifier and one object token per
+  object + question) is encoded, all questions as one right-padded batch;
+* with the cache: the shared start (system prompt + object tokens + the fixed question head) is encoded
+  once — included in the timing — and only the questions' own words run, packed behind one copy of it.
+
+Then both decode greedily as one batch (one LLM call per step for all unfinished questions; an untrained model
+runs to ``--max-new-tokens``) and run the mask decoder once per question. The table also gives the same two
+paths one question at a time (``predict_batch_size=1``) and where the cached path spends its time. Timings are
+medians over ``--repeats`` interleaved runs. Prints figures; asserts nothing about time.
 
     .venv/bin/python bench/query_cache.py --objects 150 --queries 10
 """
@@ -11,6 +19,9 @@ decoder, so the ratio is what the cache saves per query. Prints the figures; ass
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +41,25 @@ TEXTS = ["the brown chair left of the desk", "the table near the window", "all t
          "the monitor on the left", "the largest bookshelf in the room", "the piano", "the two armchairs facing the tv"]
 
 
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _compare(a, b) -> str:
+    """Answers equal?, mask points that differ, largest object-score difference (float noise can flip a point
+    whose mask logit sits within ~1e-7 of the threshold)."""
+    answers = all(x.answer_ids == y.answer_ids for x, y in zip(a, b))
+    points = sum(int((x.point_mask != y.point_mask).sum() + (x.decoder_mask != y.decoder_mask).sum())
+                 for x, y in zip(a, b))
+    score = max(float((x.obj_scores - y.obj_scores).abs().max()) for x, y in zip(a, b))
+    return f"{str(answers):>7s} {points:7d} {score:10.1e}"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--objects", type=int, default=150)
@@ -37,50 +67,57 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=4)
+    ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tiny = TinyLLMConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=4, num_key_value_heads=2)
     model = ReferringSegmenter(ReferringConfig(
-        llm=LLMConfig(tiny=tiny, num_obj_tokens=max(200, args.objects)),
+        llm=LLMConfig(tiny=tiny, num_obj_tokens=max(200, args.objects), lora_r=args.lora_r),
         decoder=MaskDecoderConfig(dim=64, num_queries=2, num_layers=1, num_heads=4),
-        max_new_tokens=args.max_new_tokens)).eval()
+        max_new_tokens=args.max_new_tokens, predict_batch_size=max(16, args.queries))).eval()
+    one = copy.copy(model)  # same modules, one question per batch
+    one.config = dataclasses.replace(model.config, predict_batch_size=1)
     scene = synthetic_scene((args.objects,), points_per_object=20, seed=0)
     texts = [TEXTS[i % len(TEXTS)] for i in range(args.queries)]
-    prefix_len = SceneCache(model, scene).prefix_len
+    sc = SceneCache(model, scene)
+    n, r = args.queries, args.repeats
 
-    model.predict(scene, texts[:1], use_cache=True)  # warm-up (allocator, first-call overheads)
-    model.predict(scene, texts[:1], use_cache=False)
-    t0 = time.perf_counter()
-    cached = model.predict(scene, texts, use_cache=True)  # includes encoding the prefix once
-    t1 = time.perf_counter()
-    plain = model.predict(scene, texts, use_cache=False)
-    t2 = time.perf_counter()
-    # prefill only (teacher-forced query + answer in one pass, as in scoring / evaluation of the LM loss):
-    # the part of a query the cache changes, without the per-token decoding steps both paths share
-    from scene3d.llm.prompt import build_prompt
+    runs = {"batch, cache": lambda: model.predict(scene, texts, use_cache=True),
+            "batch, no cache": lambda: model.predict(scene, texts, use_cache=False),
+            "one by one, cache": lambda: one.predict(scene, texts, use_cache=True),
+            "one by one, no cache": lambda: one.predict(scene, texts, use_cache=False)}
+    results = {k: f() for k, f in runs.items()}  # warm-up (allocator, first-call overheads) and results
+    times = {k: [] for k in runs}
+    for _ in range(r):  # interleaved, so load changes on a shared machine hit every variant alike
+        for k, f in runs.items():
+            times[k].append(_median_ms(f, 1))
+    ms = {k: statistics.median(v) / n for k, v in times.items()}
 
-    prompts = [build_prompt(model.tokenizer, model.vocab, args.objects, t, [i % args.objects]) for i, t in enumerate(texts)]
-    with torch.no_grad():
-        t3 = time.perf_counter()
-        for p in prompts:
-            model.lm(model._embed_prompt(scene, 0, p, scene.tokens.feat)[None])
-        t4 = time.perf_counter()
-        sc = SceneCache(model, scene)
-        for p in prompts:
-            model.lm(model.lm.embed(p.input_ids[None, p.prefix_len:]), cache=sc.fork(), use_cache=True)
-        t5 = time.perf_counter()
-    same = all(a.answer_ids == b.answer_ids and torch.equal(a.point_mask, b.point_mask) for a, b in zip(cached, plain))
-    n = args.queries
-    print(f"scene: {args.objects} objects, prefix {prefix_len} tokens; model: Qwen2 hidden {args.hidden}, "
-          f"{args.layers} layers; {n} queries, up to {args.max_new_tokens} new tokens; {args.threads} thread(s)")
-    print(f"without cache: {1e3 * (t2 - t1) / n:8.1f} ms/query")
-    print(f"with cache   : {1e3 * (t1 - t0) / n:8.1f} ms/query  (prefix encoded once, included)")
-    print(f"speed-up     : {(t2 - t1) / (t1 - t0):8.2f}x   identical results: {same}")
-    print(f"prefill only : {1e3 * (t4 - t3) / n:8.1f} -> {1e3 * (t5 - t4) / n:6.1f} ms/query, "
-          f"speed-up {(t4 - t3) / (t5 - t4):.2f}x (prefix encoded once, included)")
+    with torch.no_grad():  # where the batched cached path spends its time (10 questions)
+        steps_fn = lambda: model._start_packed(sc, texts)  # noqa: E731
+        parts = {"encode the shared prefix": _median_ms(lambda: SceneCache(model, scene), r),
+                 "questions' own tokens": _median_ms(steps_fn, r)}
+        parts["greedy steps"] = _median_ms(lambda: model._generate(steps_fn()), r) - parts["questions' own tokens"]
+        h = model._generate(steps_fn())[1]
+        parts["mask decoder"] = _median_ms(lambda: [model.decoder(h[b : b + 1], scene.point_feat, scene.points.coord,
+                                                                  scene.points.offset, scene.tokens,
+                                                                  scene.points.superpoint) for b in range(n)], r)
+
+    ref = results["one by one, no cache"]
+    print(f"scene: {args.objects} objects, shared start {sc.cached_len} tokens (prefix {sc.prefix_len}); model: "
+          f"Qwen2 hidden {args.hidden}, {args.layers} layers, LoRA r={args.lora_r}; {n} queries, up to "
+          f"{args.max_new_tokens} new tokens; {args.threads} thread(s); median of {r}")
+    print(f"{'':22s} {'ms/query':>9s}   vs one by one, no cache: same answers, mask points differing, "
+          "max |score diff|")
+    for k in runs:
+        print(f"{k:22s} {ms[k]:9.1f}   {_compare(results[k], ref)}")
+    print(f"speed-up of the cache, batched   : {ms['batch, no cache'] / ms['batch, cache']:6.2f}x")
+    print(f"speed-up of the cache, one by one: {ms['one by one, no cache'] / ms['one by one, cache']:6.2f}x")
+    print("cached batch, ms per query: " + ", ".join(f"{k} {v / n:.1f}" for k, v in parts.items()))
 
 
 if __name__ == "__main__":

@@ -226,7 +226,11 @@ def test_segment_list_equals_single_and_encodes_once(seg, scene, monkeypatch):
     for a, b in zip(batch, singles):
         for name in SegmentResult._fields:
             x, y = getattr(a, name), getattr(b, name)
-            assert (np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y), name
+            if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+                # batched queries run as one padded LLM batch: float scores move by ~1e-7, nothing else
+                assert x.shape == y.shape and np.allclose(x, y, atol=1e-5), name
+            else:
+                assert (np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y), name
     seg.segment(scene, "the bed")
     assert calls["encode"] == 1  # the cached encoding is reused for the same scene
 

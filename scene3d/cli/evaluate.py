@@ -1,26 +1,34 @@
-"""`scene3d eval PREDICTIONS.jsonl --gt REFER.jsonl --processed DIR [--strict] [--out metrics.json]`.
+"""`scene3d eval` in two modes, chosen by the first argument:
 
-Predictions-file mode (format: docs/predictions_format.md); metrics: scene3d/metrics.py.
+* predictions-file mode: ``scene3d eval PREDICTIONS.jsonl --gt REFER.jsonl --processed DIR [--strict]
+  [--out metrics.json]`` (format: docs/predictions_format.md; metrics: scene3d/metrics.py);
+* checkpoint mode: ``scene3d eval CKPT [hydra overrides]`` where CKPT is a checkpoint directory, its
+  ``checkpoints/`` parent or a run directory: runs the model over a referring split (configs/eval.yaml, e.g.
+  ``eval.split=val eval.max_samples=100 data=scanrefer data.processed_dir=...``) and writes
+  ``predictions.jsonl`` + ``metrics.json`` (scene3d.engine.evaluate.run_checkpoint_eval).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 
 def add_parser(sub, name, help_):
     p = sub.add_parser(name, help=help_, description=help_)
-    p.add_argument("predictions", type=Path, help="predictions jsonl (docs/predictions_format.md)")
-    p.add_argument("--gt", required=True, type=Path, help="referring samples jsonl (scene3d prep refer)")
-    p.add_argument("--processed", required=True, type=Path, help="processed scene directories")
+    p.add_argument("predictions", type=Path, metavar="PREDICTIONS_OR_CKPT",
+                   help="predictions jsonl (docs/predictions_format.md), or a checkpoint / run directory "
+                        "followed by hydra overrides (configs/eval.yaml)")
+    p.add_argument("--gt", type=Path, help="referring samples jsonl (scene3d prep refer); predictions mode")
+    p.add_argument("--processed", type=Path, help="processed scene directories; predictions mode")
     p.add_argument("--strict", action="store_true",
                    help="count IoU > threshold (3D-STMN / TGNN) instead of >= (ScanRefer / Multi3DRefer)")
     p.add_argument("--allow-missing", action="store_true",
                    help="score referring rows without a prediction as empty predictions instead of failing")
     p.add_argument("--out", type=Path, default=None, help="write metrics (+ per-sample scores) as json")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(_accepts_overrides=False)
+    p.set_defaults(_accepts_overrides=True)  # checkpoint mode only; predictions mode rejects them in run()
     return p
 
 
@@ -52,5 +60,56 @@ def evaluate_predictions_file(args) -> int:
     return 0
 
 
+def is_checkpoint_target(path: Path) -> bool:
+    """A directory holding a checkpoint (checkpoint dir, ``checkpoints/`` dir or run dir)."""
+    from scene3d.engine.checkpoint import resolve_checkpoint
+
+    return path.is_dir() and resolve_checkpoint(path) is not None
+
+
+def evaluate_checkpoint(args) -> int:
+    """The checkpoint mode: compose configs/eval.yaml with the overrides and run the model."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from scene3d.config import compose, to_objects
+    from scene3d.engine.evaluate import run_checkpoint_eval
+    from scene3d.metrics import format_metrics
+
+    given = [name for name, v in (("--gt", args.gt), ("--processed", args.processed), ("--out", args.out)) if v]
+    if given or args.allow_missing:
+        raise SystemExit(f"scene3d eval: {', '.join(given + (['--allow-missing'] if args.allow_missing else []))} "
+                         "belong to the predictions-file mode; in checkpoint mode use overrides such as "
+                         "eval.samples=FILE.jsonl eval.processed_dir=DIR out_dir=DIR")
+    overrides = [f"checkpoint={args.predictions.resolve()}"] + list(args.overrides)
+    if args.strict:
+        overrides.append("eval.strict=true")
+    if args.no_progress:
+        overrides.append("eval.progress=false")
+    try:
+        cfg = to_objects(compose("eval", overrides))
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        print(f"scene3d eval: config error: {e}", file=sys.stderr)
+        return 2
+    res = run_checkpoint_eval(cfg)
+    print(f"checkpoint {res.checkpoint} (step {res.step}); threshold convention: IoU "
+          f"{'>' if cfg.eval.strict else '>='} k")
+    print(format_metrics(res.metrics))
+    print(f"wrote {res.predictions}\nwrote {res.metrics_file}")
+    return 0
+
+
 def run(args) -> int:
+    target = args.predictions
+    if is_checkpoint_target(target):
+        return evaluate_checkpoint(args)
+    if target.is_dir():
+        raise SystemExit(f"scene3d eval: {target} is a directory without a checkpoint (expected "
+                         "model.safetensors + meta.json, a checkpoints/ dir or a run dir)")
+    if args.overrides:
+        raise SystemExit(f"scene3d eval: unrecognized arguments: {' '.join(args.overrides)} (hydra overrides "
+                         "only apply to the checkpoint mode)")
+    missing = [n for n, v in (("--gt", args.gt), ("--processed", args.processed)) if v is None]
+    if missing:
+        raise SystemExit(f"scene3d eval: the predictions-file mode needs {' and '.join(missing)}")
     return evaluate_predictions_file(args)

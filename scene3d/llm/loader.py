@@ -190,6 +190,13 @@ class IdentifierLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.causal_lm.get_input_embeddings()
 
+    def new_cache(self, max_len: int):
+        """An empty preallocated KV cache (transformers ``StaticCache``) of ``max_len`` positions for inference:
+        decoding writes in place instead of concatenating the whole cache at every step."""
+        from transformers import StaticCache
+
+        return StaticCache(config=self.causal_lm.config, max_cache_len=int(max_len))
+
     # -- compute --------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[B, L, H]`` of ``input_ids [B, L]``; new ids come from ``new_embed``."""
@@ -204,15 +211,34 @@ class IdentifierLM(nn.Module):
         return torch.where(is_new.unsqueeze(-1), new, emb)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                cache: Any = None, use_cache: bool = False) -> LMOutput:
-        """Run the decoder on ``inputs_embeds [B, L, H]``; ``cache`` continues a previous prefix."""
+                cache: Any = None, use_cache: bool = False, position_ids: Optional[torch.Tensor] = None,
+                logits_at: Optional[torch.Tensor] = None) -> LMOutput:
+        """Run the decoder on ``inputs_embeds [B, L, H]``; ``cache`` continues a previous prefix.
+
+        ``attention_mask [B, S]`` (S = cached + L) marks real tokens with 1 and padding with 0;
+        ``position_ids [B, L]`` are the rotary positions of the new tokens (default: cache length + 0..L-1),
+        needed when rows hold different numbers of real tokens before these. ``attention_mask`` may also be a
+        4D additive mask ``[B, 1, L, S]`` (0 where allowed, a large negative where not), passed through as is.
+        ``logits_at`` (inference) computes logits only at some positions: ``[B]`` (one per row) gives
+        ``logits [B, 1, V]``, ``[B, K]`` gives ``[B, K, V]`` — the head over every prefix position is skipped;
+        ``hidden`` always covers all ``L`` positions.
+        """
         decoder = self.causal_lm.get_decoder()
         kwargs = {self._cache_kw: cache} if cache is not None else {}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state  # (B, L, H)
+        h = hidden
+        if logits_at is not None:
+            idx = logits_at.to(hidden.device).long()
+            idx = idx[:, None] if idx.dim() == 1 else idx  # (B, K)
+            if idx.dim() != 2 or idx.shape[0] != hidden.shape[0]:
+                raise ValueError(f"logits_at must be [B={hidden.shape[0]}] or [B, K], got {tuple(logits_at.shape)}")
+            h = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, H)
         head = self.causal_lm.get_output_embeddings()
-        base_logits = head(hidden)  # (B, L, V_base)
-        new_logits = self.new_head(hidden.to(self.new_head.weight.dtype)).to(base_logits.dtype)  # (B, L, n_new)
+        base_logits = head(h)  # (B, L', V_base)
+        new_logits = self.new_head(h.to(self.new_head.weight.dtype)).to(base_logits.dtype)  # (B, L', n_new)
         b, l, _ = base_logits.shape
         logits = base_logits.new_full((b, l, self.vocab_size), float("-inf"))
         logits[..., : base_logits.shape[-1]] = base_logits

@@ -18,7 +18,9 @@ identifiers the answer names, and a reconciled result. Reconciliation rule: the 
 identifiers the answer names (identifiers map back to objects exactly); when the answer names none, the
 objects whose decoder score is ``>= threshold`` are taken instead; when neither gives any object the result
 is empty (zero targets). The reconciled point mask is the union of the chosen objects' points (instance
-masks are exact where the dense head is smooth); the raw decoder mask is returned beside it.
+masks are exact where the dense head is smooth); the raw decoder mask is returned beside it. The texts of
+one scene are answered as a batch (one LLM call per greedy step for all of them); with the scene cache the
+prefix is encoded once and the questions are packed behind it (see :meth:`ReferringSegmenter.predict`).
 
 Gating is pluggable: any callable ``gate(tokens, query_embedding [B, H]) -> GateSelection`` (an ``nn.Module``
 is registered, so its scorer trains and is checkpointed). The query embedding is the mean input embedding of
@@ -67,6 +69,7 @@ class ReferringConfig:
     hard_negative_weight: float = 3.0
     threshold: float = 0.5
     max_new_tokens: int = 16
+    predict_batch_size: int = 16  # texts of one scene that predict answers as one batch
 
     def __post_init__(self) -> None:
         for name, cls in (("llm", LLMConfig), ("decoder", MaskDecoderConfig), ("prompt", PromptConfig)):
@@ -74,6 +77,8 @@ class ReferringConfig:
                 setattr(self, name, cls(**getattr(self, name)))
         if self.overflow not in ("error", "topk"):
             raise ValueError(f"overflow must be 'error' or 'topk', got {self.overflow!r}")
+        if self.predict_batch_size < 1:
+            raise ValueError(f"predict_batch_size must be >= 1, got {self.predict_batch_size}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
 
@@ -362,59 +367,138 @@ class ReferringSegmenter(nn.Module):
 
     @torch.no_grad()
     def predict(self, scene: SceneInputs, texts: Sequence[str], use_cache: bool = True) -> list:
-        """Answer every text on one scene; with ``use_cache`` the scene prefix is encoded once (see
-        :class:`scene3d.models.cache.SceneCache`), otherwise it is re-encoded per query."""
+        """Answer every text on one scene, one :class:`Prediction` per text.
+
+        The texts are answered in batches of ``config.predict_batch_size``: one LLM call per decoding step for
+        the whole batch. With ``use_cache`` (and no gate) the scene prefix and the question head are encoded
+        once (:class:`scene3d.models.cache.SceneCache`) and each batch only runs its questions' own tokens;
+        otherwise every text's whole prompt is encoded (one right-padded row per text). Both decode greedily
+        in the same way (:meth:`_generate`), so the results agree.
+        """
         from scene3d.models.cache import SceneCache
 
         if scene.batch_size != 1:
             raise ValueError(f"predict takes one scene, got {scene.batch_size}")
         if isinstance(texts, str):
             texts = [texts]
-        if use_cache and self.gate is None:
-            sc = SceneCache(self, scene)
-            return [self._answer(scene, text, sc) for text in texts]
-        return [self._answer(scene, text, None) for text in texts]
+        texts = list(texts)
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"referring text must be a non-empty string, got {t!r}")
+        scene_cache = SceneCache(self, scene) if use_cache and self.gate is None and texts else None
+        n = self.config.predict_batch_size
+        preds: list = []
+        for i in range(0, len(texts), n):
+            chunk = texts[i : i + n]
+            if scene_cache is None:
+                steps, slots = self._start_uncached(scene, chunk)
+            else:
+                start = self._start_packed if self._cached_layout() == "packed" else self._start_cached_rows
+                steps, slots = start(scene_cache, chunk), [scene_cache.slot_of_object] * len(chunk)
+            answers, seg_hidden = self._generate(steps)
+            for b, answer in enumerate(answers):
+                dec = self.decoder(seg_hidden[b : b + 1].float(), scene.point_feat, scene.points.coord,
+                                   scene.points.offset, scene.tokens, scene.points.superpoint)
+                preds.append(self._reconcile(scene, answer, slots[b], dec))
+        return preds
 
-    def _answer(self, scene: SceneInputs, text: str, scene_cache) -> Prediction:
-        dev = scene.tokens.feat.device
-        if scene_cache is not None:
-            cache = scene_cache.fork()
-            q_ids = build_query(self.tokenizer, text, self.config.prompt).to(dev)
-            out = self.lm(self.lm.embed(q_ids[None]), cache=cache, use_cache=True)
-            slot_of_object = scene_cache.slot_of_object
-        else:
-            kept, feat = self._gate(scene, [text])
-            prompt = build_prompt(self.tokenizer, self.vocab, scene.tokens.num_objects, text, None, seed=None,
+    def _cached_layout(self) -> str:
+        """``"packed"``: all questions of a batch share one copy of the cached prefix in one sequence, kept
+        apart by a 4D attention mask (needs the ``sdpa`` or ``eager`` attention of transformers and no
+        sliding-window layers, which a custom mask would not window); ``"rows"``: the prefix is copied into
+        one row per question (any model)."""
+        cfg = self.lm.causal_lm.config
+        sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+        return "packed" if getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager") and not sliding else "rows"
+
+    def _start_packed(self, scene_cache, texts: Sequence[str]) -> "_PackedSteps":
+        """The rest of ``B`` questions (after the cached scene prefix and question head), packed one after the
+        other behind one copy of the cache; each attends to the cache and to its own earlier tokens only."""
+        dev = scene_cache.last_logits.device
+        tails = [scene_cache.query_tail(t) for t in texts]
+        lens = torch.tensor([q.numel() for q in tails], device=dev)  # (B,)
+        b, lc = len(tails), scene_cache.cached_len
+        owner = torch.repeat_interleave(torch.arange(b, device=dev), lens)  # (T,) question of each token
+        ends = torch.cumsum(lens, 0)  # (B,)
+        pos = lc + torch.arange(owner.numel(), device=dev) - (ends - lens)[owner]  # (T,) rotary positions
+        steps = _PackedSteps(self.lm, scene_cache.fork(), torch.full((lc,), -1, dtype=torch.long, device=dev),
+                             lc + lens)
+        out = steps.run(torch.cat(tails).to(dev), owner, pos, logits_at=ends - 1)
+        steps.logits = out.logits[0]  # (B, V)
+        return steps
+
+    def _start_cached_rows(self, scene_cache, texts: Sequence[str]) -> "_RowSteps":
+        """As :meth:`_start_packed` with one row per question (the cache copied into every row)."""
+        dev = scene_cache.last_logits.device
+        tails = [scene_cache.query_tail(t) for t in texts]
+        lens = torch.tensor([q.numel() for q in tails], device=dev)  # (B,)
+        b, lt, lc = len(tails), int(lens.max()), scene_cache.cached_len
+        ids = torch.full((b, lt), self.vocab.seg_token_id, dtype=torch.long)  # padding: any valid id, masked
+        for i, q in enumerate(tails):
+            ids[i, : q.numel()] = q
+        total = lc + lt + self.config.max_new_tokens + 1  # room for the answer and a forced [SEG]
+        attn = torch.zeros(b, total, dtype=torch.long, device=dev)  # (B, S): 1 at real tokens
+        attn[:, :lc] = 1
+        attn[:, lc : lc + lt] = (torch.arange(lt, device=dev) < lens[:, None]).long()
+        pos = (lc + torch.arange(lt, device=dev)).expand(b, lt)
+        out = self.lm(self.lm.embed(ids.to(dev)), attention_mask=attn, cache=scene_cache.expand(b, total),
+                      use_cache=True, position_ids=pos, logits_at=lens - 1)
+        return _RowSteps(self.lm, out.logits[:, 0], out.cache, attn, lc + lens, lc + lt, self.vocab.seg_token_id)
+
+    def _start_uncached(self, scene: SceneInputs, texts: Sequence[str]):
+        """Whole prompts (scene prefix + question) of ``B`` texts encoded as one right-padded batch; also
+        returns each text's identifier assignment ``[M]`` (a gate may keep different objects per text)."""
+        embeds, slots = [], []
+        for t in texts:
+            kept, feat = self._gate(scene, [t])  # the gate sees one scene, so one question at a time
+            prompt = build_prompt(self.tokenizer, self.vocab, scene.tokens.num_objects, t, None, seed=None,
                                   keep=self._keep(scene, 0, kept), config=self.config.prompt)
-            out = self.lm(self._embed_prompt(scene, 0, prompt, feat)[None], use_cache=True)
-            slot_of_object = prompt.slot_of_object
-        answer, seg_hidden = self._generate(out)
-        dec = self.decoder(seg_hidden[None].float(), scene.point_feat, scene.points.coord, scene.points.offset,
-                           scene.tokens, scene.points.superpoint)
-        return self._reconcile(scene, answer, slot_of_object, dec)
+            embeds.append(self._embed_prompt(scene, 0, prompt, feat))  # (L_b, H)
+            slots.append(prompt.slot_of_object)
+        dev = embeds[0].device
+        lens = torch.tensor([e.shape[0] for e in embeds], device=dev)  # (B,)
+        x = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, L, H), zeros behind each row
+        b, lx = x.shape[:2]
+        total = lx + self.config.max_new_tokens + 1
+        attn = torch.zeros(b, total, dtype=torch.long, device=dev)
+        attn[:, :lx] = (torch.arange(lx, device=dev) < lens[:, None]).long()
+        pos = torch.arange(lx, device=dev).expand(b, lx)
+        out = self.lm(x, attention_mask=attn, cache=self.lm.new_cache(total), use_cache=True, position_ids=pos,
+                      logits_at=lens - 1)
+        return _RowSteps(self.lm, out.logits[:, 0], out.cache, attn, lens, lx, self.vocab.seg_token_id), slots
 
-    def _generate(self, out):
-        """Greedy decoding from ``out`` (holding the cache) until ``[SEG]``; a missing ``[SEG]`` is appended
-        after ``max_new_tokens`` so the decoder always gets a state. Returns (answer ids, [SEG] hidden [H])."""
+    def _generate(self, steps):
+        """Greedy decoding of ``B`` questions at once until each has produced ``[SEG]``.
+
+        Per question, as one-at-a-time decoding would: placeholders are never generated; ``</s>`` ends the
+        answer (not kept); after ``max_new_tokens`` tokens without ``[SEG]`` one is appended, so the decoder
+        always gets a state. Only unfinished questions are fed (``steps.step``). Returns (answer ids per
+        question, hidden state ``[B, H]`` at each question's ``[SEG]``).
+        """
         seg, eos = self.vocab.seg_token_id, self.tokenizer.eos_token_id
-        answer: list = []
-        logits, cache = out.logits[0, -1], out.cache
-        dev = logits.device
-        for _ in range(self.config.max_new_tokens):
-            logits = logits.clone()
-            logits[self.vocab.placeholder_id] = float("-inf")  # placeholders are never generated
-            nxt = int(logits.argmax())
-            if nxt == eos:
+        logits = steps.logits  # (A, V) of the active questions
+        b = logits.shape[0]
+        active = torch.arange(b, device=logits.device)
+        answers: list = [[] for _ in range(b)]
+        seg_hidden = None
+        for step in range(self.config.max_new_tokens + 1):
+            logits[:, self.vocab.placeholder_id] = float("-inf")  # placeholders are never generated
+            nxt = logits.argmax(-1)  # (A,)
+            if eos is not None:
+                nxt = torch.where(nxt == eos, seg, nxt)
+            if step == self.config.max_new_tokens:
+                nxt = torch.full_like(nxt, seg)
+            for i, t in zip(active.tolist(), nxt.tolist()):
+                answers[i].append(t)
+            logits, hidden = steps.step(active, nxt)  # (A, V), (A, H)
+            if seg_hidden is None:
+                seg_hidden = hidden.new_zeros(b, hidden.shape[-1])
+            now = nxt == seg
+            seg_hidden[active[now]] = hidden[now]
+            active, logits = active[~now], logits[~now]
+            if not active.numel():
                 break
-            answer.append(nxt)
-            out = self.lm(self.lm.embed(torch.tensor([[nxt]], device=dev)), cache=cache, use_cache=True)
-            cache = out.cache
-            if nxt == seg:
-                return answer, out.hidden[0, -1]
-            logits = out.logits[0, -1]
-        answer.append(seg)
-        out = self.lm(self.lm.embed(torch.tensor([[seg]], device=dev)), cache=cache, use_cache=True)
-        return answer, out.hidden[0, -1]
+        return answers, seg_hidden
 
     def _reconcile(self, scene: SceneInputs, answer: list, slot_of_object: torch.Tensor, dec) -> Prediction:
         t = scene.tokens
@@ -432,6 +516,70 @@ class ReferringSegmenter(nn.Module):
         ids = t.object_ids[objects] if t.object_ids is not None else torch.full_like(objects, -1)
         return Prediction(point_mask, objects, ids, decoder_mask, identifier_mask, scores, answer,
                           parsed.identifiers, source)
+
+
+# ---------------------------------------------------------------------------------------------- decoding steps
+class _RowSteps:
+    """Decoding state with one row per question in a preallocated cache (:meth:`IdentifierLM.new_cache`).
+
+    ``logits [B, V]`` after each row's last real token; ``attn [B, S]`` 1 at real tokens, 0 at padding and
+    at columns not yet written; ``pos [B]`` rotary position of each row's next token; ``col`` the cache column
+    the next tokens go to (same for all rows). A finished row is fed a dummy token and its outputs dropped
+    (rows never see each other, so it cannot disturb the others).
+    """
+
+    def __init__(self, lm, logits, cache, attn, pos, col: int, dummy: int) -> None:
+        self.lm, self.logits, self.cache, self.attn = lm, logits, cache, attn
+        self.pos, self.col, self.dummy = pos, col, dummy
+
+    def step(self, active: torch.Tensor, tokens: torch.Tensor):
+        """Feed ``tokens [A]`` to rows ``active [A]``; returns their next logits ``[A, V]``, hidden ``[A, H]``."""
+        b = self.attn.shape[0]
+        feed = torch.full((b,), self.dummy, dtype=torch.long, device=tokens.device)
+        feed[active] = tokens
+        self.attn[:, self.col] = 1  # a finished row attends only to itself; its outputs are dropped
+        out = self.lm(self.lm.embed(feed[:, None]), attention_mask=self.attn, cache=self.cache, use_cache=True,
+                      position_ids=self.pos[:, None], logits_at=torch.zeros_like(self.pos))
+        self.cache, self.pos, self.col = out.cache, self.pos + 1, self.col + 1
+        return out.logits[active, 0], out.hidden[active, 0]
+
+
+class _PackedSteps:
+    """Decoding state with all questions of a batch in one sequence behind one copy of the shared prefix.
+
+    The cache holds the shared prefix (``owner == -1``, seen by every question) followed by the questions'
+    tokens in the order they were fed; ``owner [K]`` names the question of each cached token, ``next_pos [B]``
+    the rotary position of each question's next token. A token attends to the shared prefix and to the
+    earlier tokens of its own question (4D additive mask), so each question computes what it would alone.
+    """
+
+    def __init__(self, lm, cache, owner: torch.Tensor, next_pos: torch.Tensor) -> None:
+        self.lm, self.cache, self.owner, self.next_pos = lm, cache, owner, next_pos
+        self.logits: Optional[torch.Tensor] = None
+
+    def run(self, ids: torch.Tensor, owner: torch.Tensor, pos: torch.Tensor,
+            logits_at: Optional[torch.Tensor] = None):
+        """Append tokens ``ids [T]`` of questions ``owner [T]`` at rotary positions ``pos [T]``; ``logits_at
+        [K]`` picks the positions (of the ``T``) whose logits are computed (default all)."""
+        k0 = self.owner.numel()
+        k_owner = torch.cat([self.owner, owner])  # (K,)
+        q_col = k0 + torch.arange(owner.numel(), device=owner.device)  # (T,) cache column of each new token
+        k_col = torch.arange(k_owner.numel(), device=owner.device)
+        own = (k_owner[None] == owner[:, None]) & (k_col[None] <= q_col[:, None])  # (T, K) own earlier tokens
+        allowed = (k_owner[None] < 0) | own
+        x = self.lm.embed(ids[None])  # (1, T, H)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)  # additive: exp(min - max) is exactly 0
+        out = self.lm(x, attention_mask=mask[None, None], cache=self.cache, use_cache=True, position_ids=pos[None],
+                      logits_at=None if logits_at is None else logits_at[None])
+        self.cache, self.owner = out.cache, k_owner
+        return out
+
+    def step(self, active: torch.Tensor, tokens: torch.Tensor):
+        """Feed ``tokens [A]`` to questions ``active [A]``; returns their next logits ``[A, V]``, hidden ``[A, H]``."""
+        out = self.run(tokens, active, self.next_pos[active])
+        self.next_pos = self.next_pos.index_add(0, active, torch.ones_like(active))
+        return out.logits[0], out.hidden[0]
 
 
 def _dice_loss(logits: torch.Tensor, target: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

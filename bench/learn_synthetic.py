@@ -1,0 +1,184 @@
+"""Learning check: train the tiny model on the synthetic benchmark for a fixed CPU budget, score held-out scenes.
+
+    .venv/bin/python bench/learn_synthetic.py                 # 15 minutes (the issue's budget)
+    .venv/bin/python bench/learn_synthetic.py --minutes 5 -- trainer.lr=2e-3 trainer.batch_size=8
+
+Trains ``experiment=synthetic_cpu`` (plus any hydra overrides after ``--``) through
+:func:`scene3d.train.run_training`; ``trainer.max_steps`` is chosen so that training fits the budget (a few
+timed steps first measure seconds per step). Then every held-out (val) row is predicted once and scored with
+:mod:`scene3d.metrics` for the reconciled result, the identifier-only path (``Prediction.identifier_mask``)
+and the decoder-only path (``Prediction.decoder_mask``), next to two trivial baselines (the largest object;
+a random object). Gating: the trained model is fine-tuned for ``--gate-minutes`` more with
+``model.gate.enabled=true model.gate.keep_ratio=0.3`` (the new gate scorer trains, the keep ratio anneals
+from 1 to 0.3) and scored again; reported as unavailable when scene3d.gating cannot be built.
+Goal (issue 8): mIoU >= 0.80 within 15 CPU-minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def baseline_rows(rows, processed_dir, kind: str, seed: int = 0) -> list:
+    """Prediction rows of a trivial predictor: the scene's largest object, or a uniformly random object."""
+    from scene3d.data.scene import load_processed_scene
+
+    rng = np.random.default_rng(seed)
+    out, cache = [], {}
+    for r in rows:
+        sid = r["scene_id"]
+        if sid not in cache:
+            objs = [o for o in load_processed_scene(Path(processed_dir) / sid).objects if o.num_points > 0]
+            cache[sid] = objs
+        objs = cache[sid]
+        pick = max(objs, key=lambda o: o.num_points) if kind == "largest" else objs[int(rng.integers(len(objs)))]
+        out.append({"dataset": r["dataset"], "scene_id": sid, "ann_id": r["ann_id"], "pred_object_ids": [int(pick.id)]})
+    return out
+
+
+def score(pred_rows, rows, processed_dir) -> dict:
+    from scene3d.metrics import evaluate_rows
+
+    table = {(p["dataset"], p["scene_id"], str(p["ann_id"])): {**p, "_where": "baseline"} for p in pred_rows}
+    return evaluate_rows(table, rows, processed_dir, progress=False).metrics["overall"]
+
+
+def line(name: str, m: dict) -> str:
+    return f"{name:<28s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
+
+
+def seconds_per_step(cfg, steps: int = 4) -> float:
+    """Time a few optimizer steps of the configured model on the configured data (after one warm-up step)."""
+    from scene3d.config import pipeline_config, to_objects
+    from scene3d.data.referring import ReferringDataset, collate_referring
+    from scene3d.models.pipeline import Scene3DModel
+    from scene3d.train import prepare_data, split_rows
+
+    obj = to_objects(cfg)
+    prepare_data(obj.data)
+    train = split_rows(obj.data, "train")
+    ds = ReferringDataset(train.processed_dir, obj.data.train, max_points=obj.data.max_points, rows=train.rows)
+    torch.manual_seed(0)
+    model = Scene3DModel(pipeline_config(cfg.model))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    bs = obj.trainer.batch_size * obj.trainer.grad_accum
+    times = []
+    for i in range(steps + 1):
+        batch = collate_referring([ds[(i * bs + j) % len(ds)] for j in range(bs)])
+        t = time.perf_counter()
+        model(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[1:]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=15.0, help="CPU budget for training the main model")
+    ap.add_argument("--gate-minutes", type=float, default=2.0, help="budget of the gated fine-tune (0: skip)")
+    ap.add_argument("--cache", default=None, help="where the synthetic scenes are made (default $SCENE3D_CACHE)")
+    ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("overrides", nargs="*", help="hydra overrides for the training config (after --)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import os
+
+    if args.cache:
+        os.environ["SCENE3D_CACHE"] = args.cache
+    from scene3d.config import compose, to_objects
+    from scene3d.engine.evaluate import evaluate_model_masks
+    from scene3d.models.loading import load_model
+    from scene3d.train import prepare_data, run_training, split_rows
+
+    t0 = time.perf_counter()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="learn_synthetic_"))
+    base = ["experiment=synthetic_cpu", "eval.in_training=false", "trainer.progress=false", *args.overrides]
+    cfg = compose("train", base + [f"out_dir={out / 'main'}"])
+    obj = to_objects(cfg)
+    prepare_data(obj.data)
+    sps = seconds_per_step(cfg)
+    budget = args.minutes * 60 - (time.perf_counter() - t0) - 8.0  # model build + checkpoint writes
+    steps = max(10, int(0.93 * budget / sps))
+    print(f"{sps:.3f} s/step (batch {obj.trainer.batch_size} x accum {obj.trainer.grad_accum}) -> {steps} steps "
+          f"for {args.minutes:g} min", flush=True)
+    cfg = compose("train", base + [f"out_dir={out / 'main'}", f"trainer.max_steps={steps}",
+                                   f"trainer.ckpt_every={steps}"])
+    summary = run_training(cfg)
+    train_min = (time.perf_counter() - t0) / 60
+    print(f"trained {summary.step} steps in {train_min:.2f} min; last train row: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in summary.train_metrics.items()), flush=True)
+
+    val = split_rows(obj.data, "val")
+    model = load_model(summary.checkpoint).model
+    res = evaluate_model_masks(model, val.processed_dir, val.rows, ("reconciled", "identifier", "decoder"),
+                               progress=False)
+    print(f"\nheld-out: {len(val.rows)} rows of {len({r['scene_id'] for r in val.rows})} unseen scenes "
+          f"(synthetic, {obj.data.synthetic.num_scenes} scenes, val_fraction {obj.data.synthetic.val_fraction})")
+    print(line("model (reconciled)", res["reconciled"].metrics["overall"]))
+    print(line("identifier-only path", res["identifier"].metrics["overall"]))
+    print(line("decoder-only path", res["decoder"].metrics["overall"]))
+    print(line("baseline: largest object", score(baseline_rows(val.rows, val.processed_dir, "largest"), val.rows,
+                                                 val.processed_dir)))
+    print(line("baseline: random object", score(baseline_rows(val.rows, val.processed_dir, "random"), val.rows,
+                                                val.processed_dir)))
+    print(f"minutes used (data + training): {train_min:.2f}", flush=True)
+
+    if args.gate_minutes > 0:
+        gated(args, base, out, summary.checkpoint, val, sps)
+    print(f"total minutes: {(time.perf_counter() - t0) / 60:.2f}")
+    return 0
+
+
+def gated(args, base, out: Path, checkpoint, val, sps: float) -> None:
+    """Fine-tune the trained model with the gate on (keep ratio 0.3) and score it."""
+    from scene3d.config import compose, pipeline_config, to_objects
+    from scene3d.data.referring import ReferringDataset, collate_referring
+    from scene3d.engine.checkpoint import load_checkpoint
+    from scene3d.engine.evaluate import evaluate_model
+    from scene3d.engine.trainer import Trainer, seed_everything
+    from scene3d.models.pipeline import Scene3DModel
+    from scene3d.train import split_rows
+
+    t = time.perf_counter()
+    steps = max(10, int(0.9 * args.gate_minutes * 60 / (sps * 1.3)))
+    try:
+        cfg = compose("train", base + ["model.gate.enabled=true", "model.gate.keep_ratio=0.3",
+                                       f"model.gate.anneal_steps={max(1, steps // 2)}", f"trainer.max_steps={steps}",
+                                       "trainer.warmup_steps=0", f"out_dir={out / 'gated'}"])
+        obj = to_objects(cfg)
+        seed_everything(obj.trainer.seed)
+        model = Scene3DModel(pipeline_config(cfg.model))
+    except Exception as e:  # scene3d.gating missing or broken: report, do not hide
+        print(f"gating at keep ratio 0.3: unavailable ({type(e).__name__}: {e})")
+        return
+    state = load_checkpoint(checkpoint, with_trainer_state=False).model_state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("segmenter.gate.") or not p.requires_grad
+                                  for k, p in model.named_parameters() if k in missing), "weights do not fit"
+    train = split_rows(obj.data, "train")
+    ds = ReferringDataset(train.processed_dir, obj.data.train, max_points=obj.data.max_points,
+                          jitter=obj.data.jitter, scale_range=obj.data.scale_range, seed=obj.trainer.seed,
+                          rows=train.rows)
+    trainer_cfg = dataclasses.replace(obj.trainer, lr=obj.trainer.lr * 0.3)
+    Trainer(trainer_cfg, model, ds, collate_referring, out_dir=out / "gated", resolved_config=cfg).fit()
+    res = evaluate_model(model, val.processed_dir, val.rows, "reconciled", progress=False)
+    print(line("gated, keep ratio 0.3", res.metrics["overall"])
+          + f"   ({steps} fine-tune steps, {(time.perf_counter() - t) / 60:.2f} min)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

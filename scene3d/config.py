@@ -1,0 +1,249 @@
+"""Structured config schemas for ``scene3d train`` / ``scene3d eval`` and the hydra compose helpers.
+
+The yaml files under ``configs/`` (repo root, or ``$SCENE3D_CONFIG_DIR``) are composed with hydra's compose
+API onto the dataclass schemas below, registered in hydra's ``ConfigStore`` as ``train_schema`` /
+``eval_schema``: a misspelled key or a wrongly typed value fails at composition time, and
+:func:`to_objects` then instantiates every dataclass so the ``__post_init__`` checks of the model configs run.
+
+================  ===========================================================================================
+top-level key     schema
+================  ===========================================================================================
+``experiment``    name of the run (``runs/<experiment>/<timestamp>`` when ``out_dir`` is unset)
+``stage``         ``alignment`` (stage 1: object <-> identifier/class text) or ``referring`` (stage 2)
+``out_dir``       run directory (None: ``runs/<experiment>/<timestamp>`` under the working directory)
+``resume``        continue the newest checkpoint of ``out_dir``
+``data``          :class:`DataSchema` (processed scenes + referring jsonl; optional synthetic generation)
+``model``         :class:`PipelineSchema` == :class:`~scene3d.models.pipeline.PipelineConfig` (the dict a
+                  checkpoint's ``config.yaml`` keeps under ``model``; :func:`scene3d.models.loading.load_model`)
+``trainer``       :class:`~scene3d.engine.trainer.TrainerConfig` (reused as is)
+``eval``          :class:`EvalSchema` (validation during training; ``scene3d eval``)
+================  ===========================================================================================
+
+Hydra is used only to compose: it does not change the working directory, set up logging or write
+``.hydra`` / ``outputs`` directories. The model-config schemas subclass the real dataclasses and only
+re-declare the fields whose annotations OmegaConf cannot type (``Sequence[int]`` -> ``List[int]``, a
+``Union[str, list]`` -> ``Any``), so a field added to a model config shows up in the schema by itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from scene3d.engine.trainer import TrainerConfig
+from scene3d.llm.loader import LLMConfig
+from scene3d.models.pipeline import PipelineConfig
+from scene3d.models.referring import ReferringConfig
+from scene3d.tokenizer.backbone import BackboneConfig
+from scene3d.tokenizer.model import IN_CHANNELS, ObjectTokenizerConfig
+
+#: Environment variable pointing at another configs directory (same layout as the repo's ``configs/``).
+CONFIG_DIR_ENV = "SCENE3D_CONFIG_DIR"
+#: Environment variable for the cache of generated data (default ``~/.cache/scene3d``).
+CACHE_ENV = "SCENE3D_CACHE"
+
+TASKS = ("referring", "alignment")
+STAGES = ("referring", "alignment")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model schemas (subclasses of the real configs; see the module docstring)
+
+
+@dataclass
+class BackboneSchema(BackboneConfig):
+    channels: List[int] = field(default_factory=lambda: [32, 64, 96, 128])
+
+
+@dataclass
+class ObjectTokenizerSchema(ObjectTokenizerConfig):
+    backbone: BackboneSchema = field(default_factory=lambda: BackboneSchema(in_channels=IN_CHANNELS))
+
+
+@dataclass
+class LLMSchema(LLMConfig):
+    lora_target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+
+
+@dataclass
+class ReferringSchema(ReferringConfig):
+    llm: LLMSchema = field(default_factory=LLMSchema)
+
+
+@dataclass
+class PipelineSchema(PipelineConfig):
+    tokenizer: ObjectTokenizerSchema = field(default_factory=ObjectTokenizerSchema)
+    referring: ReferringSchema = field(default_factory=ReferringSchema)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data / eval / top level
+
+
+@dataclass
+class SyntheticDataSchema:
+    """The embedded synthetic benchmark, generated on first use by :func:`scene3d.data.synthetic.prepare_synthetic`."""
+
+    root: str = MISSING  # where it is (re)made; the yaml derives it from $SCENE3D_CACHE
+    num_scenes: int = 12
+    seed: int = 0
+    preset: str = "tiny"
+    val_fraction: float = 0.25
+
+
+@dataclass
+class DataSchema:
+    """Processed scenes + referring samples (``scene3d prep scannet`` / ``scene3d prep refer`` outputs).
+
+    ``task``: ``referring`` trains on the jsonl rows; ``alignment`` (stage 1) trains on rows generated from
+    each training scene's ``objects.json`` (see :func:`scene3d.train.alignment_rows`).
+    """
+
+    name: str = MISSING
+    processed_dir: str = MISSING
+    train: str = MISSING  # referring jsonl for training
+    val: Optional[str] = MISSING  # referring jsonl for validation / evaluation (null: none)
+    synthetic: Optional[SyntheticDataSchema] = None  # set: generate the synthetic benchmark first
+    task: str = "referring"
+    max_points: Optional[int] = None  # training-time subsampling per scene (evaluation uses every point)
+    jitter: float = 0.0
+    scale_range: float = 0.0
+    max_train_samples: Optional[int] = None
+    alignment_negatives: int = 2  # alignment: absent classes per scene asked about (zero-target rows)
+    alignment_skip_labels: List[str] = field(default_factory=lambda: ["wall", "floor", "ceiling"])
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"data.task must be one of {TASKS}, got {self.task!r}")
+
+
+@dataclass
+class EvalSchema:
+    """Evaluation: validation during training (``max_samples`` rows) and ``scene3d eval``."""
+
+    split: str = "val"  # val | train: which jsonl of ``data`` to evaluate
+    samples: Optional[str] = None  # another referring jsonl (overrides ``split``)
+    processed_dir: Optional[str] = None  # another processed dir (default: data.processed_dir)
+    in_training: bool = True  # validate during training (every trainer.eval_every steps and at the end)
+    max_samples: Optional[int] = 32  # None: all rows
+    strict: bool = False  # IoU > k instead of >= k
+    mask: str = "reconciled"  # reconciled | identifier | decoder: which mask of a Prediction is scored
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from scene3d.engine.evaluate import MASK_SOURCES
+
+        if self.split not in ("val", "train"):
+            raise ValueError(f"eval.split must be 'val' or 'train', got {self.split!r}")
+        if self.mask not in MASK_SOURCES:
+            raise ValueError(f"eval.mask must be one of {MASK_SOURCES}, got {self.mask!r}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"eval.max_samples must be >= 1 or null, got {self.max_samples}")
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "default"
+    stage: str = "referring"
+    out_dir: Optional[str] = None
+    resume: bool = False
+    data: DataSchema = field(default_factory=DataSchema)
+    model: PipelineSchema = field(default_factory=PipelineSchema)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+
+
+@dataclass
+class EvalConfig:
+    """``scene3d eval CKPT [overrides]``: ``data`` None means the checkpoint's own training data config."""
+
+    checkpoint: str = MISSING
+    out_dir: Optional[str] = None  # None: <run dir>/eval/<split>_step<step>
+    device: Optional[str] = None  # None: cuda if available else cpu
+    data: Optional[DataSchema] = None
+    eval: EvalSchema = field(default_factory=lambda: EvalSchema(max_samples=None))
+
+
+_REGISTERED = False
+
+
+def register_configs() -> None:
+    """Put the schemas into hydra's ConfigStore (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    _REGISTERED = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compose
+
+
+def config_dir() -> Path:
+    """``$SCENE3D_CONFIG_DIR`` or the repository's ``configs/`` (located relative to this package)."""
+    env = os.environ.get(CONFIG_DIR_ENV)
+    pkg = Path(__file__).resolve().parent
+    # an explicit directory is the only candidate (a typo must not fall back silently to the repo's configs)
+    candidates = [Path(env).expanduser()] if env else [pkg.parent / "configs", pkg / "configs"]
+    for c in candidates:
+        if (c / "train.yaml").is_file():
+            return c.resolve()
+    where = f"${CONFIG_DIR_ENV}={env}" if env else " or ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"no hydra configs (train.yaml) found at {where}")
+
+
+def compose(config_name: str = "train", overrides: Optional[List[str]] = None) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with hydra overrides (``key=value``, ``group=option``,
+    ``+key=value``) onto its structured schema. Raises hydra/omegaconf errors on unknown keys or groups."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=f"scene3d_{config_name}"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    return cfg
+
+
+def to_objects(cfg: DictConfig) -> Any:
+    """Instantiate the schema dataclasses (runs their ``__post_init__`` validation); returns the
+    :class:`TrainConfig` / :class:`EvalConfig` object.
+
+    The values are first merged into a fresh copy of the schema: keys added with hydra's ``+key=value``
+    (which bypasses struct mode) fail here instead of being dropped silently."""
+    import dataclasses
+
+    schema = OmegaConf.get_type(cfg)
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        raise ValueError(f"expected a config composed onto a schema dataclass, got one of type {schema}")
+    checked = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg, resolve=False))
+    return OmegaConf.to_object(checked)
+
+
+def pipeline_config(model_cfg: Any) -> PipelineConfig:
+    """The real :class:`PipelineConfig` from the ``model`` node (DictConfig, schema object or dict)."""
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    elif not isinstance(model_cfg, dict):
+        import dataclasses
+
+        model_cfg = dataclasses.asdict(model_cfg)
+    return PipelineConfig.from_dict(dict(model_cfg))
+
+
+def expand_path(p: Optional[str]) -> Optional[Path]:
+    """``~`` and environment variables expanded; None stays None."""
+    if p is None:
+        return None
+    return Path(os.path.expandvars(os.path.expanduser(str(p))))

@@ -1,0 +1,243 @@
+"""Inference over a referring split with a trained model: prediction rows + the metrics of :mod:`scene3d.metrics`.
+
+=================================  ===========================================================================
+:func:`evaluate_model`             model + processed scenes + referring rows -> :class:`EvalResult` (one mask)
+:func:`evaluate_model_masks`       the same for several masks of one inference pass (bench: identifier-only /
+                                   decoder-only / reconciled)
+:func:`prediction_row`             one :class:`~scene3d.models.referring.Prediction` -> one row of
+                                   ``docs/predictions_format.md``
+:class:`ValidationFn`              the trainer's ``eval_fn``: mIoU / Acc@0.25 / Acc@0.5 on a few fixed rows
+:func:`spread_rows`                a deterministic subset of rows spread over the whole file
+=================================  ===========================================================================
+
+Masks (``mask=``): ``reconciled`` is :attr:`Prediction.point_mask` (the objects the answer names, or the
+decoder's object scores when it names none), written as one mask per chosen object; ``identifier`` is
+:attr:`Prediction.identifier_mask` and ``decoder`` the dense :attr:`Prediction.decoder_mask`, each written
+as one mask. Scenes are evaluated whole (every point of ``coord.npy``, no subsampling) so mask indices are
+indices into the processed scene. Objects are the scene's annotated instances (``instance.npy``), as in
+training: the numbers measure grounding and segmentation given instance proposals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from scene3d.data.referring import scene_to_tensors
+from scene3d.data.scene import load_processed_scene
+from scene3d.structures.points import PointBatch
+
+MASK_SOURCES = ("reconciled", "identifier", "decoder")
+#: The figures the trainer logs from :class:`ValidationFn` (keys of ``summarize(...)["overall"]``).
+VAL_KEYS = ("miou", "acc@0.25", "acc@0.5")
+
+
+class EvalResult(NamedTuple):
+    """What :func:`evaluate_model` returns.
+
+    ============  ==========================================================================================
+    predictions   one row per referring row (docs/predictions_format.md; ``pred_masks`` point indices)
+    metrics       :func:`scene3d.metrics.summarize` output: ``{group: {"count", "miou", "acc@0.25", ...}}``
+    per_sample    ``[{"dataset", "scene_id", "ann_id", "iou", "box_iou", "f1@k"}]`` in row order
+    rows          the referring rows that were evaluated
+    ============  ==========================================================================================
+    """
+
+    predictions: list
+    metrics: dict
+    per_sample: list
+    rows: list
+
+
+def _key(row: Mapping) -> tuple:
+    return (str(row["dataset"]), str(row["scene_id"]), str(row["ann_id"]))
+
+
+def prediction_row(row: Mapping, pred, instance: np.ndarray, mask: str = "reconciled") -> dict:
+    """One prediction row (docs/predictions_format.md) for referring ``row`` from a ``Prediction`` over the
+    whole scene; ``instance [N]`` is the scene's ``instance.npy`` (splits the reconciled mask per object)."""
+    if mask not in MASK_SOURCES:
+        raise ValueError(f"mask must be one of {MASK_SOURCES}, got {mask!r}")
+    out = {"dataset": row["dataset"], "scene_id": row["scene_id"], "ann_id": row["ann_id"]}
+    if mask == "reconciled":
+        point_mask = pred.point_mask.cpu().numpy()
+        if point_mask.shape != instance.shape:
+            raise ValueError(f"prediction for {_key(row)} covers {point_mask.shape[0]} points, the scene has "
+                             f"{instance.shape[0]}")
+        ids = pred.object_ids.cpu().tolist()
+        scores = pred.obj_scores.cpu()
+        objs = pred.objects.cpu().tolist()
+        if ids and all(i >= 0 for i in ids):  # one mask per named object (instances are exact)
+            masks = [np.flatnonzero(point_mask & (instance == i)) for i in ids]
+            out["pred_masks"] = [m.tolist() for m in masks if m.size]
+            out["scores"] = [round(float(scores[o]), 4) for o, m in zip(objs, masks) if m.size]
+        else:
+            out["pred_masks"] = [np.flatnonzero(point_mask).tolist()] if point_mask.any() else []
+        return out
+    m = (pred.identifier_mask if mask == "identifier" else pred.decoder_mask).cpu().numpy()
+    if m.shape != instance.shape:
+        raise ValueError(f"prediction for {_key(row)} covers {m.shape[0]} points, the scene has {instance.shape[0]}")
+    out["pred_masks"] = [np.flatnonzero(m).tolist()] if m.any() else []
+    return out
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: Iterable[str] = ("reconciled",),
+                         strict: bool = False, progress: bool = True) -> dict:
+    """Run ``model.predict`` on every row (scene by scene, each scene loaded once) and score each of ``masks``.
+
+    ``model``: a :class:`~scene3d.models.pipeline.Scene3DModel` (anything with ``predict(points, texts)``).
+    Returns ``{mask: EvalResult}``. Rows must carry ``dataset``, ``scene_id``, ``ann_id``, ``text``, ``targets``.
+    """
+    from scene3d.metrics import evaluate_rows
+
+    masks = list(masks)
+    bad = [m for m in masks if m not in MASK_SOURCES]
+    if bad or not masks:
+        raise ValueError(f"masks must be a non-empty subset of {MASK_SOURCES}, got {masks}")
+    rows = list(rows)
+    if not rows:
+        raise ValueError("no referring rows to evaluate")
+    processed_dir = Path(processed_dir)
+    if not processed_dir.is_dir():
+        raise FileNotFoundError(f"processed scenes directory not found: {processed_dir}")
+    for i, r in enumerate(rows):
+        missing = [k for k in ("dataset", "scene_id", "ann_id", "text", "targets") if k not in r]
+        if missing:
+            raise ValueError(f"referring row {i} lacks {missing}")
+    keys = [_key(r) for r in rows]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate referring row {dup}: (dataset, scene_id, ann_id) must be unique")
+    by_scene: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_scene.setdefault(r["scene_id"], []).append(i)
+    device = _device_of(model)
+    preds: dict[str, list] = {m: [None] * len(rows) for m in masks}
+    for sid in tqdm(list(by_scene), desc="eval", unit="scene", disable=not progress):
+        scene = load_processed_scene(processed_dir / sid)
+        points = PointBatch.from_list([scene_to_tensors(scene)], scene_ids=[sid]).to(device)
+        idx = by_scene[sid]
+        out = model.predict(points, [rows[i]["text"] for i in idx])
+        for i, p in zip(idx, out):
+            for m in masks:
+                preds[m][i] = prediction_row(rows[i], p, scene.instance, m)
+    results = {}
+    for m in masks:
+        table = {k: {**p, "_where": f"prediction {k}"} for k, p in zip(keys, preds[m])}
+        ev = evaluate_rows(table, rows, processed_dir, strict=strict, progress=False)
+        results[m] = EvalResult(preds[m], ev.metrics, ev.per_sample, rows)
+    return results
+
+
+def evaluate_model(model, processed_dir, rows: Sequence[Mapping], mask: str = "reconciled", strict: bool = False,
+                   progress: bool = True) -> EvalResult:
+    """:func:`evaluate_model_masks` for one mask."""
+    return evaluate_model_masks(model, processed_dir, rows, (mask,), strict=strict, progress=progress)[mask]
+
+
+def spread_rows(rows: Sequence[Mapping], max_samples: Optional[int]) -> list:
+    """``max_samples`` rows evenly spaced over ``rows`` (all of them when None or larger), order kept."""
+    rows = list(rows)
+    if max_samples is None or max_samples >= len(rows):
+        return rows
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    idx = np.unique(np.linspace(0, len(rows) - 1, max_samples).round().astype(int))
+    return [rows[i] for i in idx]
+
+
+class ValidationFn:
+    """``eval_fn(model, step)`` for :class:`~scene3d.engine.trainer.Trainer`: ``{"miou", "acc@0.25", "acc@0.5"}``
+    of ``mask`` on fixed ``rows`` (every rank evaluates the same rows; no cross-rank reduction needed)."""
+
+    def __init__(self, processed_dir, rows: Sequence[Mapping], mask: str = "reconciled", strict: bool = False):
+        self.processed_dir = Path(processed_dir)
+        self.rows = list(rows)
+        if not self.rows:
+            raise ValueError("ValidationFn needs at least one referring row")
+        self.mask, self.strict = mask, strict
+
+    def __call__(self, model, step: int) -> dict:
+        res = evaluate_model(model, self.processed_dir, self.rows, self.mask, self.strict, progress=False)
+        overall = res.metrics["overall"]
+        return {k: overall[k] for k in VAL_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `scene3d eval CKPT [overrides]`
+
+
+class CheckpointEval(NamedTuple):
+    """What :func:`run_checkpoint_eval` wrote and measured."""
+
+    out_dir: Path
+    predictions: Path  # predictions.jsonl (docs/predictions_format.md)
+    metrics_file: Path  # metrics.json
+    metrics: dict  # summarize() output
+    step: int
+    checkpoint: Path
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and obj != obj:  # NaN -> null (json has no NaN)
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def run_checkpoint_eval(cfg) -> CheckpointEval:
+    """Load ``cfg.checkpoint`` (a checkpoint dir, its ``checkpoints/`` parent or a run dir), predict every row of
+    the eval split and write ``predictions.jsonl`` + ``metrics.json`` into ``cfg.out_dir`` (default
+    ``<run dir>/eval/<split>_step<step>``). ``cfg``: a composed ``eval`` config (:class:`scene3d.config.EvalConfig`).
+
+    The data come from ``cfg.data`` when a data option was chosen, else from the checkpoint's own ``data``
+    config (the synthetic benchmark is regenerated when its cache is gone).
+    """
+    from omegaconf import OmegaConf
+
+    from scene3d.config import DataSchema, EvalConfig, expand_path, to_objects
+    from scene3d.models.loading import load_model
+    from scene3d.train import prepare_data, split_rows
+    from scene3d.utils.io import write_json_atomic, write_jsonl_atomic
+
+    obj: EvalConfig = cfg if isinstance(cfg, EvalConfig) else to_objects(cfg)
+    device = obj.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(expand_path(obj.checkpoint), device=device)
+    data = obj.data
+    if data is None:
+        saved = loaded.config.get("data")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{loaded.path}/config.yaml has no 'data' section; choose one with data=<option>")
+        data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataSchema), saved))
+    ev = obj.eval
+    if ev.samples is None and ev.processed_dir is None:
+        prepare_data(data)
+    split = split_rows(data, ev.split, ev.samples, ev.processed_dir)
+    rows = spread_rows(split.rows, ev.max_samples)
+    if not rows:
+        raise ValueError(f"no referring rows to evaluate in the {ev.split} split of {data.name}")
+    res = evaluate_model(loaded.model, split.processed_dir, rows, ev.mask, ev.strict, progress=ev.progress)
+    ckpt = Path(loaded.path)
+    name = Path(ev.samples).stem if ev.samples else ev.split
+    out_dir = expand_path(obj.out_dir) if obj.out_dir else ckpt.parent.parent / "eval" / f"{name}_step{loaded.step}"
+    pred_path, metrics_path = out_dir / "predictions.jsonl", out_dir / "metrics.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(pred_path, res.predictions)
+    write_json_atomic(metrics_path, _jsonable({
+        "checkpoint": str(ckpt), "step": loaded.step, "data": data.name, "split": name,
+        "processed_dir": str(split.processed_dir), "mask": ev.mask, "strict": ev.strict,
+        "num_samples": len(rows), "metrics": res.metrics, "per_sample": res.per_sample}))
+    return CheckpointEval(out_dir, pred_path, metrics_path, res.metrics, loaded.step, ckpt)
