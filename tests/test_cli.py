@@ -21,22 +21,24 @@ def test_console_script_runs_from_any_directory(tmp_path):
     assert out.returncode == 0 and "synth" in out.stdout
 
 
-@pytest.mark.parametrize("argv", [["train"], ["eval"], ["query"], ["demo"], ["prep", "scannet"], ["prep", "refer"]])
-def test_unfinished_subcommands_exit_nonzero(argv, capsys):
+def test_not_yet_implemented_says_so_and_exits_nonzero(capsys):
     from scene3d.cli import NotYetImplemented
 
-    parser = build_parser()
-    try:
-        args, _ = parser.parse_known_args(argv)
-    except SystemExit:
-        return  # the subcommand exists and parses its own required arguments: it is implemented
-    func = args._run
-    if "NotYetImplemented" not in func.__code__.co_names:
-        return  # implemented
     with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code != 0
-    assert "not implemented yet" in capsys.readouterr().err
+        raise NotYetImplemented("thing", "issue #99")
+    assert exc.value.code == 3
+    assert "scene3d thing: not implemented yet (issue #99)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "--help"], ["eval", "--help"], ["query", "--help"], ["demo", "--help"],
+                                  ["prep", "scannet", "--help"], ["prep", "refer", "--help"]])
+def test_every_subcommand_is_implemented(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 0
+    assert "not implemented" not in capsys.readouterr().out
 
 
 def test_unknown_arguments_rejected(capsys):
