@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scene3d.config import TrainConfig, compose, expand_path, pipeline_config, to_objects
 from scene3d.engine.trainer import FitSummary, Trainer, seed_everything
+from scene3d.llm.tiny import plural as _plural
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,6 @@ ALIGNMENT_DATASET = "alignment"
 
 # ---------------------------------------------------------------------------------------------------------
 # data
-
-
-def _plural(word: str) -> str:
-    """English plural of a class name's last word, as the tiny LLM vocabulary spells it (``chair`` -> ``chairs``)."""
-    head, _, last = word.rpartition(" ")
-    if last.endswith(("s", "x", "ch", "sh")):
-        last += "es"
-    elif last.endswith("f"):
-        last = last[:-1] + "ves"
-    else:
-        last += "s"
-    return f"{head} {last}" if head else last
 
 
 def alignment_rows(processed_dir, scene_ids: Sequence[str], negatives: int = 2,

@@ -55,19 +55,23 @@ _DIGITS = " ".join(str(i) for i in range(10))
 _VIEWPOINTS = "looking towards toward north south east west viewpoint view seen from"
 
 
-def _plural(word: str) -> str:
-    if word.endswith(("s", "x", "ch", "sh")):
-        return word + "es"
-    if word.endswith("f"):
-        return word[:-1] + "ves"
-    return word + "s"
+def plural(word: str) -> str:
+    """English plural of a class name's last word, as the vocabulary spells it (``trash can`` -> ``trash cans``)."""
+    head, _, last = word.rpartition(" ")
+    if last.endswith(("s", "x", "ch", "sh")):
+        last += "es"
+    elif last.endswith("f"):
+        last = last[:-1] + "ves"
+    else:
+        last += "s"
+    return f"{head} {last}" if head else last
 
 
 def tiny_vocabulary() -> list[str]:
     """The base word list: special tokens first, then every distinct word of the in-code corpus."""
     words: list[str] = [PAD, UNK, BOS, EOS]
     seen = set(words)
-    plurals = " ".join(_plural(w) for w in _CLASSES.split())  # "all the chairs ..."
+    plurals = " ".join(plural(w) for w in _CLASSES.split())  # "all the chairs ..."
     for chunk in (_CLASSES, _COLOURS, _RELATIONS, _PROMPT, _DIGITS, _VIEWPOINTS, plurals):
         for w in chunk.split():
             if w not in seen:
