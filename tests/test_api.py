@@ -15,19 +15,10 @@ from scene3d.data.referring import scene_to_tensors
 from scene3d.data.scene import load_processed_scene
 from scene3d.data.synthetic import prepare_synthetic
 from scene3d.engine.checkpoint import CheckpointError, save_checkpoint
-from scene3d.models.pipeline import PipelineConfig, Scene3DModel
-from scene3d.models.referring import ReferringConfig
+from scene3d.models.pipeline import Scene3DModel
 from scene3d.structures import PointBatch
-from scene3d.tokenizer.backbone import BackboneConfig
-from scene3d.tokenizer.model import ObjectTokenizerConfig
-from scene3d.tokenizer.relation import RelationConfig
+from helpers import small_config
 
-
-def small_config(**referring) -> PipelineConfig:
-    """As tests/test_pipeline.py: a model that builds in seconds (``referring``: ReferringConfig fields)."""
-    tok = ObjectTokenizerConfig(voxel_size=0.08, out_dim=64, backbone=BackboneConfig(channels=(16, 24)),
-                                relation=RelationConfig(dim=64), geometry_dim=32)
-    return PipelineConfig(tokenizer=tok, referring=ReferringConfig(**referring))
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,9 @@ import torch
 
 from scene3d.data.referring import ReferringDataset, collate_referring
 from scene3d.data.synthetic import prepare_synthetic
-from scene3d.models.pipeline import PipelineConfig, Scene3DModel
-from scene3d.tokenizer.backbone import BackboneConfig
-from scene3d.tokenizer.model import ObjectTokenizerConfig
-from scene3d.tokenizer.relation import RelationConfig
+from scene3d.models.pipeline import Scene3DModel
+from helpers import small_config
 
-
-def small_config() -> PipelineConfig:
-    tok = ObjectTokenizerConfig(voxel_size=0.08, out_dim=64, backbone=BackboneConfig(channels=(16, 24)),
-                                relation=RelationConfig(dim=64), geometry_dim=32)
-    return PipelineConfig(tokenizer=tok)
 
 
 @pytest.fixture(scope="module")
