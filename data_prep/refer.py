@@ -107,14 +107,19 @@ def _int(value, where: str, what: str) -> int:
     return out
 
 
-def load_json_list(path: Path) -> list:
-    path = Path(path)
+def _read_json(path: Path, what: str):
+    """Parsed JSON of ``path``; a missing file or bad JSON raises an error naming the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ReferFormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_json_list(path: Path) -> list:
+    path = Path(path)
+    data = _read_json(path, "annotation file")
     if not isinstance(data, list):
         raise ReferFormatError(f"{path}: expected a JSON list of annotations, got {type(data).__name__}")
     return data
@@ -389,12 +394,7 @@ def load_processed_objects(processed_dir: str | Path, scene_id: str) -> dict[int
     label key ``label`` (or ``raw_label``).
     """
     path = Path(processed_dir) / scene_id / OBJECTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"processed scene objects not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ReferFormatError(f"{path}: not valid JSON ({e})") from None
+    data = _read_json(path, "processed scene objects")
     objs = data.get("objects") if isinstance(data, dict) else data
     if not isinstance(objs, list):
         raise ReferFormatError(f"{path}: expected a list of objects or {{'objects': [...]}}")
