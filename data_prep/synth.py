@@ -562,8 +562,6 @@ def generate_dataset(out_dir, num_scenes: int = 4, seed: int = 0, preset: str = 
 
 def _write_referring(out_dir: Path, layout: dict, seed: int) -> dict:
     """Synthetic referring expressions for the scenes (data_prep.synth_refer)."""
-    try:
-        from data_prep.synth_refer import write_referring_files
-    except ImportError:  # the referring-expression generator is built by a separate change
-        return {}
+    from data_prep.synth_refer import write_referring_files
+
     return dict(write_referring_files(out_dir, layout, seed))
