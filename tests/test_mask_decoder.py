@@ -54,6 +54,26 @@ def test_samples_are_independent(dec):
     torch.testing.assert_close(both.obj_logits, one.obj_logits)
 
 
+@pytest.mark.parametrize("superpoints", [False, True])
+def test_batched_questions_on_one_scene_equal_one_by_one(dec, superpoints):
+    """predict() encodes a scene once and decodes all its questions in one call; each question's result must
+    be what forward() gives for it alone (cross-attention rows are independent, self-attention stays within
+    a question)."""
+    s = _scene(n_pts=(40,), n_obj=(5,), seed=3)
+    sp = torch.arange(40) // 3 if superpoints else None
+    hidden = torch.randn(6, 24, generator=torch.Generator().manual_seed(1))
+    enc = dec.encode_scene(s["point_feat"], s["coord"], s["tokens"], sp)
+    batched = dec.decode(hidden, enc)
+    assert len(batched) == 6
+    for i, (pl, ol, qm) in enumerate(batched):
+        one = dec(hidden[i : i + 1], s["point_feat"], s["coord"], s["point_offset"], s["tokens"], sp)
+        torch.testing.assert_close(pl, one.point_logits)
+        torch.testing.assert_close(ol, one.obj_logits)
+        torch.testing.assert_close(qm, one.query_point_logits[0])
+    # a different question gives a different mask: the batch did not collapse onto one query
+    assert not torch.allclose(batched[0][0], batched[1][0])
+
+
 def test_translation_invariance(dec):
     s = _scene()
     shift = torch.tensor([3.0, -2.0, 1.5])

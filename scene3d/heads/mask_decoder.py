@@ -68,6 +68,19 @@ class DecoderOutput(NamedTuple):
     query_point_logits: list
 
 
+class SceneEncoding(NamedTuple):
+    """What the decoder's keys need of one scene (:meth:`MaskDecoder.encode_scene`); ``S`` is the number of
+    superpoints (or points), ``M`` of objects."""
+
+    pts: torch.Tensor  # [S, D] projected point/superpoint features
+    pts_pos: torch.Tensor  # [S, D] their position encoding
+    mask_key: torch.Tensor  # [S, D] pts + pts_pos: what mask embeddings are scored against
+    inverse: Optional[torch.Tensor]  # [N] superpoint row of each point, None when S is the points
+    obj: torch.Tensor  # [M, D] projected object tokens
+    obj_pos: torch.Tensor  # [M, D] encoding of box center (scene-centred) and size
+    obj_key: torch.Tensor  # [M, D] what class embeddings are scored against
+
+
 class FourierEncoding(nn.Module):
     """xyz ``[..., 3]`` -> ``[..., dim]``: sin/cos at octave frequencies, then a linear layer."""
 
@@ -93,11 +106,15 @@ class _Layer(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
 
     def forward(self, q, obj, obj_pos, pts, pts_pos):
-        # q (1, Q, D); obj (1, M, D); pts (1, S, D). Empty key sets are skipped (attention over nothing).
+        # q (B, Q, D) queries of B questions on one scene; obj (1, M, D); pts (1, S, D). Cross-attention runs
+        # the B*Q queries as one sequence against the shared keys. Empty key sets are skipped.
+        b, nq, d = q.shape
         if obj.shape[1]:
-            q = self.norms[0](q + self.obj_attn(q, obj + obj_pos, obj, need_weights=False)[0])
+            flat = q.reshape(1, b * nq, d)
+            q = self.norms[0](q + self.obj_attn(flat, obj + obj_pos, obj, need_weights=False)[0].view(b, nq, d))
         if pts.shape[1]:
-            q = self.norms[1](q + self.pt_attn(q, pts + pts_pos, pts, need_weights=False)[0])
+            flat = q.reshape(1, b * nq, d)
+            q = self.norms[1](q + self.pt_attn(flat, pts + pts_pos, pts, need_weights=False)[0].view(b, nq, d))
         q = self.norms[2](q + self.self_attn(q, q, q, need_weights=False)[0])
         return self.norms[3](q + self.ffn(q))
 
@@ -119,52 +136,75 @@ class MaskDecoder(nn.Module):
         self.cls_embed = nn.Sequential(nn.Linear(c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))
         self.obj_out = nn.Linear(c.dim, c.dim)
 
+    def encode_scene(self, point_feat: torch.Tensor, coord: torch.Tensor, tokens: ObjectTokens,
+                     superpoint: Optional[torch.Tensor] = None, obj_rows: slice = slice(None)) -> SceneEncoding:
+        """The query-independent half of the decoder for one scene: projected (and superpoint-pooled) point
+        features, object features and their position encodings. :meth:`predict` on one scene computes it
+        once for all its questions; :meth:`forward` once per sample."""
+        c = self.config
+        if point_feat.shape[0] != coord.shape[0] or (superpoint is not None and superpoint.shape[0] != coord.shape[0]):
+            raise ValueError("point_feat, coord and superpoint must have one row per point")
+        if not torch.isfinite(coord).all():
+            raise ValueError("coord holds NaN or inf")
+        n = coord.shape[0]
+        origin = coord.mean(0) if n else coord.new_zeros(3)
+        pts, rel = self.point_proj(point_feat), coord - origin
+        inverse = None
+        if superpoint is not None and n:
+            # pool to superpoints (native scatter_reduce mean); logits are broadcast back in decode()
+            _, inverse = torch.unique(superpoint, return_inverse=True)
+            s = int(inverse.max()) + 1
+            idx = inverse.unsqueeze(1)
+            pts = pts.new_zeros(s, c.dim).scatter_reduce(0, idx.expand(-1, c.dim), pts, "mean", include_self=False)
+            rel = rel.new_zeros(s, 3).scatter_reduce(0, idx.expand(-1, 3), rel, "mean", include_self=False)
+        center, size = tokens.center[obj_rows], tokens.size[obj_rows]
+        obj = self.obj_proj(tokens.feat[obj_rows])
+        obj_pos = self.obj_pos(torch.cat([center - origin, size], dim=1))  # (M, D)
+        pts_pos = self.point_pos(rel)
+        return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, obj, obj_pos, self.obj_out(obj + obj_pos))
+
+    def decode(self, seg_hidden: torch.Tensor, enc: SceneEncoding) -> list:
+        """Queries of ``B`` questions ``seg_hidden [B, H_llm]`` on one encoded scene -> per question
+        ``(point_logits [N], obj_logits [M], query_point_logits [Q, N])``.
+
+        Cross-attention treats every query row on its own, so the ``B x Q`` queries attend to the scene's keys
+        as one sequence (the keys are projected once, not once per question); self-attention stays within
+        each question's ``Q`` queries."""
+        c = self.config
+        b = seg_hidden.shape[0]
+        q = self.seg_to_queries(seg_hidden).view(b, c.num_queries, c.dim) + self.query_embed  # (B, Q, D)
+        scale = 1.0 / math.sqrt(c.dim)
+        for layer in self.layers:
+            q = layer(q, enc.obj[None], enc.obj_pos[None], enc.pts[None], enc.pts_pos[None])
+        qm = self.mask_embed(q) @ enc.mask_key.T * scale  # (B, Q, S)
+        if enc.inverse is not None:
+            qm = qm[:, :, enc.inverse]  # (B, Q, N)
+        ol = self.cls_embed(q) @ enc.obj_key.T * scale  # (B, Q, M)
+        out = []
+        for i in range(b):
+            pl = qm[i].max(0).values if qm.shape[2] else qm.new_zeros(0)
+            op = ol[i].max(0).values if ol.shape[2] else ol.new_zeros(0)
+            out.append((pl, op, qm[i]))
+        return out
+
     def forward(self, seg_hidden: torch.Tensor, point_feat: torch.Tensor, coord: torch.Tensor,
                 point_offset: torch.Tensor, tokens: ObjectTokens,
                 superpoint: Optional[torch.Tensor] = None) -> DecoderOutput:
-        c = self.config
         b = seg_hidden.shape[0]
         p_counts = counts_from_offset(point_offset)
         o_counts = tokens.obj_counts
         if len(p_counts) != b or len(o_counts) != b:
             raise ValueError(f"seg_hidden has {b} samples but point_offset has {len(p_counts)} scenes and "
                              f"obj_offset {len(o_counts)}")
-        if point_feat.shape[0] != coord.shape[0] or (superpoint is not None and superpoint.shape[0] != coord.shape[0]):
-            raise ValueError("point_feat, coord and superpoint must have one row per point")
-        if not torch.isfinite(coord).all():
-            raise ValueError("coord holds NaN or inf")
-        pts_all = self.point_proj(point_feat)  # (N, D)
-        obj_all = self.obj_proj(tokens.feat)  # (M, D)
-        queries = self.seg_to_queries(seg_hidden).view(b, c.num_queries, c.dim) + self.query_embed  # (B, Q, D)
-        scale = 1.0 / math.sqrt(c.dim)
         point_logits, obj_logits, per_query = [], [], []
         p0 = o0 = 0
         for i in range(b):
             p1, o1 = p0 + int(p_counts[i]), o0 + int(o_counts[i])
-            xyz = coord[p0:p1]
-            origin = xyz.mean(0) if p1 > p0 else coord.new_zeros(3)
-            pts, rel = pts_all[p0:p1], xyz - origin
-            inverse = None
-            if superpoint is not None and p1 > p0:
-                # pool to superpoints (native scatter_reduce mean); logits are broadcast back below
-                _, inverse = torch.unique(superpoint[p0:p1], return_inverse=True)
-                s = int(inverse.max()) + 1
-                idx = inverse.unsqueeze(1)
-                pts = pts.new_zeros(s, c.dim).scatter_reduce(0, idx.expand(-1, c.dim), pts, "mean", include_self=False)
-                rel = rel.new_zeros(s, 3).scatter_reduce(0, idx.expand(-1, 3), rel, "mean", include_self=False)
-            geo = torch.cat([tokens.center[o0:o1] - origin, tokens.size[o0:o1]], dim=1)  # (M_b, 6)
-            obj, obj_pos = obj_all[o0:o1], self.obj_pos(geo)
-            pts_pos = self.point_pos(rel)
-            q = queries[i : i + 1]
-            for layer in self.layers:
-                q = layer(q, obj[None], obj_pos[None], pts[None], pts_pos[None])
-            q = q[0]  # (Q, D)
-            qm = self.mask_embed(q) @ (pts + pts_pos).T * scale  # (Q, S)
-            if inverse is not None:
-                qm = qm[:, inverse]  # (Q, N_b)
+            enc = self.encode_scene(point_feat[p0:p1], coord[p0:p1], tokens,
+                                    None if superpoint is None else superpoint[p0:p1], slice(o0, o1))
+            (pl, ol, qm), = self.decode(seg_hidden[i : i + 1], enc)
+            point_logits.append(pl)
+            obj_logits.append(ol)
             per_query.append(qm)
-            point_logits.append(qm.max(0).values if qm.shape[1] else qm.new_zeros(0))
-            ol = self.cls_embed(q) @ self.obj_out(obj + obj_pos).T * scale  # (Q, M_b)
-            obj_logits.append(ol.max(0).values if ol.shape[1] else ol.new_zeros(0))
             p0, o0 = p1, o1
         return DecoderOutput(torch.cat(point_logits), torch.cat(obj_logits), per_query)
