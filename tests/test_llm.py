@@ -94,3 +94,42 @@ def test_only_lora_and_new_rows_train(lm):
     rows = set(lm.new_embed.weight.grad.abs().sum(1).nonzero().flatten().tolist())
     assert rows == used
     lm.zero_grad(set_to_none=True)
+
+
+def test_merged_lora_is_exact_and_restores_weights(tiny_dir):
+    lm = load_llm(tiny_dir, num_obj_tokens=10, lora_r=4)
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # non-zero adapters, so merging changes the base weights
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    ids = torch.tensor([[4, 9, lm.obj_token_ids[2], 30, lm.seg_token_id]])
+    lm.eval()
+    with torch.no_grad():
+        ref = lm(lm.embed(ids)).logits
+        with lm.merged_lora():
+            merged_w = {n: p.detach().clone() for n, p in lm.named_parameters()}
+            out = lm(lm.embed(ids)).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert any(not torch.equal(merged_w[n], before[n]) for n in before if "base_layer" in n), "nothing merged"
+    for n, p in lm.named_parameters():  # bit-exact restore, adapters unmerged
+        assert torch.equal(p, before[n]), n
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(m.merged for m in lm.modules() if isinstance(m, LoraLayer))
+    # training mode: the context changes nothing
+    lm.train()
+    with lm.merged_lora():
+        assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters())
+
+
+def test_train_base_trains_every_weight(tiny_dir):
+    lm = load_llm(tiny_dir, num_obj_tokens=10, lora_r=0, train_base=True)
+    assert all(p.requires_grad for p in lm.parameters())
+    assert not any("lora_" in n for n, _ in lm.named_parameters())
+    ids = torch.tensor([[4, lm.obj_token_ids[1], 30, lm.seg_token_id]])
+    lm(lm.embed(ids)).logits.logsumexp(-1).sum().backward()
+    assert lm.get_input_embeddings().weight.grad is not None
+    assert all(p.grad is not None for n, p in lm.named_parameters() if "layers.0." in n)
+    with pytest.raises(ValueError, match="lora_r=0"):
+        LLMConfig(lora_r=8, train_base=True)
