@@ -56,11 +56,13 @@ def test_splice_positions_and_ignored_labels(model, scene):
                     assert torch.equal(inp.inputs_embeds[b, i], base[tid])
             for pos, obj in zip(p.placeholder_pos.tolist(), p.placeholder_obj.tolist()):
                 r = o0 + obj
-                ref = model.projector(torch.cat([t.feat[r], t.center[r], t.size[r]]))
-                torch.testing.assert_close(inp.inputs_embeds[b, pos], ref)
                 # the identifier before the placeholder is the object's identifier
                 k = model.vocab.obj_token_ids.index(int(p.input_ids[pos - 1]))
                 assert k == int(p.slot_of_object[obj])
+                # the spliced token: projected object features plus (tag_object_tokens) its identifier's row
+                ref = model.projector(torch.cat([t.feat[r], t.center[r], t.size[r]]))
+                ref = ref + model.lm.new_embed.weight[int(model.lm.new_index[model.vocab.obj_token_ids[k]])]
+                torch.testing.assert_close(inp.inputs_embeds[b, pos], ref)
             assert (inp.labels[b, : p.answer_start] == IGNORE_INDEX).all()
             assert (inp.labels[b, L:] == IGNORE_INDEX).all() and (inp.attention_mask[b, L:] == 0).all()
             assert torch.equal(inp.labels[b, p.answer_start : L], p.input_ids[p.answer_start:])
@@ -177,7 +179,8 @@ def test_pluggable_gate(model, scene):
     p0, p1 = inp.prompts
     assert p0.placeholder_obj.tolist() == [0, 2, 4] and p1.placeholder_obj.tolist() == [1, 3, 5]  # rows 6, 8, 10
     t = scene.tokens
-    ref = m.projector(torch.cat([t.feat[6] * 0.5, t.center[6], t.size[6]]))
+    ident = model.vocab.obj_token_ids[int(p1.slot_of_object[1])]  # tag: the object's identifier row
+    ref = m.projector(torch.cat([t.feat[6] * 0.5, t.center[6], t.size[6]])) + m.lm.embed(torch.tensor([[ident]]))[0, 0]
     torch.testing.assert_close(inp.inputs_embeds[1, p1.placeholder_pos[0]], ref)
     with pytest.raises(ValueError, match="gate"):
         from scene3d.models.cache import SceneCache

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scene3d.constants import IGNORE_INDEX
-from scene3d.heads.mask_decoder import MaskDecoder, MaskDecoderConfig
+from scene3d.heads.mask_decoder import DecoderOutput, MaskDecoder, MaskDecoderConfig
 from scene3d.llm.loader import IdentifierLM, LLMConfig, load_llm
 from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, ScenePrompt, build_prefix, build_prompt,
                                 build_query, identifier_permutation, parse_answer, select_objects)
@@ -70,6 +70,9 @@ class ReferringConfig:
     threshold: float = 0.5
     max_new_tokens: int = 16
     predict_batch_size: int = 16  # texts of one scene that predict answers as one batch
+    #: add each object's identifier embedding to its spliced object token (besides the identifier token in
+    #: front of it): the identifier is then read off the object the answer attends to
+    tag_object_tokens: bool = True
 
     def __post_init__(self) -> None:
         for name, cls in (("llm", LLMConfig), ("decoder", MaskDecoderConfig), ("prompt", PromptConfig)):
@@ -207,6 +210,7 @@ class ReferringSegmenter(nn.Module):
         super().__init__()
         self.lm = lm if lm is not None else load_llm(config.llm)
         self.vocab = IdentifierVocab.from_lm(self.lm)
+        self.register_buffer("vocab_ids", torch.tensor(self.vocab.obj_token_ids, dtype=torch.long), persistent=False)
         h = self.lm.hidden_size
         # the decoder's widths follow the LLM and the inputs (a resolved copy; the caller's config is untouched)
         config = dataclasses.replace(config, decoder=dataclasses.replace(
@@ -265,6 +269,11 @@ class ReferringSegmenter(nn.Module):
         dev = feat.device
         emb = self.lm.embed(prompt.input_ids.to(dev)[None])[0]  # (L, H)
         obj = self._object_embeds(scene, feat, prompt.placeholder_obj + o0)  # (P, H)
+        if self.config.tag_object_tokens and obj.shape[0]:
+            # each object token also carries its identifier's embedding, so attending to the right object
+            # brings its identifier along: the answer need not find the identifier token one position back
+            ident = self.vocab_ids[prompt.slot_of_object[prompt.placeholder_obj].to(dev)]  # (P,)
+            obj = obj + self.lm.embed(ident[None])[0].to(obj.dtype)
         return emb.index_put((prompt.placeholder_pos.to(dev),), obj)
 
     def _local_targets(self, scene: SceneInputs, b: int, ids: Sequence[int], what: str) -> torch.Tensor:
@@ -365,9 +374,17 @@ class ReferringSegmenter(nn.Module):
                              -1, slot_of_object)
         return self._embed_prompt(scene, 0, prompt, scene.tokens.feat), slot_of_object
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, scene: SceneInputs, texts: Sequence[str], use_cache: bool = True) -> list:
-        """Answer every text on one scene, one :class:`Prediction` per text.
+        """Answer every text on one scene, one :class:`Prediction` per text (see :meth:`_predict`).
+
+        Runs under ``torch.inference_mode`` and, in eval mode, with LoRA merged into the base weights
+        (:meth:`IdentifierLM.merged_lora`; the weights are restored exactly afterwards)."""
+        with self.lm.merged_lora():
+            return self._predict(scene, texts, use_cache)
+
+    def _predict(self, scene: SceneInputs, texts: Sequence[str], use_cache: bool) -> list:
+        """The work of :meth:`predict`.
 
         The texts are answered in batches of ``config.predict_batch_size``: one LLM call per decoding step for
         the whole batch. With ``use_cache`` (and no gate) the scene prefix and the question head are encoded
@@ -388,6 +405,7 @@ class ReferringSegmenter(nn.Module):
         scene_cache = SceneCache(self, scene) if use_cache and self.gate is None and texts else None
         n = self.config.predict_batch_size
         preds: list = []
+        scene_enc = None
         for i in range(0, len(texts), n):
             chunk = texts[i : i + n]
             if scene_cache is None:
@@ -396,10 +414,11 @@ class ReferringSegmenter(nn.Module):
                 start = self._start_packed if self._cached_layout() == "packed" else self._start_cached_rows
                 steps, slots = start(scene_cache, chunk), [scene_cache.slot_of_object] * len(chunk)
             answers, seg_hidden = self._generate(steps)
-            for b, answer in enumerate(answers):
-                dec = self.decoder(seg_hidden[b : b + 1].float(), scene.point_feat, scene.points.coord,
-                                   scene.points.offset, scene.tokens, scene.points.superpoint)
-                preds.append(self._reconcile(scene, answer, slots[b], dec))
+            if scene_enc is None:  # the decoder's keys do not depend on the question: once per scene
+                scene_enc = self.decoder.encode_scene(scene.point_feat, scene.points.coord, scene.tokens,
+                                                      scene.points.superpoint)
+            for b, (answer, dec) in enumerate(zip(answers, self.decoder.decode(seg_hidden.float(), scene_enc))):
+                preds.append(self._reconcile(scene, answer, slots[b], DecoderOutput(*dec)))
         return preds
 
     def _cached_layout(self) -> str:
