@@ -54,6 +54,18 @@ def score(pred_rows, rows, processed_dir) -> dict:
     return evaluate_rows(table, rows, processed_dir, progress=False).metrics["overall"]
 
 
+def breakdown(res, rows) -> str:
+    """mIoU of ``res`` (an EvalResult over ``rows``) per expression kind (the synthetic ``program`` op) and per
+    number of targets: where the model fails."""
+    groups: dict = {}
+    for r, s in zip(rows, res.per_sample):
+        prog = r.get("program") or {}
+        n = len(r["targets"])
+        for g in (f"op={prog.get('op', '?')}", f"targets={min(n, 2)}{'+' if n >= 2 else ''}"):
+            groups.setdefault(g, []).append(float(s["iou"]))
+    return "  ".join(f"{g} {np.mean(v):.2f} (n={len(v)})" for g, v in sorted(groups.items()))
+
+
 def line(name: str, m: dict) -> str:
     return f"{name:<28s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
 
@@ -131,6 +143,7 @@ def main(argv=None) -> int:
     print(line("model (reconciled)", res["reconciled"].metrics["overall"]))
     print(line("identifier-only path", res["identifier"].metrics["overall"]))
     print(line("decoder-only path", res["decoder"].metrics["overall"]))
+    print("model (reconciled) by kind: " + breakdown(res["reconciled"], val.rows))
     print(line("baseline: largest object", score(baseline_rows(val.rows, val.processed_dir, "largest"), val.rows,
                                                  val.processed_dir)))
     print(line("baseline: random object", score(baseline_rows(val.rows, val.processed_dir, "random"), val.rows,

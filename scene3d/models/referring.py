@@ -70,9 +70,10 @@ class ReferringConfig:
     threshold: float = 0.5
     max_new_tokens: int = 16
     predict_batch_size: int = 16  # texts of one scene that predict answers as one batch
-    #: add each object's identifier embedding to its spliced object token (besides the identifier token in
-    #: front of it): the identifier is then read off the object the answer attends to
-    tag_object_tokens: bool = True
+    #: condition the mask decoder on the referring text's words too (mean input embedding, layer-normed and
+    #: projected), not only on the [SEG] state: a randomly initialised LLM learns only slowly to route the
+    #: words into [SEG] (synthetic benchmark, 6 CPU-minutes: decoder-only mIoU 0.07 without, 0.24 with)
+    text_query: bool = True
 
     def __post_init__(self) -> None:
         for name, cls in (("llm", LLMConfig), ("decoder", MaskDecoderConfig), ("prompt", PromptConfig)):
@@ -210,7 +211,6 @@ class ReferringSegmenter(nn.Module):
         super().__init__()
         self.lm = lm if lm is not None else load_llm(config.llm)
         self.vocab = IdentifierVocab.from_lm(self.lm)
-        self.register_buffer("vocab_ids", torch.tensor(self.vocab.obj_token_ids, dtype=torch.long), persistent=False)
         h = self.lm.hidden_size
         # the decoder's widths follow the LLM and the inputs (a resolved copy; the caller's config is untouched)
         config = dataclasses.replace(config, decoder=dataclasses.replace(
@@ -219,6 +219,8 @@ class ReferringSegmenter(nn.Module):
         self.projector = nn.Sequential(nn.Linear(config.obj_dim + 6, config.projector_hidden), nn.GELU(),
                                        nn.Linear(config.projector_hidden, h))
         self.decoder = MaskDecoder(config.decoder)
+        # LayerNorm first: word embeddings of a small model are ~50x smaller than the normalised [SEG] state
+        self.text_proj = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h)) if config.text_query else None
         self.gate = gate  # an nn.Module gate is registered as a submodule by nn.Module.__setattr__
 
     @property
@@ -269,11 +271,6 @@ class ReferringSegmenter(nn.Module):
         dev = feat.device
         emb = self.lm.embed(prompt.input_ids.to(dev)[None])[0]  # (L, H)
         obj = self._object_embeds(scene, feat, prompt.placeholder_obj + o0)  # (P, H)
-        if self.config.tag_object_tokens and obj.shape[0]:
-            # each object token also carries its identifier's embedding, so attending to the right object
-            # brings its identifier along: the answer need not find the identifier token one position back
-            ident = self.vocab_ids[prompt.slot_of_object[prompt.placeholder_obj].to(dev)]  # (P,)
-            obj = obj + self.lm.embed(ident[None])[0].to(obj.dtype)
         return emb.index_put((prompt.placeholder_pos.to(dev),), obj)
 
     def _local_targets(self, scene: SceneInputs, b: int, ids: Sequence[int], what: str) -> torch.Tensor:
@@ -317,6 +314,19 @@ class ReferringSegmenter(nn.Module):
         seg = torch.tensor([p.seg_pos for p in prompts], device=dev)
         return ModelInputs(x, mask, labels, seg, prompts)
 
+    def _decoder_query(self, seg_hidden: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """What the mask decoder is conditioned on ``[B, H]``: the ``[SEG]`` state, plus (``text_query``) a
+        projection of the mean input embedding of each referring text's own words."""
+        q = seg_hidden.float()
+        if self.text_proj is None:
+            return q
+        dev = seg_hidden.device
+        bags = []
+        for t in texts:
+            ids = torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long, device=dev)
+            bags.append(self.lm.embed(ids[None])[0].float().mean(0))
+        return q + self.text_proj(torch.stack(bags))
+
     # -- training ------------------------------------------------------------------------------------
     def forward(self, batch: ReferringBatch) -> ReferringLoss:
         c = self.config
@@ -326,7 +336,7 @@ class ReferringSegmenter(nn.Module):
         lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), inp.labels[:, 1:].flatten(),
                                   ignore_index=IGNORE_INDEX)
         seg_hidden = out.hidden[torch.arange(len(inp.prompts)), inp.seg_pos]  # (B, H)
-        dec = self.decoder(seg_hidden.float(), scene.point_feat, scene.points.coord, scene.points.offset,
+        dec = self.decoder(self._decoder_query(seg_hidden, batch.texts), scene.point_feat, scene.points.coord, scene.points.offset,
                            scene.tokens, scene.points.superpoint)
         gt_point, obj_label, obj_weight = self._targets(batch)
         bce = F.binary_cross_entropy_with_logits(dec.point_logits, gt_point)
@@ -417,7 +427,8 @@ class ReferringSegmenter(nn.Module):
             if scene_enc is None:  # the decoder's keys do not depend on the question: once per scene
                 scene_enc = self.decoder.encode_scene(scene.point_feat, scene.points.coord, scene.tokens,
                                                       scene.points.superpoint)
-            for b, (answer, dec) in enumerate(zip(answers, self.decoder.decode(seg_hidden.float(), scene_enc))):
+            query = self._decoder_query(seg_hidden, chunk)
+            for b, (answer, dec) in enumerate(zip(answers, self.decoder.decode(query, scene_enc))):
                 preds.append(self._reconcile(scene, answer, slots[b], DecoderOutput(*dec)))
         return preds
 
