@@ -5,7 +5,8 @@ Data flow of one sample (shapes for one scene with ``M`` objects, ``N`` points, 
     ObjectTokens feat [M, C] --(optional gate(tokens, query_emb) -> kept rows + gated feat)--> [M', C]
         --projector(feat, center, size)--> [M', H] spliced at the <obj_feat> positions of
     "system ... <OBJs> <obj_feat> ... user ... <text> assistant : <OBJa> <OBJb> [SEG]"
-        --LLM (frozen + LoRA)--> logits [L, V] (LM loss on the answer only), hidden at [SEG] [H]
+        --LLM (frozen + LoRA; the tiny model trains whole)--> logits [L, V] (LM loss on the answer only),
+          hidden at [SEG] [H] (+ projected mean embedding of the text's words when ``text_query``)
         --MaskDecoder(points, objects)--> point logits [N] (BCE + Dice), object logits [M] (weighted BCE)
 
 Losses (:class:`ReferringLoss`): LM cross-entropy over answer tokens; mask BCE (mean over points) + Dice
@@ -248,9 +249,7 @@ class ReferringSegmenter(nn.Module):
         feat = scene.tokens.feat
         if self.gate is None:
             return None, feat
-        dev = feat.device
-        qe = torch.stack([self.lm.embed(build_query(self.tokenizer, t, self.config.prompt).to(dev)[None])[0].mean(0)
-                          for t in texts])  # (B, H)
+        qe = self._mean_embeddings([build_query(self.tokenizer, t, self.config.prompt) for t in texts])  # (B, H)
         sel = self.gate(scene.tokens, qe)
         kept = sel.kept_index.long()
         if sel.feat.shape != (kept.numel(), feat.shape[1]):
@@ -320,12 +319,13 @@ class ReferringSegmenter(nn.Module):
         q = seg_hidden.float()
         if self.text_proj is None:
             return q
-        dev = seg_hidden.device
-        bags = []
-        for t in texts:
-            ids = torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long, device=dev)
-            bags.append(self.lm.embed(ids[None])[0].float().mean(0))
-        return q + self.text_proj(torch.stack(bags))
+        words = [torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
+        return q + self.text_proj(self._mean_embeddings(words).float())
+
+    def _mean_embeddings(self, ids: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean input embedding ``[B, H]`` of each of ``B`` token-id sequences."""
+        dev = self.lm.new_embed.weight.device
+        return torch.stack([self.lm.embed(i.to(dev)[None])[0].mean(0) for i in ids])
 
     # -- training ------------------------------------------------------------------------------------
     def forward(self, batch: ReferringBatch) -> ReferringLoss:
@@ -336,8 +336,8 @@ class ReferringSegmenter(nn.Module):
         lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), inp.labels[:, 1:].flatten(),
                                   ignore_index=IGNORE_INDEX)
         seg_hidden = out.hidden[torch.arange(len(inp.prompts)), inp.seg_pos]  # (B, H)
-        dec = self.decoder(self._decoder_query(seg_hidden, batch.texts), scene.point_feat, scene.points.coord, scene.points.offset,
-                           scene.tokens, scene.points.superpoint)
+        dec = self.decoder(self._decoder_query(seg_hidden, batch.texts), scene.point_feat, scene.points.coord,
+                           scene.points.offset, scene.tokens, scene.points.superpoint)
         gt_point, obj_label, obj_weight = self._targets(batch)
         bce = F.binary_cross_entropy_with_logits(dec.point_logits, gt_point)
         dice = _dice_loss(dec.point_logits, gt_point, scene.points.offset)
