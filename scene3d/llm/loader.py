@@ -60,8 +60,8 @@ class LLMConfig:
     lora_dropout: float = 0.0
     lora_target_modules: Union[str, list] = "all-linear"
     #: Train every weight of the base model instead of LoRA adapters (needs ``lora_r=0``). Meant for the
-    #: tiny randomly initialised model: it has no pretrained knowledge to protect, and LoRA on a frozen random
-    #: base learns identifier binding slowly. The base weights then go into the checkpoint.
+    #: tiny randomly initialised model: it has no pretrained knowledge to protect, so a low-rank update of
+    #: random frozen weights would only restrict it. The base weights then go into the checkpoint.
     train_base: bool = False
     dtype: str = "float32"
     seed: int = 0
