@@ -71,7 +71,8 @@ def line(name: str, m: dict) -> str:
 
 
 def seconds_per_step(cfg, steps: int = 4) -> float:
-    """Time a few optimizer steps of the configured model on the configured data (after one warm-up step)."""
+    """Time a few optimizer steps of the configured model on the configured data, loading included (after one
+    warm-up step)."""
     from scene3d.config import pipeline_config, to_objects
     from scene3d.data.referring import ReferringDataset, collate_referring
     from scene3d.models.pipeline import Scene3DModel
@@ -87,8 +88,8 @@ def seconds_per_step(cfg, steps: int = 4) -> float:
     bs = obj.trainer.batch_size * obj.trainer.grad_accum
     times = []
     for i in range(steps + 1):
+        t = time.perf_counter()  # loading + collating counts: the trainer pays for it every step too
         batch = collate_referring([ds[(i * bs + j) % len(ds)] for j in range(bs)])
-        t = time.perf_counter()
         model(batch)["loss"].backward()
         opt.step()
         opt.zero_grad()
@@ -124,7 +125,8 @@ def main(argv=None) -> int:
     prepare_data(obj.data)
     sps = seconds_per_step(cfg, steps=12)
     budget = args.minutes * 60 - (time.perf_counter() - t0) - 8.0  # model build + checkpoint writes
-    # 0.8: a run's steps average ~1.2x the timed ones (scene sizes vary; measured 18.6 min for a 15-min plan)
+    # 0.8: a run's steps average more than the timed ones (scene sizes vary, logging, clipping); before data
+    # loading was timed, a 15-minute plan took 16.6-18.6 minutes
     steps = max(10, int(0.8 * budget / sps))
     print(f"{sps:.3f} s/step (batch {obj.trainer.batch_size} x accum {obj.trainer.grad_accum}) -> {steps} steps "
           f"for {args.minutes:g} min", flush=True)
