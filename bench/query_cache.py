@@ -10,8 +10,8 @@ the cache:
 
 Then both decode greedily as one batch (one LLM call per step for all unfinished questions; an untrained model
 runs to ``--max-new-tokens``) and run the mask decoder: the scene's keys (points, superpoints, objects) are
-encoded once per ``predict`` call and all questions' queries decoded against them in one call. The table also gives the same two
-paths one question at a time (``predict_batch_size=1``) and where the cached path spends its time. Timings are
+encoded once per ``predict`` call and all questions' queries decoded against them in one call. The table also
+gives the same two paths one question at a time (``predict_batch_size=1``) and where the cached path spends its time. Timings are
 medians over ``--repeats`` interleaved runs. Prints figures; asserts nothing about time.
 
     .venv/bin/python bench/query_cache.py --objects 150 --queries 10

@@ -56,11 +56,11 @@ def test_splice_positions_and_ignored_labels(model, scene):
                     assert torch.equal(inp.inputs_embeds[b, i], base[tid])
             for pos, obj in zip(p.placeholder_pos.tolist(), p.placeholder_obj.tolist()):
                 r = o0 + obj
+                ref = model.projector(torch.cat([t.feat[r], t.center[r], t.size[r]]))
+                torch.testing.assert_close(inp.inputs_embeds[b, pos], ref)
                 # the identifier before the placeholder is the object's identifier
                 k = model.vocab.obj_token_ids.index(int(p.input_ids[pos - 1]))
                 assert k == int(p.slot_of_object[obj])
-                ref = model.projector(torch.cat([t.feat[r], t.center[r], t.size[r]]))
-                torch.testing.assert_close(inp.inputs_embeds[b, pos], ref)
             assert (inp.labels[b, : p.answer_start] == IGNORE_INDEX).all()
             assert (inp.labels[b, L:] == IGNORE_INDEX).all() and (inp.attention_mask[b, L:] == 0).all()
             assert torch.equal(inp.labels[b, p.answer_start : L], p.input_ids[p.answer_start:])

@@ -63,8 +63,7 @@ def _naive_predict(model, scene, texts):
         emb, slots = _full_embeds(model, scene, text, kept, feat)
         answer, h = _naive_answer(model, emb)
         dec = model.decoder(model._decoder_query(h[None], [text]), scene.point_feat, scene.points.coord,
-                            scene.points.offset,
-                            scene.tokens, scene.points.superpoint)
+                            scene.points.offset, scene.tokens, scene.points.superpoint)
         out.append(model._reconcile(scene, answer, slots, dec))
     return out
 

@@ -168,8 +168,9 @@ class MaskDecoder(nn.Module):
         return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, obj, obj_pos, self.obj_out(obj + obj_pos))
 
     def decode(self, seg_hidden: torch.Tensor, enc: SceneEncoding) -> list:
-        """Queries of ``B`` questions ``seg_hidden [B, H_llm]`` on one encoded scene -> per question
-        ``(point_logits [N], obj_logits [M], query_point_logits [Q, N])``.
+        """Queries of ``B`` questions ``seg_hidden [B, H_llm]`` on one encoded scene -> one
+        :class:`DecoderOutput` per question (``point_logits [N]``, ``obj_logits [M]``, ``query_point_logits
+        [Q, N]``).
 
         Cross-attention treats every query row on its own, so the ``B x Q`` queries attend to the scene's keys
         as one sequence (the keys are projected once, not once per question); self-attention stays within
@@ -188,7 +189,7 @@ class MaskDecoder(nn.Module):
         for i in range(b):
             pl = qm[i].max(0).values if qm.shape[2] else qm.new_zeros(0)
             op = ol[i].max(0).values if ol.shape[2] else ol.new_zeros(0)
-            out.append((pl, op, qm[i]))
+            out.append(DecoderOutput(pl, op, qm[i]))
         return out
 
     def forward(self, seg_hidden: torch.Tensor, point_feat: torch.Tensor, coord: torch.Tensor,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scene3d.constants import IGNORE_INDEX
-from scene3d.heads.mask_decoder import DecoderOutput, MaskDecoder, MaskDecoderConfig
+from scene3d.heads.mask_decoder import MaskDecoder, MaskDecoderConfig
 from scene3d.llm.loader import IdentifierLM, LLMConfig, load_llm
 from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, ScenePrompt, build_prefix, build_prompt,
                                 build_query, identifier_permutation, parse_answer, select_objects)
@@ -429,7 +429,7 @@ class ReferringSegmenter(nn.Module):
                                                       scene.points.superpoint)
             query = self._decoder_query(seg_hidden, chunk)
             for b, (answer, dec) in enumerate(zip(answers, self.decoder.decode(query, scene_enc))):
-                preds.append(self._reconcile(scene, answer, slots[b], DecoderOutput(*dec)))
+                preds.append(self._reconcile(scene, answer, slots[b], dec))
         return preds
 
     def _cached_layout(self) -> str:
