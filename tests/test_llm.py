@@ -123,6 +123,26 @@ def test_merged_lora_is_exact_and_restores_weights(tiny_dir):
         assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters())
 
 
+def test_merged_lora_reuses_merge_until_a_weight_changes(tiny_dir):
+    lm = load_llm(tiny_dir, num_obj_tokens=10, lora_r=4).eval()
+    ids = torch.tensor([[4, 9, 30, lm.seg_token_id]])
+    b_name, b = next((n, p) for n, p in lm.named_parameters() if "lora_B" in n)
+
+    def merged_params():
+        with torch.no_grad(), lm.merged_lora():
+            return {n: p for n, p in lm.named_parameters() if "base_layer" in n}, lm(lm.embed(ids)).logits
+
+    first, _ = merged_params()
+    again, _ = merged_params()
+    assert all(again[n] is first[n] for n in first), "nothing changed, yet the merge was redone"
+    with torch.no_grad():
+        b.normal_(0, 0.05)  # an in-place update, as an optimizer step makes
+        ref = lm(lm.embed(ids)).logits
+    after, out = merged_params()
+    assert any(after[n] is not first[n] for n in first), "an adapter changed but the stale merge was used"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_train_base_trains_every_weight(tiny_dir):
     lm = load_llm(tiny_dir, num_obj_tokens=10, lora_r=0, train_base=True)
     assert all(p.requires_grad for p in lm.parameters())
