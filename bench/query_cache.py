@@ -69,6 +69,8 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=4)
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--relation-layers", type=int, default=0,
+                    help="the mask decoder's text-conditioned relation layers (the shipped head config uses 2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
@@ -78,7 +80,8 @@ def main(argv=None) -> None:
                          num_attention_heads=4, num_key_value_heads=2)
     model = ReferringSegmenter(ReferringConfig(
         llm=LLMConfig(tiny=tiny, num_obj_tokens=max(200, args.objects), lora_r=args.lora_r),
-        decoder=MaskDecoderConfig(dim=64, num_queries=2, num_layers=1, num_heads=4),
+        decoder=MaskDecoderConfig(dim=64, num_queries=2, num_layers=1, num_heads=4,
+                                  relation_layers=args.relation_layers),
         max_new_tokens=args.max_new_tokens, predict_batch_size=max(16, args.queries))).eval()
     one = copy.copy(model)  # same modules, one question per batch
     one.config = dataclasses.replace(model.config, predict_batch_size=1)
@@ -106,13 +109,14 @@ def main(argv=None) -> None:
         parts["greedy steps"] = _median_ms(lambda: model._generate(steps_fn()), r) - parts["questions' own tokens"]
         h = model._generate(steps_fn())[1]
         d = model.decoder
-        parts["mask decoder"] = _median_ms(lambda: d.decode(h, d.encode_scene(scene.point_feat, scene.points.coord,
-                                                                             scene.tokens, scene.points.superpoint)),
-                                           r)
+        q, w, wm = model._decoder_query(h, texts)
+        parts["mask decoder"] = _median_ms(lambda: d.decode(q, d.encode_scene(
+            scene.point_feat, scene.points.coord, scene.tokens, scene.points.superpoint), w, wm), r)
 
     ref = results["one by one, no cache"]
     print(f"scene: {args.objects} objects, shared start {sc.cached_len} tokens (prefix {sc.prefix_len}); model: "
-          f"Qwen2 hidden {args.hidden}, {args.layers} layers, LoRA r={args.lora_r}; {n} queries, up to "
+          f"Qwen2 hidden {args.hidden}, {args.layers} layers, LoRA r={args.lora_r}, decoder relation layers "
+          f"{args.relation_layers}; {n} queries, up to "
           f"{args.max_new_tokens} new tokens; {args.threads} thread(s); median of {r}")
     print(f"{'':22s} {'ms/query':>9s}   vs one by one, no cache: same answers, mask points differing, "
           "max |score diff|")

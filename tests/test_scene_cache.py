@@ -27,7 +27,8 @@ TEXTS = ["the brown chair", "the table near the window", "two lamps", "the piano
 
 def _config(**kw):
     return ReferringConfig(llm=LLMConfig(tiny=TINY, num_obj_tokens=32, lora_r=4),
-                           decoder=MaskDecoderConfig(dim=32, num_queries=2, num_layers=1, num_heads=4),
+                           decoder=MaskDecoderConfig(dim=32, num_queries=2, num_layers=1, num_heads=4,
+                                                             relation_layers=1, pair_hidden=8, text_layers=1),
                            obj_dim=8, point_dim=8, projector_hidden=32, max_new_tokens=5, **kw)
 
 
@@ -62,8 +63,9 @@ def _naive_predict(model, scene, texts):
         kept, feat = model._gate(scene, [text])
         emb, slots = _full_embeds(model, scene, text, kept, feat)
         answer, h = _naive_answer(model, emb)
-        dec = model.decoder(model._decoder_query(h[None], [text]), scene.point_feat, scene.points.coord,
-                            scene.points.offset, scene.tokens, scene.points.superpoint)
+        query, words, word_mask = model._decoder_query(h[None], [text])
+        dec = model.decoder(query, scene.point_feat, scene.points.coord, scene.points.offset, scene.tokens,
+                            scene.points.superpoint, words, word_mask)
         out.append(model._reconcile(scene, answer, slots, dec))
     return out
 

@@ -11,6 +11,14 @@ targets are a mask and object scores all below threshold.
 
 Coordinates are centred on each scene's point mean before encoding, so the encoding is translation invariant.
 
+Relation layers (``relation_layers > 0``; the shipped head config uses 2): before the queries see them, the
+object tokens of each question pass through text-conditioned spatial relation layers (:class:`_RelationLayer`,
+after ViL3DRel): they attend to the question's words (a small bidirectional encoder over the LLM's input
+embeddings) and to each other with a pairwise-geometry bias weighted by the sentence, taking in the relative
+geometry of what they attend to. The object logits are then scored from these per-question object states.
+This is what answers relations ("left of the desk from the south", "between", "on top of") with a small LLM
+(figures with and without: ``bench/learn_synthetic.py`` and the README).
+
 =====================  ====================  ==========================================================
 input                  shape                 meaning
 =====================  ====================  ==========================================================
@@ -38,6 +46,7 @@ from torch import nn
 
 from scene3d.structures.objects import ObjectTokens
 from scene3d.structures.ragged import counts_from_offset
+from scene3d.tokenizer.relation import PAIR_DIM, pair_encoding
 
 
 @dataclass
@@ -53,13 +62,25 @@ class MaskDecoderConfig:
     #: Largest scene extent (m) the lowest Fourier frequency resolves without wrapping.
     coord_scale: float = 16.0
     dropout: float = 0.0
+    #: text-conditioned spatial relation layers over the objects (0: off; see :class:`_RelationLayer`)
+    relation_layers: int = 0
+    #: width of the pairwise geometry embedding those layers share
+    pair_hidden: int = 32
+    #: bidirectional transformer layers that encode the question's words for the relation layers
+    text_layers: int = 2
+    #: longest question (tokens) the text encoder's learned positions cover
+    max_words: int = 128
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
-        for name in ("llm_dim", "point_dim", "obj_dim", "dim", "num_queries", "num_layers", "num_freqs"):
+        for name in ("llm_dim", "point_dim", "obj_dim", "dim", "num_queries", "num_layers", "num_freqs",
+                     "pair_hidden", "max_words"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("relation_layers", "text_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class DecoderOutput(NamedTuple):
@@ -79,6 +100,7 @@ class SceneEncoding(NamedTuple):
     obj: torch.Tensor  # [M, D] projected object tokens
     obj_pos: torch.Tensor  # [M, D] encoding of box center (scene-centred) and size
     obj_key: torch.Tensor  # [M, D] what class embeddings are scored against
+    pair: Optional[torch.Tensor] = None  # [M, M, pair_hidden] embedded pairwise geometry (relation layers)
 
 
 class FourierEncoding(nn.Module):
@@ -105,18 +127,91 @@ class _Layer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
 
-    def forward(self, q, obj, obj_pos, pts, pts_pos):
-        # q (B, Q, D) queries of B questions on one scene; obj (1, M, D); pts (1, S, D). Cross-attention runs
-        # the B*Q queries as one sequence against the shared keys. Empty key sets are skipped.
+    def forward(self, q, obj_key, obj, pts, pts_pos):
+        # q (B, Q, D) queries of B questions on one scene; obj_key / obj (1 or B, M, D): shared by the questions
+        # or their own (relation layers); pts (1, S, D). Cross-attention to shared keys runs the B*Q queries
+        # as one sequence. Empty key sets are skipped.
         b, nq, d = q.shape
-        if obj.shape[1]:
+        if obj.shape[1] and obj.shape[0] == 1:
             flat = q.reshape(1, b * nq, d)
-            q = self.norms[0](q + self.obj_attn(flat, obj + obj_pos, obj, need_weights=False)[0].view(b, nq, d))
+            q = self.norms[0](q + self.obj_attn(flat, obj_key, obj, need_weights=False)[0].view(b, nq, d))
+        elif obj.shape[1]:
+            q = self.norms[0](q + self.obj_attn(q, obj_key, obj, need_weights=False)[0])
         if pts.shape[1]:
             flat = q.reshape(1, b * nq, d)
             q = self.norms[1](q + self.pt_attn(flat, pts + pts_pos, pts, need_weights=False)[0].view(b, nq, d))
         q = self.norms[2](q + self.self_attn(q, q, q, need_weights=False)[0])
         return self.norms[3](q + self.ffn(q))
+
+
+def pair_geometry(center: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Pairwise box geometry ``[M, M, PAIR_DIM + 3]``: the tokenizer's :func:`pair_encoding` (offset ``c_j - c_i``,
+    its length, both sizes, log size ratio) plus the per-axis gap between the boxes, ``|c_j - c_i| - (s_i +
+    s_j) / 2`` (negative where they overlap) — what "next to", "on" and the side relations with a margin read."""
+    enc = pair_encoding(center, size)
+    d = center[None, :, :] - center[:, None, :]
+    gap = d.abs() - (size[:, None, :] + size[None, :, :]) / 2
+    return torch.cat([enc, gap], -1)
+
+
+class _TextEncoder(nn.Module):
+    """Question word embeddings ``[B, T, H_llm]`` (+ padding mask ``[B, T]``, True at real words) -> word states
+    ``[B, T, D]`` and a sentence state ``[B, D]`` (masked mean), bidirectional. The causal LLM's own states
+    are not used here: a randomly initialised small LLM learns to route words too slowly (module docstring of
+    :mod:`scene3d.models.referring`), and a few bidirectional layers over its word embeddings give the
+    relation layers word roles (target noun vs. anchor noun) from the first steps."""
+
+    def __init__(self, c: MaskDecoderConfig) -> None:
+        super().__init__()
+        self.inp = nn.Sequential(nn.LayerNorm(c.llm_dim), nn.Linear(c.llm_dim, c.dim))
+        self.pos = nn.Embedding(c.max_words, c.dim)
+        layer = nn.TransformerEncoderLayer(c.dim, c.num_heads, 2 * c.dim, c.dropout, batch_first=True)
+        self.layers = nn.TransformerEncoder(layer, c.text_layers, enable_nested_tensor=False) if c.text_layers else None
+        self.max_words = c.max_words
+
+    def forward(self, words: torch.Tensor, mask: torch.Tensor):
+        t = words.shape[1]
+        if t > self.max_words:
+            raise ValueError(f"question has {t} tokens; the decoder's text encoder covers max_words="
+                             f"{self.max_words}")
+        x = self.inp(words.float()) + self.pos.weight[:t]
+        if self.layers is not None:
+            x = self.layers(x, src_key_padding_mask=~mask)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return x, (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class _RelationLayer(nn.Module):
+    """One text-conditioned spatial relation layer over the objects of one scene, for ``B`` questions.
+
+    After ViL3DRel's language-conditioned spatial self-attention (Chen et al., NeurIPS 2022): every object
+    (1) cross-attends to the question's words, then (2) attends to the other objects with attention logits
+    ``q_i . k_j / sqrt(d) + g_h(sentence) . pair_ij`` — the pairwise geometry weighted by what the question
+    asks for — and takes in, beside ``v_j``, an embedding of ``pair_ij`` itself, so an object that attends to
+    the anchor learns where the anchor lies relative to it ("left of the desk", "between", "closest to");
+    (3) an FFN. Post-norm residual blocks. ``o [B, M, D]``, ``words [B, T, D]``, ``pair [M, M, P]``."""
+
+    def __init__(self, c: MaskDecoderConfig) -> None:
+        super().__init__()
+        self.heads, self.dh, self.p = c.num_heads, c.dim // c.num_heads, c.pair_hidden
+        self.cross = nn.MultiheadAttention(c.dim, c.num_heads, dropout=c.dropout, batch_first=True)
+        self.qkv = nn.Linear(c.dim, 3 * c.dim)
+        self.gate = nn.Linear(c.dim, c.num_heads * c.pair_hidden)
+        self.pair_value = nn.Linear(c.pair_hidden, c.dim)
+        self.out = nn.Linear(c.dim, c.dim)
+        self.ffn = nn.Sequential(nn.Linear(c.dim, 2 * c.dim), nn.GELU(), nn.Linear(2 * c.dim, c.dim))
+        self.norms = nn.ModuleList(nn.LayerNorm(c.dim) for _ in range(3))
+
+    def forward(self, o, words, word_mask, sent, pair):
+        b, m, d = o.shape
+        o = self.norms[0](o + self.cross(o, words, words, key_padding_mask=~word_mask, need_weights=False)[0])
+        q, k, v = self.qkv(o).view(b, m, 3, self.heads, self.dh).unbind(2)  # (B, M, h, dh) each
+        bias = torch.einsum("ijp,bhp->bhij", pair, self.gate(sent).view(b, self.heads, self.p))
+        att = (torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(self.dh) + bias).softmax(-1)  # (B, h, M, M)
+        pv = self.pair_value(pair).view(m, m, self.heads, self.dh)
+        ctx = torch.einsum("bhij,bjhd->bihd", att, v) + torch.einsum("bhij,ijhd->bihd", att, pv)
+        o = self.norms[1](o + self.out(ctx.reshape(b, m, d)))
+        return self.norms[2](o + self.ffn(o))
 
 
 class MaskDecoder(nn.Module):
@@ -139,6 +234,19 @@ class MaskDecoder(nn.Module):
         # 1/sqrt(dim) on top of normalised queries made the starting logits so small that the head sat on a
         # plateau: measured on a class-matching toy task, ~700 steps to learn at 1/sqrt(64), ~150 at 1.
         self.logit_scale = nn.Parameter(torch.zeros(()))
+        if c.relation_layers:
+            self.text_encoder = _TextEncoder(c)
+            self.pair_embed = nn.Sequential(nn.Linear(PAIR_DIM + 3, c.pair_hidden), nn.GELU(),
+                                            nn.Linear(c.pair_hidden, c.pair_hidden))
+            self.relation = nn.ModuleList(_RelationLayer(c) for _ in range(c.relation_layers))
+            self.rel_score = nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
+        else:
+            self.text_encoder = self.pair_embed = self.relation = self.rel_score = None
+
+    @property
+    def needs_words(self) -> bool:
+        """Whether :meth:`decode` needs the question's word embeddings (relation layers are on)."""
+        return self.relation is not None
 
     def encode_scene(self, point_feat: torch.Tensor, coord: torch.Tensor, tokens: ObjectTokens,
                      superpoint: Optional[torch.Tensor] = None, obj_rows: slice = slice(None)) -> SceneEncoding:
@@ -165,36 +273,57 @@ class MaskDecoder(nn.Module):
         obj = self.obj_proj(tokens.feat[obj_rows])
         obj_pos = self.obj_pos(torch.cat([center - origin, size], dim=1))  # (M, D)
         pts_pos = self.point_pos(rel)
-        return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, obj, obj_pos, self.obj_out(obj + obj_pos))
+        pair = self.pair_embed(pair_geometry(center.to(obj.dtype), size.to(obj.dtype))) if self.relation else None
+        return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, obj, obj_pos, self.obj_out(obj + obj_pos), pair)
 
-    def decode(self, seg_hidden: torch.Tensor, enc: SceneEncoding) -> list:
+    def decode(self, seg_hidden: torch.Tensor, enc: SceneEncoding, words: Optional[torch.Tensor] = None,
+               word_mask: Optional[torch.Tensor] = None) -> list:
         """Queries of ``B`` questions ``seg_hidden [B, H_llm]`` on one encoded scene -> one
         :class:`DecoderOutput` per question (``point_logits [N]``, ``obj_logits [M]``, ``query_point_logits
         [Q, N]``).
 
         Cross-attention treats every query row on its own, so the ``B x Q`` queries attend to the scene's keys
         as one sequence (the keys are projected once, not once per question); self-attention stays within
-        each question's ``Q`` queries."""
+        each question's ``Q`` queries.
+
+        With relation layers (``config.relation_layers > 0``) the question's word embeddings ``words [B, T,
+        H_llm]`` (``word_mask [B, T]`` True at real tokens) are required: each question gets its own
+        text-conditioned, relation-aware object states; the queries attend to those, and the object logits
+        are scored from them (``rel_score``) instead of by the queries."""
         c = self.config
         b = seg_hidden.shape[0]
         q = self.seg_to_queries(seg_hidden).view(b, c.num_queries, c.dim) + self.query_embed  # (B, Q, D)
         scale = self.logit_scale.exp().clamp(max=100.0)
+        obj_key, obj, rel_logits = (enc.obj + enc.obj_pos)[None], enc.obj[None], None
+        if self.relation is not None:
+            if words is None or word_mask is None or words.shape[0] != b or word_mask.shape != words.shape[:2]:
+                raise ValueError("this decoder has relation layers: pass words [B, T, H] and word_mask [B, T] "
+                                 f"for the B={b} questions")
+            w, sent = self.text_encoder(words, word_mask)
+            o = (enc.obj + enc.obj_pos).expand(b, -1, -1)  # (B, M, D)
+            if o.shape[1]:
+                for layer in self.relation:
+                    o = layer(o, w, word_mask, sent, enc.pair)
+            obj_key = obj = o
+            rel_logits = self.rel_score(torch.cat([o, sent[:, None].expand_as(o)], -1)).squeeze(-1)  # (B, M)
         for layer in self.layers:
-            q = layer(q, enc.obj[None], enc.obj_pos[None], enc.pts[None], enc.pts_pos[None])
+            q = layer(q, obj_key, obj, enc.pts[None], enc.pts_pos[None])
         qm = self.mask_embed(q) @ enc.mask_key.T * scale  # (B, Q, S)
         if enc.inverse is not None:
             qm = qm[:, :, enc.inverse]  # (B, Q, N)
-        ol = self.cls_embed(q) @ enc.obj_key.T * scale  # (B, Q, M)
+        if rel_logits is None:
+            ol = (self.cls_embed(q) @ enc.obj_key.T * scale)  # (B, Q, M)
+            rel_logits = ol.max(1).values if ol.shape[2] else ol.new_zeros(b, 0)
         out = []
         for i in range(b):
             pl = qm[i].max(0).values if qm.shape[2] else qm.new_zeros(0)
-            op = ol[i].max(0).values if ol.shape[2] else ol.new_zeros(0)
-            out.append(DecoderOutput(pl, op, qm[i]))
+            out.append(DecoderOutput(pl, rel_logits[i], qm[i]))
         return out
 
     def forward(self, seg_hidden: torch.Tensor, point_feat: torch.Tensor, coord: torch.Tensor,
                 point_offset: torch.Tensor, tokens: ObjectTokens,
-                superpoint: Optional[torch.Tensor] = None) -> DecoderOutput:
+                superpoint: Optional[torch.Tensor] = None, words: Optional[torch.Tensor] = None,
+                word_mask: Optional[torch.Tensor] = None) -> DecoderOutput:
         b = seg_hidden.shape[0]
         p_counts = counts_from_offset(point_offset)
         o_counts = tokens.obj_counts
@@ -207,7 +336,9 @@ class MaskDecoder(nn.Module):
             p1, o1 = p0 + int(p_counts[i]), o0 + int(o_counts[i])
             enc = self.encode_scene(point_feat[p0:p1], coord[p0:p1], tokens,
                                     None if superpoint is None else superpoint[p0:p1], slice(o0, o1))
-            (pl, ol, qm), = self.decode(seg_hidden[i : i + 1], enc)
+            w = None if words is None else words[i : i + 1]
+            wm = None if word_mask is None else word_mask[i : i + 1]
+            (pl, ol, qm), = self.decode(seg_hidden[i : i + 1], enc, w, wm)
             point_logits.append(pl)
             obj_logits.append(ol)
             per_query.append(qm)
