@@ -113,6 +113,9 @@ class DataSchema:
     jitter: float = 0.0
     scale_range: float = 0.0
     max_train_samples: Optional[int] = None
+    #: training items are up to this many questions on one scene, tokenized once (trainer.batch_size counts
+    #: items); 1: one question per item
+    questions_per_scene: int = 1
     alignment_negatives: int = 2  # alignment: absent classes per scene asked about (zero-target rows)
     alignment_skip_labels: List[str] = field(default_factory=lambda: ["wall", "floor", "ceiling"])
 

@@ -177,7 +177,8 @@ def run_training(cfg) -> FitSummary:
         train = split_rows(obj.data, "train")
         dataset = ReferringDataset(train.processed_dir, obj.data.train, max_points=obj.data.max_points,
                                    jitter=obj.data.jitter, scale_range=obj.data.scale_range,
-                                   max_samples=obj.data.max_train_samples, seed=obj.trainer.seed, rows=train.rows)
+                                   max_samples=obj.data.max_train_samples, seed=obj.trainer.seed, rows=train.rows,
+                                   questions_per_scene=obj.data.questions_per_scene)
         eval_fn = None
         if obj.eval.in_training:
             try:

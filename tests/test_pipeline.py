@@ -93,3 +93,27 @@ def test_gated_model_trains_and_prunes(data):
     assert n > 5
     assert sel.kept_index.numel() == max(2, -(-3 * n // 10))  # ceil(0.3 n), at least min_keep
     assert torch.all(sel.kept_index[1:] > sel.kept_index[:-1])  # original order kept
+
+
+def test_questions_grouped_per_scene(data):
+    """questions_per_scene: an item is up to Q rows of one scene; every row lands in exactly one item; the
+    collated batch tokenizes each scene once and trains on all its questions."""
+    grouped = ReferringDataset(data.processed_dir, None, max_points=1500, rows=data.rows, questions_per_scene=3)
+    seen = []
+    for i in range(len(grouped)):
+        it = grouped[i]
+        assert 1 <= len(it["samples"]) <= 3 and all(r["scene_id"] == it["scene_id"] for r in it["samples"])
+        assert it["labels"] and all(isinstance(k, int) for k in it["labels"])
+        seen += [id(r) for r in it["samples"]]
+    assert sorted(seen) == sorted(id(r) for r in data.rows)
+    with pytest.raises(ValueError, match="questions_per_scene"):
+        ReferringDataset(data.processed_dir, None, rows=data.rows, questions_per_scene=0)
+    batch = collate_referring([grouped[0], grouped[len(grouped) - 1]])
+    n0 = len(grouped[0]["samples"])
+    assert batch.points.batch_size == 2 and batch.scene_index[:n0] == [0] * n0
+    assert len(batch.samples) == len(batch.scene_index) == n0 + len(grouped[len(grouped) - 1]["samples"])
+    torch.manual_seed(0)
+    model = Scene3DModel(small_config())
+    out = model(batch)
+    assert torch.isfinite(out["loss"]) and float(out["obj_rank"]) >= 0
+    out["loss"].backward()

@@ -1,5 +1,6 @@
 """ReferringSegmenter: splicing, labels, trainable parameters, losses, hard negatives, prediction, checkpoints."""
 
+import dataclasses
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from scene3d.llm.loader import LLMConfig
 from scene3d.llm.tiny import TinyLLMConfig
 from scene3d.models.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from scene3d.models.referring import (GateSelection, ReferringBatch, ReferringConfig, ReferringSegmenter,
-                                      synthetic_scene)
+                                      SceneInputs, synthetic_scene)
 
 TINY = TinyLLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2)
@@ -144,10 +145,33 @@ def test_predict_and_reconcile(model, scene):
     r = model._reconcile(one, [v.seg_token_id], ident, dec)
     assert r.source == "decoder" and r.objects.tolist() == [1, 3]
     assert torch.equal(r.point_mask, (p2o == 1) | (p2o == 3))
+    # reconcile="decoder": the decoder's objects lead, the named identifiers are the fallback
+    named = [v.obj_token_ids[2], v.seg_token_id]
+    model.config = dataclasses.replace(model.config, reconcile="decoder")
+    try:
+        r = model._reconcile(one, named, ident, dec)
+        assert r.source == "decoder" and r.objects.tolist() == [1, 3]
+        assert torch.equal(r.identifier_mask, p2o == 2)  # the identifier path is still reported beside it
+        dec.obj_logits = torch.full((7,), -5.0)
+        r = model._reconcile(one, named, ident, dec)
+        assert r.source == "identifiers" and r.objects.tolist() == [2]
+    finally:
+        model.config = dataclasses.replace(model.config, reconcile="identifiers")
     # none anywhere -> zero targets
-    dec.obj_logits = torch.full((7,), -5.0)
     r = model._reconcile(one, [v.seg_token_id], ident, dec)
     assert r.source == "none" and r.objects.numel() == 0 and not r.point_mask.any()
+    with pytest.raises(ValueError, match="reconcile"):
+        ReferringConfig(reconcile="both")
+
+
+def test_rank_loss_only_on_single_target_samples():
+    logits = torch.tensor([0.5, 2.0, -1.0, 0.3, 0.1, 0.0, 1.0])
+    offset = torch.tensor([3, 5, 7])  # three samples: 3, 2 and 2 objects
+    label = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0])  # one target, two targets, zero targets
+    loss = ReferringSegmenter._rank_loss(logits, label, offset)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[None, :3], torch.tensor([1])))
+    zero = ReferringSegmenter._rank_loss(logits[3:], label[3:], torch.tensor([2, 4]))
+    assert float(zero) == 0.0
 
 
 def test_overflow_error_and_topk(model):
@@ -213,3 +237,38 @@ def test_checkpoint_round_trip(tmp_path, scene):
     (tmp_path / "ck" / WEIGHTS_FILE).write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_take_spreads_scenes_and_shared_decoding_equals_expanded():
+    """Several questions on one scene: ``take`` builds the per-sample layout from shared rows (gradients flow
+    back into them), and decoding each scene once for all its questions gives the same losses as decoding
+    the expanded batch sample by sample."""
+    torch.manual_seed(0)
+    m = ReferringSegmenter(dataclasses.replace(_config(), decoder=MaskDecoderConfig(
+        dim=32, num_queries=2, num_layers=1, num_heads=4, relation_layers=1, pair_hidden=8, text_layers=1)))
+    m.train()
+    shared = synthetic_scene((5, 7), points_per_object=6, obj_dim=8, point_dim=8, seed=1)
+    feat = shared.tokens.feat.clone().requires_grad_(True)
+    shared = SceneInputs(shared.tokens.replace(feat=feat), shared.point_feat, shared.points)
+    index = [1, 0, 1, 1]
+    taken = shared.take(index)
+    assert taken.tokens.obj_counts.tolist() == [7, 5, 7, 7]
+    for b, i in enumerate(index):
+        a, ref = taken.scene(b), shared.scene(i)
+        assert torch.equal(a.tokens.feat, ref.tokens.feat) and torch.equal(a.tokens.point2obj, ref.tokens.point2obj)
+        assert torch.equal(a.points.coord, ref.points.coord) and a.points.scene_ids == ref.points.scene_ids
+    texts = ["the table", "the chair", "the lamp left of the desk", "all the chairs"]
+    targets = [[20], [10], [], [10, 30]]
+    kw = dict(seeds=[1, 2, 3, 4])
+    with torch.random.fork_rng():
+        expanded = m(ReferringBatch(taken, texts, targets, **kw))
+    with torch.random.fork_rng():
+        grouped = m(ReferringBatch(taken, texts, targets, shared=shared, scene_index=index, **kw))
+    for x, y in zip(expanded, grouped):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    grouped.total.backward()
+    assert feat.grad[:5].abs().sum() > 0 and feat.grad[5:].abs().sum() > 0
+    with pytest.raises(ValueError, match="together"):
+        ReferringBatch(taken, texts, targets, scene_index=index)
+    with pytest.raises(ValueError, match="out of range"):
+        shared.take([0, 2])

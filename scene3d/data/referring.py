@@ -10,7 +10,15 @@ key                 type              meaning
                                       ``instance`` [N] i64 (-1 none), ``superpoint`` [N] i64,
                                       ``normal`` [N,3] f32 when the scene has normals
 ``sample``          dict              the jsonl row (``targets``, ``text``, ``distractors``, ...)
+``samples``         list of dict      every row of the item (``[sample]`` unless grouped, below)
+``labels``          dict              object id -> class label of the scene (same-class hard negatives)
 ==================  ================  ===========================================================
+
+With ``questions_per_scene = Q > 1`` an item is up to ``Q`` rows *of one scene* (the rows grouped by scene in
+file order, then cut into runs of ``Q``; ``sample`` is the first): the scene is loaded, subsampled and
+jittered once and the model tokenizes it once for all of them (:meth:`SceneInputs.take` spreads the
+encoding over the questions), which makes a training step several times cheaper per question when the 3D
+tokenizer dominates it. ``len(dataset)`` then counts items, not rows.
 
 :func:`collate_referring` turns a list of items into a :class:`ReferringBatch`: a
 :class:`~scene3d.structures.PointBatch` plus the rows. Scenes are loaded once and kept in memory (many
@@ -66,7 +74,7 @@ class ReferringDataConfig:
 class ReferringDataset(Dataset):
     def __init__(self, processed_dir, samples, max_points: Optional[int] = None, jitter: float = 0.0,
                  scale_range: float = 0.0, max_samples: Optional[int] = None, seed: int = 0,
-                 rows: Optional[Sequence[dict]] = None):
+                 rows: Optional[Sequence[dict]] = None, questions_per_scene: int = 1):
         self.processed_dir = Path(processed_dir)
         if not self.processed_dir.is_dir():
             raise FileNotFoundError(f"processed scenes directory not found: {self.processed_dir}")
@@ -78,7 +86,15 @@ class ReferringDataset(Dataset):
             self.rows = self.rows[:max_samples]
         if not self.rows:
             raise ValueError(f"no referring samples in {samples}")
+        if questions_per_scene < 1:
+            raise ValueError(f"questions_per_scene must be >= 1, got {questions_per_scene}")
         self.max_points, self.jitter, self.scale_range, self.seed = max_points, jitter, scale_range, seed
+        by_scene: dict = {}
+        for i, r in enumerate(self.rows):
+            by_scene.setdefault(r["scene_id"], []).append(i)
+        q = questions_per_scene
+        self.groups = ([[i] for i in range(len(self.rows))] if q == 1 else
+                       [idx[j : j + q] for idx in by_scene.values() for j in range(0, len(idx), q)])
         self.epoch = 0
         self._load = lru_cache(maxsize=64)(self._load_scene)
 
@@ -94,17 +110,20 @@ class ReferringDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.groups)
 
     def scene(self, scene_id: str) -> Scene:
         return self._load(scene_id)
 
     def __getitem__(self, idx: int) -> dict:
-        row = self.rows[idx]
+        rows = [self.rows[i] for i in self.groups[idx]]
+        row = rows[0]
         scene = self._load(row["scene_id"])
-        unknown = [t for t in row.get("targets", []) if t not in scene.object_by_id()]
-        if unknown:
-            raise ValueError(f"sample {row.get('ann_id', idx)}: target ids {unknown} not in scene {row['scene_id']}")
+        by_id = scene.object_by_id()
+        for r in rows:
+            unknown = [t for t in r.get("targets", []) if t not in by_id]
+            if unknown:
+                raise ValueError(f"sample {r.get('ann_id', idx)}: target ids {unknown} not in scene {r['scene_id']}")
         rng = np.random.default_rng([self.seed, self.epoch, idx])
         keep = None
         if self.max_points is not None and scene.num_points > self.max_points:
@@ -115,7 +134,8 @@ class ReferringDataset(Dataset):
         if self.jitter > 0:
             noise = rng.normal(0.0, self.jitter, size=points["coord"].shape).astype(np.float32)
             points["coord"] = points["coord"] + torch.from_numpy(noise)
-        return {"scene_id": row["scene_id"], "points": points, "sample": row}
+        return {"scene_id": row["scene_id"], "points": points, "sample": row, "samples": rows,
+                "labels": {int(o.id): o.label for o in scene.objects}}
 
 
 def scene_to_tensors(scene: Scene, keep: Optional[np.ndarray] = None) -> dict:
@@ -137,15 +157,26 @@ def scene_to_tensors(scene: Scene, keep: Optional[np.ndarray] = None) -> dict:
 
 class ReferringBatch(NamedTuple):
     points: PointBatch
-    samples: list      # the jsonl rows, one per scene in ``points``
+    samples: list      # the jsonl rows
+    #: scene of each sample (a row of ``points``); None: sample ``b`` is on scene ``b``
+    scene_index: Optional[list] = None
+    #: per scene of ``points``: object id -> class label (None when an item lacks them)
+    object_labels: Optional[list] = None
 
 
 def collate_referring(items: Sequence[dict]) -> ReferringBatch:
-    """Collate dataset items (one scene copy per sample) into a :class:`ReferringBatch`."""
+    """Collate dataset items (one scene per item, one or more samples on it) into a :class:`ReferringBatch`."""
     if not items:
         raise ValueError("cannot collate an empty list of samples")
     # every item carries the same optional fields only if all scenes have them
     common = set.intersection(*(set(it["points"]) for it in items))
     scenes = [{k: v for k, v in it["points"].items() if k in common} for it in items]
     pb = PointBatch.from_list(scenes, scene_ids=[it["scene_id"] for it in items])
-    return ReferringBatch(points=pb, samples=[it["sample"] for it in items])
+    samples, index = [], []
+    for i, it in enumerate(items):
+        rows = it.get("samples") or [it["sample"]]
+        samples.extend(rows)
+        index.extend([i] * len(rows))
+    labels = [it["labels"] for it in items] if all("labels" in it for it in items) else None
+    return ReferringBatch(points=pb, samples=samples, scene_index=None if len(index) == len(items) else index,
+                          object_labels=labels)

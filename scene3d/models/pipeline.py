@@ -107,6 +107,11 @@ class Scene3DModel(nn.Module):
         rows = batch.samples
         object_class = None
         labels = getattr(batch, "object_labels", None)
+        index = getattr(batch, "scene_index", None)
+        shared = None
+        if index is not None:  # several questions per scene: the scene was tokenized once, spread it out
+            shared, scene = scene, scene.take(index)
+            labels = None if labels is None else [labels[i] for i in index]
         if labels is not None and scene.tokens.object_ids is not None:
             obj_batch = scene.tokens.obj_batch.tolist()
             object_class = torch.tensor([
@@ -116,12 +121,14 @@ class Scene3DModel(nn.Module):
         distractors = [list(r.get("distractors") or []) for r in rows]
         mb = ModelBatch(scene=scene, texts=[r["text"] for r in rows], targets=[list(r["targets"]) for r in rows],
                         distractors=distractors, object_class=object_class,
-                        seeds=[_sample_seed(r) for r in rows] if getattr(batch, "seeded", False) else None)
+                        seeds=[_sample_seed(r) for r in rows] if getattr(batch, "seeded", False) else None,
+                        shared=shared, scene_index=index)
         ref = self.segmenter(mb)
         tok = self.tokenizer3d.losses(points, tok_out).total
         total = ref.total + self.config.tokenizer_loss_weight * tok
         return {"loss": total, "lm": ref.lm.detach(), "mask_bce": ref.mask_bce.detach(),
-                "mask_dice": ref.mask_dice.detach(), "obj": ref.obj.detach(), "proposal": tok.detach()}
+                "mask_dice": ref.mask_dice.detach(), "obj": ref.obj.detach(), "obj_rank": ref.obj_rank.detach(),
+                "proposal": tok.detach()}
 
     @torch.no_grad()
     def predict(self, points: PointBatch, texts: Sequence[str], objects: Optional[torch.Tensor] = None,

@@ -7,18 +7,22 @@ Data flow of one sample (shapes for one scene with ``M`` objects, ``N`` points, 
     "system ... <OBJs> <obj_feat> ... user ... <text> assistant : <OBJa> <OBJb> [SEG]"
         --LLM (frozen + LoRA; the tiny model trains whole)--> logits [L, V] (LM loss on the answer only),
           hidden at [SEG] [H] (+ projected mean embedding of the text's words when ``text_query``)
-        --MaskDecoder(points, objects)--> point logits [N] (BCE + Dice), object logits [M] (weighted BCE)
+        --MaskDecoder(points, objects; the question's word embeddings when it has relation layers)-->
+          point logits [N] (BCE + Dice), object logits [M] (weighted BCE + softmax CE on single-target samples)
 
 Losses (:class:`ReferringLoss`): LM cross-entropy over answer tokens; mask BCE (mean over points) + Dice
 (per scene, smoothed so zero-target scenes push the mask to empty); per-object target BCE where *hard
 negatives* — objects of a target's class that are not targets (when ``object_class`` is given) and Sr3D
-``distractors`` — weigh ``hard_negative_weight`` instead of 1.
+``distractors`` — weigh ``hard_negative_weight`` instead of 1; ``obj_rank``: softmax cross-entropy over a
+sample's objects when it has exactly one target (``rank_weight``; see :meth:`ReferringSegmenter._rank_loss`).
+Samples that share a scene (``ReferringBatch.shared``) have the decoder encode it once.
 
 Inference (:meth:`ReferringSegmenter.predict`) returns, per query, the decoder mask, the mask of the
-identifiers the answer names, and a reconciled result. Reconciliation rule: the objects are the ones whose
-identifiers the answer names (identifiers map back to objects exactly); when the answer names none, the
-objects whose decoder score is ``>= threshold`` are taken instead; when neither gives any object the result
-is empty (zero targets). The reconciled point mask is the union of the chosen objects' points (instance
+identifiers the answer names, and a reconciled result. Reconciliation rule (``reconcile="identifiers"``, the
+default): the objects are the ones whose identifiers the answer names (identifiers map back to objects
+exactly); when the answer names none, the objects whose decoder score is ``>= threshold`` are taken instead;
+``reconcile="decoder"`` asks the decoder first and the answer second. When neither gives any object the
+result is empty (zero targets). The reconciled point mask is the union of the chosen objects' points (instance
 masks are exact where the dense head is smooth); the raw decoder mask is returned beside it. The texts of
 one scene are answered as a batch (one LLM call per greedy step for all of them); with the scene cache the
 prefix is encoded once and the questions are packed behind it (see :meth:`ReferringSegmenter.predict`).
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scene3d.constants import IGNORE_INDEX
-from scene3d.heads.mask_decoder import MaskDecoder, MaskDecoderConfig
+from scene3d.heads.mask_decoder import DecoderOutput, MaskDecoder, MaskDecoderConfig
 from scene3d.llm.loader import IdentifierLM, LLMConfig, load_llm
 from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, ScenePrompt, build_prefix, build_prompt,
                                 build_query, identifier_permutation, parse_answer, select_objects)
@@ -68,7 +72,13 @@ class ReferringConfig:
     dice_weight: float = 1.0
     obj_weight: float = 1.0
     hard_negative_weight: float = 3.0
+    rank_weight: float = 1.0  # softmax cross-entropy over the objects of single-target samples (_rank_loss)
     threshold: float = 0.5
+    #: which path leads the reconciled result: "identifiers" (the objects the answer names; the decoder's
+    #: objects when it names none) or "decoder" (the objects the decoder scores >= threshold; the named ones
+    #: when it scores none). "decoder" suits a small LLM that names identifiers less reliably than the
+    #: relation-aware decoder scores objects.
+    reconcile: str = "identifiers"
     max_new_tokens: int = 16
     predict_batch_size: int = 16  # texts of one scene that predict answers as one batch
     #: condition the mask decoder on the referring text's words too (mean input embedding, layer-normed and
@@ -84,6 +94,8 @@ class ReferringConfig:
             raise ValueError(f"overflow must be 'error' or 'topk', got {self.overflow!r}")
         if self.predict_batch_size < 1:
             raise ValueError(f"predict_batch_size must be >= 1, got {self.predict_batch_size}")
+        if self.reconcile not in ("identifiers", "decoder"):
+            raise ValueError(f"reconcile must be 'identifiers' or 'decoder', got {self.reconcile!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
 
@@ -127,6 +139,30 @@ class SceneInputs:
     def batch_size(self) -> int:
         return self.tokens.batch_size
 
+    def take(self, index: Sequence[int]) -> "SceneInputs":
+        """The scenes ``index`` (repeats allowed) as a new ragged batch, in that order: one row per question
+        when several questions share a scene. Built from slices and ``cat``, so gradients flow back into the
+        one shared encoding of each scene."""
+        if not len(index):
+            raise ValueError("take() needs at least one scene index")
+        bad = [i for i in index if not 0 <= int(i) < self.batch_size]
+        if bad:
+            raise ValueError(f"scene indices {bad[:5]} out of range for {self.batch_size} scenes")
+        one = {int(i): self.scene(int(i)) for i in set(index)}
+        parts = [one[int(i)] for i in index]
+        toks = [p.tokens for p in parts]
+        o_counts = torch.tensor([t.num_objects for t in toks])
+        start = torch.cumsum(o_counts, 0) - o_counts
+        p2o = torch.cat([torch.where(t.point2obj >= 0, t.point2obj + int(s0), t.point2obj)
+                         for t, s0 in zip(toks, start)])
+        ids = None if any(t.object_ids is None for t in toks) else torch.cat([t.object_ids for t in toks])
+        tokens = ObjectTokens(torch.cat([t.feat for t in toks]), torch.cat([t.center for t in toks]),
+                              torch.cat([t.size for t in toks]), torch.cumsum(o_counts, 0).to(toks[0].obj_offset),
+                              p2o, ids)
+        sids = [sid for p in parts for sid in p.points.scene_ids] if all(p.points.scene_ids for p in parts) else []
+        points = PointBatch.from_list([p.points.split()[0] for p in parts], scene_ids=sids)
+        return SceneInputs(tokens, torch.cat([p.point_feat for p in parts]), points)
+
     def scene(self, b: int) -> "SceneInputs":
         """Scene ``b`` alone (rows re-based)."""
         o = torch.cat([self.tokens.obj_offset.new_zeros(1), self.tokens.obj_offset])
@@ -151,7 +187,9 @@ class ReferringBatch:
 
     ``targets[b]`` / ``distractors[b]`` are source object ids (matched against ``tokens.object_ids``);
     ``object_class [M]`` (optional) gives same-class hard negatives; ``seeds[b]`` (optional) seeds the
-    identifier shuffle of sample ``b`` in training.
+    identifier shuffle of sample ``b`` in training. When several samples share a scene, ``shared`` (the
+    distinct scenes) and ``scene_index`` (the scene of each sample; ``scene == shared.take(scene_index)``)
+    let the mask decoder encode each scene once and decode its questions together, as :meth:`predict` does.
     """
 
     scene: SceneInputs
@@ -160,6 +198,8 @@ class ReferringBatch:
     distractors: Optional[list] = None
     object_class: Optional[torch.Tensor] = None
     seeds: Optional[list] = None
+    shared: Optional[SceneInputs] = None
+    scene_index: Optional[list] = None
 
     def __post_init__(self) -> None:
         b = self.scene.batch_size
@@ -169,6 +209,10 @@ class ReferringBatch:
                 raise ValueError(f"{name} has {len(v)} entries for {b} scenes")
         if self.object_class is not None and self.object_class.shape != (self.scene.tokens.num_objects,):
             raise ValueError(f"object_class must be [{self.scene.tokens.num_objects}]")
+        if (self.shared is None) != (self.scene_index is None):
+            raise ValueError("shared and scene_index go together")
+        if self.scene_index is not None and len(self.scene_index) != b:
+            raise ValueError(f"scene_index has {len(self.scene_index)} entries for {b} samples")
 
 
 class ReferringLoss(NamedTuple):
@@ -177,6 +221,7 @@ class ReferringLoss(NamedTuple):
     mask_bce: torch.Tensor
     mask_dice: torch.Tensor
     obj: torch.Tensor
+    obj_rank: torch.Tensor
 
 
 class ModelInputs(NamedTuple):
@@ -313,14 +358,26 @@ class ReferringSegmenter(nn.Module):
         seg = torch.tensor([p.seg_pos for p in prompts], device=dev)
         return ModelInputs(x, mask, labels, seg, prompts)
 
-    def _decoder_query(self, seg_hidden: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """What the mask decoder is conditioned on ``[B, H]``: the ``[SEG]`` state, plus (``text_query``) a
-        projection of the mean input embedding of each referring text's own words."""
+    def _decoder_query(self, seg_hidden: torch.Tensor, texts: Sequence[str]):
+        """What the mask decoder is conditioned on: ``(query [B, H], words [B, T, H] or None, word_mask [B, T] or
+        None)`` — the ``[SEG]`` state, plus (``text_query``) a projection of the mean input embedding of each
+        referring text's own words; the words themselves when the decoder has relation layers."""
         q = seg_hidden.float()
-        if self.text_proj is None:
-            return q
-        words = [torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
-        return q + self.text_proj(self._mean_embeddings(words).float())
+        if self.text_proj is None and not self.decoder.needs_words:
+            return q, None, None
+        ids = [torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
+        for t, i in zip(texts, ids):
+            if not i.numel():
+                raise ValueError(f"referring text {t!r} has no tokens")
+        dev = self.lm.new_embed.weight.device
+        lens = torch.tensor([i.numel() for i in ids], device=dev)
+        padded = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True).to(dev)  # (B, T), pad id 0 is masked
+        mask = torch.arange(padded.shape[1], device=dev) < lens[:, None]  # (B, T)
+        words = self.lm.embed(padded)  # (B, T, H)
+        if self.text_proj is not None:
+            mean = (words * mask[..., None]).sum(1) / lens[:, None]
+            q = q + self.text_proj(mean.float())
+        return (q, words, mask) if self.decoder.needs_words else (q, None, None)
 
     def _mean_embeddings(self, ids: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mean input embedding ``[B, H]`` of each of ``B`` token-id sequences."""
@@ -336,15 +393,50 @@ class ReferringSegmenter(nn.Module):
         lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), inp.labels[:, 1:].flatten(),
                                   ignore_index=IGNORE_INDEX)
         seg_hidden = out.hidden[torch.arange(len(inp.prompts)), inp.seg_pos]  # (B, H)
-        dec = self.decoder(self._decoder_query(seg_hidden, batch.texts), scene.point_feat, scene.points.coord,
-                           scene.points.offset, scene.tokens, scene.points.superpoint)
+        query, words, word_mask = self._decoder_query(seg_hidden, batch.texts)
+        if batch.shared is None:
+            dec = self.decoder(query, scene.point_feat, scene.points.coord, scene.points.offset, scene.tokens,
+                               scene.points.superpoint, words, word_mask)
+        else:
+            dec = self._decode_shared(batch.shared, batch.scene_index, query, words, word_mask)
         gt_point, obj_label, obj_weight = self._targets(batch)
         bce = F.binary_cross_entropy_with_logits(dec.point_logits, gt_point)
         dice = _dice_loss(dec.point_logits, gt_point, scene.points.offset)
         obj = (F.binary_cross_entropy_with_logits(dec.obj_logits, obj_label, reduction="none") * obj_weight).sum() \
             / obj_weight.sum().clamp_min(1e-6)
-        total = c.lm_weight * lm_loss + c.bce_weight * bce + c.dice_weight * dice + c.obj_weight * obj
-        return ReferringLoss(total, lm_loss, bce, dice, obj)
+        rank = self._rank_loss(dec.obj_logits, obj_label, scene.tokens.obj_offset)
+        total = (c.lm_weight * lm_loss + c.bce_weight * bce + c.dice_weight * dice + c.obj_weight * obj
+                 + c.rank_weight * rank)
+        return ReferringLoss(total, lm_loss, bce, dice, obj, rank)
+
+    def _decode_shared(self, shared: SceneInputs, index: Sequence[int], query, words, word_mask) -> DecoderOutput:
+        """The decoder on samples that share scenes: each distinct scene encoded once, its questions decoded
+        in one call; outputs laid out per sample, as ``self.decoder`` gives them on ``shared.take(index)``."""
+        outs: list = [None] * len(index)
+        for u in sorted(set(int(i) for i in index)):
+            rows = [b for b, i in enumerate(index) if int(i) == u]
+            sc = shared.scene(u)
+            enc = self.decoder.encode_scene(sc.point_feat, sc.points.coord, sc.tokens, sc.points.superpoint)
+            r = torch.tensor(rows, device=query.device)
+            res = self.decoder.decode(query[r], enc, None if words is None else words[r],
+                                      None if word_mask is None else word_mask[r])
+            for b, o in zip(rows, res):
+                outs[b] = o
+        return DecoderOutput(torch.cat([o.point_logits for o in outs]), torch.cat([o.obj_logits for o in outs]),
+                             [o.query_point_logits for o in outs])
+
+    @staticmethod
+    def _rank_loss(obj_logits: torch.Tensor, obj_label: torch.Tensor, obj_offset: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over a sample's objects for samples with exactly one target (the grounding loss of
+        ReferIt3D-style models), mean over those samples; 0 when there are none. Per-object BCE alone must
+        put each score above or below a fixed threshold; "the chair closest to the desk" is a comparison
+        among the chairs, which a softmax over the objects expresses directly."""
+        counts = counts_from_offset(obj_offset).tolist()
+        terms = []
+        for logits, label in zip(obj_logits.split(counts), obj_label.split(counts)):
+            if label.numel() and int(label.sum()) == 1:
+                terms.append(F.cross_entropy(logits[None], label.argmax()[None]))
+        return torch.stack(terms).mean() if terms else obj_logits.sum() * 0.0
 
     def _targets(self, batch: ReferringBatch):
         """Point targets ``[N]``, object labels ``[M]`` and object weights ``[M]`` (hard negatives weigh more)."""
@@ -427,8 +519,9 @@ class ReferringSegmenter(nn.Module):
             if scene_enc is None:  # the decoder's keys do not depend on the question: once per scene
                 scene_enc = self.decoder.encode_scene(scene.point_feat, scene.points.coord, scene.tokens,
                                                       scene.points.superpoint)
-            query = self._decoder_query(seg_hidden, chunk)
-            for b, (answer, dec) in enumerate(zip(answers, self.decoder.decode(query, scene_enc))):
+            query, words, word_mask = self._decoder_query(seg_hidden, chunk)
+            decoded = self.decoder.decode(query, scene_enc, words, word_mask)
+            for b, (answer, dec) in enumerate(zip(answers, decoded)):
                 preds.append(self._reconcile(scene, answer, slots[b], dec))
         return preds
 
@@ -537,11 +630,11 @@ class ReferringSegmenter(nn.Module):
         decoder_mask = torch.sigmoid(dec.point_logits) >= self.config.threshold
         named = torch.tensor(sorted(parsed.objects), dtype=torch.long, device=t.feat.device)
         identifier_mask = torch.isin(t.point2obj, named)
-        if named.numel():
-            objects, source = named, "identifiers"
-        else:
-            objects = (scores >= self.config.threshold).nonzero().flatten()
-            source = "decoder" if objects.numel() else "none"
+        scored = (scores >= self.config.threshold).nonzero().flatten()
+        order = [(named, "identifiers"), (scored, "decoder")]
+        if self.config.reconcile == "decoder":
+            order.reverse()
+        objects, source = next(((o, src) for o, src in order if o.numel()), (scored, "none"))
         point_mask = torch.isin(t.point2obj, objects)
         ids = t.object_ids[objects] if t.object_ids is not None else torch.full_like(objects, -1)
         return Prediction(point_mask, objects, ids, decoder_mask, identifier_mask, scores, answer,
