@@ -81,15 +81,19 @@ def seconds_per_step(cfg, steps: int = 4) -> float:
     obj = to_objects(cfg)
     prepare_data(obj.data)
     train = split_rows(obj.data, "train")
-    ds = ReferringDataset(train.processed_dir, obj.data.train, max_points=obj.data.max_points, rows=train.rows)
+    ds = ReferringDataset(train.processed_dir, obj.data.train, max_points=obj.data.max_points, rows=train.rows,
+                          questions_per_scene=obj.data.questions_per_scene)
     torch.manual_seed(0)
     model = Scene3DModel(pipeline_config(cfg.model))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     bs = obj.trainer.batch_size * obj.trainer.grad_accum
     times = []
+    # items spread over the whole dataset: scenes (and groups of questions) differ in size, and the first
+    # items alone under-estimated a 15-minute run by 5%
+    stride = max(1, len(ds) // ((steps + 1) * bs))
     for i in range(steps + 1):
         t = time.perf_counter()  # loading + collating counts: the trainer pays for it every step too
-        batch = collate_referring([ds[(i * bs + j) % len(ds)] for j in range(bs)])
+        batch = collate_referring([ds[((i * bs + j) * stride) % len(ds)] for j in range(bs)])
         model(batch)["loss"].backward()
         opt.step()
         opt.zero_grad()
@@ -125,9 +129,9 @@ def main(argv=None) -> int:
     prepare_data(obj.data)
     sps = seconds_per_step(cfg, steps=12)
     budget = args.minutes * 60 - (time.perf_counter() - t0) - 8.0  # model build + checkpoint writes
-    # 0.8: a run's steps average more than the timed ones (scene sizes vary, logging, clipping); before data
-    # loading was timed, a 15-minute plan took 16.6-18.6 minutes
-    steps = max(10, int(0.8 * budget / sps))
+    # 0.75: a run's steps average more than the timed ones (scene sizes vary, logging, clipping, the trainer's
+    # data stream); with 0.8 a 15-minute plan took 15.8 minutes
+    steps = max(10, int(0.75 * budget / sps))
     print(f"{sps:.3f} s/step (batch {obj.trainer.batch_size} x accum {obj.trainer.grad_accum}) -> {steps} steps "
           f"for {args.minutes:g} min", flush=True)
     cfg = compose("train", base + [f"out_dir={out / 'main'}", f"trainer.max_steps={steps}",
@@ -188,7 +192,7 @@ def gated(args, base, out: Path, checkpoint, val, sps: float) -> None:
     train = split_rows(obj.data, "train")
     ds = ReferringDataset(train.processed_dir, obj.data.train, max_points=obj.data.max_points,
                           jitter=obj.data.jitter, scale_range=obj.data.scale_range, seed=obj.trainer.seed,
-                          rows=train.rows)
+                          rows=train.rows, questions_per_scene=obj.data.questions_per_scene)
     trainer_cfg = dataclasses.replace(obj.trainer, lr=obj.trainer.lr * 0.3)
     Trainer(trainer_cfg, model, ds, collate_referring, out_dir=out / "gated", resolved_config=cfg).fit()
     res = evaluate_model(model, val.processed_dir, val.rows, "reconciled", progress=False)
