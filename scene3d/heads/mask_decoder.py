@@ -101,6 +101,7 @@ class SceneEncoding(NamedTuple):
     obj_pos: torch.Tensor  # [M, D] encoding of box center (scene-centred) and size
     obj_key: torch.Tensor  # [M, D] what class embeddings are scored against
     pair: Optional[torch.Tensor] = None  # [M, M, pair_hidden] embedded pairwise geometry (relation layers)
+    pair_values: tuple = ()  # per relation layer, [M * heads, M, dim / heads] (_RelationLayer.pair_values)
 
 
 class FourierEncoding(nn.Module):
@@ -202,15 +203,25 @@ class _RelationLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(c.dim, 2 * c.dim), nn.GELU(), nn.Linear(2 * c.dim, c.dim))
         self.norms = nn.ModuleList(nn.LayerNorm(c.dim) for _ in range(3))
 
-    def forward(self, o, words, word_mask, sent, pair):
+    def pair_values(self, pair: torch.Tensor) -> torch.Tensor:
+        """What an attended pair adds to the values, laid out ``[M * h, M, dh]`` (row ``i * h + head``) for one
+        batched matmul per layer: question-independent, so computed once per scene
+        (:meth:`MaskDecoder.encode_scene`)."""
+        m = pair.shape[0]
+        pv = self.pair_value(pair).view(m, m, self.heads, self.dh)  # (i, j, h, dh)
+        return pv.permute(0, 2, 1, 3).reshape(m * self.heads, m, self.dh)
+
+    def forward(self, o, words, word_mask, sent, pair, pv):
         b, m, d = o.shape
+        h, p = self.heads, self.p
         o = self.norms[0](o + self.cross(o, words, words, key_padding_mask=~word_mask, need_weights=False)[0])
-        q, k, v = self.qkv(o).view(b, m, 3, self.heads, self.dh).unbind(2)  # (B, M, h, dh) each
-        bias = torch.einsum("ijp,bhp->bhij", pair, self.gate(sent).view(b, self.heads, self.p))
-        att = (torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(self.dh) + bias).softmax(-1)  # (B, h, M, M)
-        pv = self.pair_value(pair).view(m, m, self.heads, self.dh)
-        ctx = torch.einsum("bhij,bjhd->bihd", att, v) + torch.einsum("bhij,ijhd->bihd", att, pv)
-        o = self.norms[1](o + self.out(ctx.reshape(b, m, d)))
+        q, k, v = self.qkv(o).view(b, m, 3, h, self.dh).permute(2, 0, 3, 1, 4)  # (B, h, M, dh) each
+        bias = (pair.reshape(m * m, p) @ self.gate(sent).view(b * h, p).T).view(m, m, b, h).permute(2, 3, 0, 1)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(self.dh) + bias).softmax(-1)  # (B, h, M, M)
+        ctx = att @ v  # (B, h, M, dh)
+        # + sum_j att[b, h, i, j] pv[i, j, h]: one matmul per (object, head) over the questions
+        ctx = ctx + (att.permute(2, 1, 0, 3).reshape(m * h, b, m) @ pv).view(m, h, b, self.dh).permute(2, 1, 0, 3)
+        o = self.norms[1](o + self.out(ctx.transpose(1, 2).reshape(b, m, d)))
         return self.norms[2](o + self.ffn(o))
 
 
@@ -273,8 +284,12 @@ class MaskDecoder(nn.Module):
         obj = self.obj_proj(tokens.feat[obj_rows])
         obj_pos = self.obj_pos(torch.cat([center - origin, size], dim=1))  # (M, D)
         pts_pos = self.point_pos(rel)
-        pair = self.pair_embed(pair_geometry(center.to(obj.dtype), size.to(obj.dtype))) if self.relation else None
-        return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, obj, obj_pos, self.obj_out(obj + obj_pos), pair)
+        pair, pvs = None, ()
+        if self.relation is not None:
+            pair = self.pair_embed(pair_geometry(center.to(obj.dtype), size.to(obj.dtype)))
+            pvs = tuple(layer.pair_values(pair) for layer in self.relation)
+        return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, obj, obj_pos, self.obj_out(obj + obj_pos), pair,
+                             pvs)
 
     def decode(self, seg_hidden: torch.Tensor, enc: SceneEncoding, words: Optional[torch.Tensor] = None,
                word_mask: Optional[torch.Tensor] = None) -> list:
@@ -302,8 +317,8 @@ class MaskDecoder(nn.Module):
             w, sent = self.text_encoder(words, word_mask)
             o = (enc.obj + enc.obj_pos).expand(b, -1, -1)  # (B, M, D)
             if o.shape[1]:
-                for layer in self.relation:
-                    o = layer(o, w, word_mask, sent, enc.pair)
+                for layer, pv in zip(self.relation, enc.pair_values):
+                    o = layer(o, w, word_mask, sent, enc.pair, pv)
             obj_key = obj = o
             rel_logits = self.rel_score(torch.cat([o, sent[:, None].expand_as(o)], -1)).squeeze(-1)  # (B, M)
         for layer in self.layers:
