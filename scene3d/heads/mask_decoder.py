@@ -99,7 +99,7 @@ class SceneEncoding(NamedTuple):
     inverse: Optional[torch.Tensor]  # [N] superpoint row of each point, None when S is the points
     obj: torch.Tensor  # [M, D] projected object tokens
     obj_pos: torch.Tensor  # [M, D] encoding of box center (scene-centred) and size
-    obj_key: torch.Tensor  # [M, D] what class embeddings are scored against
+    obj_key: Optional[torch.Tensor]  # [M, D] what class embeddings are scored against (None: relation layers)
     pair: Optional[torch.Tensor] = None  # [M, M, pair_hidden] embedded pairwise geometry (relation layers)
     pair_values: tuple = ()  # per relation layer, [M * heads, M, dim / heads] (_RelationLayer.pair_values)
 
@@ -239,8 +239,11 @@ class MaskDecoder(nn.Module):
         self.obj_pos = FourierEncoding(c.num_freqs, c.coord_scale, c.dim, in_dim=6)
         self.layers = nn.ModuleList(_Layer(c.dim, c.num_heads, c.dropout) for _ in range(c.num_layers))
         self.mask_embed = nn.Sequential(nn.Linear(c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))
-        self.cls_embed = nn.Sequential(nn.Linear(c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))
-        self.obj_out = nn.Linear(c.dim, c.dim)
+        if not c.relation_layers:  # with relation layers the object logits come from rel_score instead
+            self.cls_embed = nn.Sequential(nn.Linear(c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))
+            self.obj_out = nn.Linear(c.dim, c.dim)
+        else:
+            self.cls_embed = self.obj_out = None
         # Learnable log-scale of the mask and object logits (a temperature, as in CLIP), starting at 1. A fixed
         # 1/sqrt(dim) on top of normalised queries made the starting logits so small that the head sat on a
         # plateau: measured on a class-matching toy task, ~700 steps to learn at 1/sqrt(64), ~150 at 1.
@@ -288,8 +291,8 @@ class MaskDecoder(nn.Module):
         if self.relation is not None:
             pair = self.pair_embed(pair_geometry(center.to(obj.dtype), size.to(obj.dtype)))
             pvs = tuple(layer.pair_values(pair) for layer in self.relation)
-        return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, obj, obj_pos, self.obj_out(obj + obj_pos), pair,
-                             pvs)
+        obj_key = self.obj_out(obj + obj_pos) if self.obj_out is not None else None
+        return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, obj, obj_pos, obj_key, pair, pvs)
 
     def decode(self, seg_hidden: torch.Tensor, enc: SceneEncoding, words: Optional[torch.Tensor] = None,
                word_mask: Optional[torch.Tensor] = None) -> list:
