@@ -6,7 +6,8 @@ import torch
 from scene3d.heads.mask_decoder import MaskDecoder, MaskDecoderConfig
 from scene3d.structures.objects import ObjectTokens
 
-CFG = MaskDecoderConfig(llm_dim=24, point_dim=8, obj_dim=6, dim=32, num_queries=3, num_layers=2, num_heads=4)
+CFG = MaskDecoderConfig(llm_dim=24, point_dim=8, obj_dim=6, dim=32, num_queries=3, num_layers=2, num_heads=4,
+                        null_object=True)
 
 
 def _scene(n_pts=(30, 17), n_obj=(4, 0), seed=0):
@@ -65,8 +66,9 @@ def test_batched_questions_on_one_scene_equal_one_by_one(dec, superpoints):
     enc = dec.encode_scene(s["point_feat"], s["coord"], s["tokens"], sp)
     batched = dec.decode(hidden, enc)
     assert len(batched) == 6
-    for i, (pl, ol, qm) in enumerate(batched):
+    for i, (pl, ol, qm, nl) in enumerate(batched):
         one = dec(hidden[i : i + 1], s["point_feat"], s["coord"], s["point_offset"], s["tokens"], sp)
+        torch.testing.assert_close(nl, one.null_logits[0])
         torch.testing.assert_close(pl, one.point_logits)
         torch.testing.assert_close(ol, one.obj_logits)
         torch.testing.assert_close(qm, one.query_point_logits[0])
@@ -104,7 +106,8 @@ def test_gradients_reach_inputs_and_weights(dec):
     s = _scene()
     s["seg_hidden"].requires_grad_(True)
     out = dec(**s)
-    (out.point_logits.sum() + out.obj_logits.sum()).backward()
+    assert out.null_logits.shape == (2,)  # one per question, the object-free scene included
+    (out.point_logits.sum() + out.obj_logits.sum() + out.null_logits.sum()).backward()
     assert s["seg_hidden"].grad.abs().sum() > 0
     assert all(p.grad is not None for p in dec.parameters())
     dec.zero_grad(set_to_none=True)
@@ -121,7 +124,7 @@ def test_bad_inputs(dec):
 
 
 REL = MaskDecoderConfig(llm_dim=24, point_dim=8, obj_dim=6, dim=32, num_queries=3, num_layers=1, num_heads=4,
-                        relation_layers=2, pair_hidden=8, text_layers=1, max_words=12)
+                        relation_layers=2, pair_hidden=8, text_layers=1, max_words=12, null_object=True)
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +149,12 @@ def test_relation_layers_batched_padded_questions_equal_one_by_one(rel_dec):
     enc = rel_dec.encode_scene(s["point_feat"], s["coord"], s["tokens"])
     assert enc.pair.shape == (6, 6, REL.pair_hidden)
     batched = rel_dec.decode(hidden, enc, words, mask)
-    for i, (pl, ol, qm) in enumerate(batched):
+    for i, (pl, ol, qm, nl) in enumerate(batched):
         n = lens[i]
         one = rel_dec(hidden[i : i + 1], s["point_feat"], s["coord"], s["point_offset"], s["tokens"],
                       words=words[i : i + 1, :n], word_mask=mask[i : i + 1, :n])
+        assert nl.shape == () and one.null_logits.shape == (1,)
+        torch.testing.assert_close(nl, one.null_logits[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ol, one.obj_logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pl, one.point_logits, atol=1e-5, rtol=1e-5)
     # the words matter: the same [SEG] state with other words scores the objects differently
@@ -181,7 +186,8 @@ def test_relation_layers_need_words_and_gradients_reach_everything(rel_dec):
     words, mask = _words([3, 7])
     words.requires_grad_(True)
     out = rel_dec(**s, words=words, word_mask=mask)
-    (out.point_logits.sum() + out.obj_logits.sum()).backward()
+    assert out.null_logits.shape == (2,)  # one per question, the object-free scene included
+    (out.point_logits.sum() + out.obj_logits.sum() + out.null_logits.sum()).backward()
     assert words.grad[0, :3].abs().sum() > 0 and words.grad[0, 3:].abs().sum() == 0  # padding gets nothing
     assert all(p.grad is not None for p in rel_dec.parameters()), "a parameter got no gradient"
     rel_dec.zero_grad(set_to_none=True)

@@ -135,6 +135,7 @@ def test_predict_and_reconcile(model, scene):
     dec = type("D", (), {})()
     dec.obj_logits = torch.tensor([-5.0, 5.0, -5.0, 5.0, -5.0, -5.0, -5.0])
     dec.point_logits = torch.full((one.points.coord.shape[0],), -5.0)
+    dec.null_logits = None
     ident = torch.arange(7)
     p2o = one.tokens.point2obj
     # identifiers named -> those objects, exact instance points
@@ -164,6 +165,39 @@ def test_predict_and_reconcile(model, scene):
         ReferringConfig(reconcile="both")
 
 
+def test_null_logit_decides_none_or_the_best_object(model, scene):
+    """With a "no target" logit the decoder picks nothing when the null beats every object, else its best
+    object (even under the threshold) plus any object over the threshold; in ``reconcile="decoder"`` mode its
+    "none" is final (no fallback to the named identifiers)."""
+    one = scene.scene(1)
+    v = model.vocab
+    p2o = one.tokens.point2obj
+    logits = torch.tensor([-3.0, -1.0, -4.0, 2.0, -5.0, -2.0, -6.0])  # sigmoid >= 0.5 only at object 3
+    assert model.select_objects(logits).tolist() == [3]
+    assert model.select_objects(logits, torch.tensor(0.0)).tolist() == [3]
+    assert model.select_objects(logits, torch.tensor(2.5)).tolist() == []  # the null wins
+    low = logits - 3.0  # nothing over the threshold: the best object still wins against a lower null
+    assert model.select_objects(low).tolist() == []
+    assert model.select_objects(low, torch.tensor(-3.0)).tolist() == [3]
+    assert model.select_objects(torch.zeros(0), torch.tensor(0.0)).tolist() == []
+    dec = type("D", (), {})()
+    dec.obj_logits, dec.null_logits = low, torch.tensor(1.0)
+    dec.point_logits = torch.full((one.points.coord.shape[0],), -5.0)
+    named = [v.obj_token_ids[2], v.seg_token_id]
+    model.config = dataclasses.replace(model.config, reconcile="decoder")
+    try:
+        r = model._reconcile(one, named, torch.arange(7), dec)
+        assert r.source == "none" and r.objects.numel() == 0 and not r.point_mask.any()
+        dec.null_logits = torch.tensor(-3.0)
+        r = model._reconcile(one, named, torch.arange(7), dec)
+        assert r.source == "decoder" and r.objects.tolist() == [3] and torch.equal(r.point_mask, p2o == 3)
+    finally:
+        model.config = dataclasses.replace(model.config, reconcile="identifiers")
+    # the identifiers lead by default: the named object, whatever the decoder decided
+    r = model._reconcile(one, named, torch.arange(7), dec)
+    assert r.source == "identifiers" and r.objects.tolist() == [2]
+
+
 def test_rank_loss_only_on_single_target_samples():
     logits = torch.tensor([0.5, 2.0, -1.0, 0.3, 0.1, 0.0, 1.0])
     offset = torch.tensor([3, 5, 7])  # three samples: 3, 2 and 2 objects
@@ -172,6 +206,27 @@ def test_rank_loss_only_on_single_target_samples():
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[None, :3], torch.tensor([1])))
     zero = ReferringSegmenter._rank_loss(logits[3:], label[3:], torch.tensor([2, 4]))
     assert float(zero) == 0.0
+
+
+def test_rank_loss_with_null_covers_every_sample():
+    """With "no target" logits: zero targets -> cross-entropy to the null; one -> to the target; several ->
+    -log of the softmax mass on the targets; all against the objects and the null together."""
+    logits = torch.tensor([0.5, 2.0, -1.0, 0.3, 0.1, 0.0, 1.0], requires_grad=True)
+    null = torch.tensor([0.2, -0.4, 0.7], requires_grad=True)
+    offset = torch.tensor([3, 5, 7])
+    label = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    loss = ReferringSegmenter._rank_loss(logits, label, offset, null)
+    ce = torch.nn.functional.cross_entropy
+    z1 = torch.cat([logits[:3], null[:1]])
+    z2 = torch.cat([logits[3:5], null[1:2]])
+    z3 = torch.cat([logits[5:], null[2:]])
+    want = (ce(z1[None], torch.tensor([1])) - torch.log(z2.softmax(0)[:2].sum()) + ce(z3[None], torch.tensor([2]))) / 3
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert null.grad[2] < 0 and null.grad[0] > 0 and null.grad[1] > 0  # the null rises only where nothing is meant
+    # a scene without objects: the null is the only choice, no loss
+    torch.testing.assert_close(ReferringSegmenter._rank_loss(torch.zeros(0), torch.zeros(0), torch.tensor([0]),
+                                                             torch.tensor([0.3])), torch.tensor(0.0))
 
 
 def test_overflow_error_and_topk(model):
@@ -245,7 +300,8 @@ def test_take_spreads_scenes_and_shared_decoding_equals_expanded():
     the expanded batch sample by sample."""
     torch.manual_seed(0)
     m = ReferringSegmenter(dataclasses.replace(_config(), decoder=MaskDecoderConfig(
-        dim=32, num_queries=2, num_layers=1, num_heads=4, relation_layers=1, pair_hidden=8, text_layers=1)))
+        dim=32, num_queries=2, num_layers=1, num_heads=4, relation_layers=1, pair_hidden=8, text_layers=1,
+        null_object=True)))
     m.train()
     shared = synthetic_scene((5, 7), points_per_object=6, obj_dim=8, point_dim=8, seed=1)
     feat = shared.tokens.feat.clone().requires_grad_(True)

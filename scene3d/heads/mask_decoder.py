@@ -32,6 +32,8 @@ output                 shape
 ``point_logits``       [N]                   union-mask logit per point (ragged like the points)
 ``obj_logits``         [M]                   target logit per object (ragged like ``obj_offset``)
 ``query_point_logits`` list of [Q, N_b]      per-query mask logits of each scene
+``null_logits``        [B] or None           "no target" logit per sample (``null_object``), one softmax
+                                             with the sample's object logits
 =====================  ====================  ==========================================================
 """
 
@@ -70,6 +72,10 @@ class MaskDecoderConfig:
     text_layers: int = 2
     #: longest question (tokens) the text encoder's learned positions cover
     max_words: int = 128
+    #: a learned "no target" logit per question (``DecoderOutput.null_logits``) that competes with the
+    #: object logits in one softmax: the decision "none, or which object" is then a comparison among the
+    #: candidates (see :meth:`scene3d.models.referring.ReferringSegmenter._set_loss`)
+    null_object: bool = False
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -87,6 +93,9 @@ class DecoderOutput(NamedTuple):
     point_logits: torch.Tensor
     obj_logits: torch.Tensor
     query_point_logits: list
+    #: the "no target" logit of each question (``[]`` for one question, ``[B]`` from :meth:`MaskDecoder.forward`);
+    #: None unless ``config.null_object``
+    null_logits: Optional[torch.Tensor] = None
 
 
 class SceneEncoding(NamedTuple):
@@ -256,6 +265,10 @@ class MaskDecoder(nn.Module):
             self.rel_score = nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
         else:
             self.text_encoder = self.pair_embed = self.relation = self.rel_score = None
+        # "no target" logit from the question (sentence state, or the mean query without relation layers) and
+        # the strongest object state (max-pooled), so it can compare what was asked for with what is there
+        self.null_score = (nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
+                           if c.null_object else None)
 
     @property
     def needs_words(self) -> bool:
@@ -326,6 +339,11 @@ class MaskDecoder(nn.Module):
             rel_logits = self.rel_score(torch.cat([o, sent[:, None].expand_as(o)], -1)).squeeze(-1)  # (B, M)
         for layer in self.layers:
             q = layer(q, obj_key, obj, enc.pts[None], enc.pts_pos[None])
+        null = None
+        if self.null_score is not None:
+            ctx = sent if self.relation is not None else q.mean(1)  # (B, D)
+            pooled = obj.max(1).values if obj.shape[1] else obj.new_zeros(b, c.dim)
+            null = self.null_score(torch.cat([ctx, pooled.expand(b, -1)], -1)).squeeze(-1)  # (B,)
         qm = self.mask_embed(q) @ enc.mask_key.T * scale  # (B, Q, S)
         if enc.inverse is not None:
             qm = qm[:, :, enc.inverse]  # (B, Q, N)
@@ -335,7 +353,7 @@ class MaskDecoder(nn.Module):
         out = []
         for i in range(b):
             pl = qm[i].max(0).values if qm.shape[2] else qm.new_zeros(0)
-            out.append(DecoderOutput(pl, rel_logits[i], qm[i]))
+            out.append(DecoderOutput(pl, rel_logits[i], qm[i], None if null is None else null[i]))
         return out
 
     def forward(self, seg_hidden: torch.Tensor, point_feat: torch.Tensor, coord: torch.Tensor,
@@ -348,7 +366,7 @@ class MaskDecoder(nn.Module):
         if len(p_counts) != b or len(o_counts) != b:
             raise ValueError(f"seg_hidden has {b} samples but point_offset has {len(p_counts)} scenes and "
                              f"obj_offset {len(o_counts)}")
-        point_logits, obj_logits, per_query = [], [], []
+        point_logits, obj_logits, per_query, nulls = [], [], [], []
         p0 = o0 = 0
         for i in range(b):
             p1, o1 = p0 + int(p_counts[i]), o0 + int(o_counts[i])
@@ -356,9 +374,11 @@ class MaskDecoder(nn.Module):
                                     None if superpoint is None else superpoint[p0:p1], slice(o0, o1))
             w = None if words is None else words[i : i + 1]
             wm = None if word_mask is None else word_mask[i : i + 1]
-            (pl, ol, qm), = self.decode(seg_hidden[i : i + 1], enc, w, wm)
+            (pl, ol, qm, nl), = self.decode(seg_hidden[i : i + 1], enc, w, wm)
+            nulls.append(nl)
             point_logits.append(pl)
             obj_logits.append(ol)
             per_query.append(qm)
             p0, o0 = p1, o1
-        return DecoderOutput(torch.cat(point_logits), torch.cat(obj_logits), per_query)
+        null = torch.stack(nulls) if self.null_score is not None and nulls else None
+        return DecoderOutput(torch.cat(point_logits), torch.cat(obj_logits), per_query, null)
