@@ -4,8 +4,9 @@
     .venv/bin/python bench/learn_synthetic.py --minutes 5 -- trainer.lr=2e-3 trainer.batch_size=8
 
 Trains ``experiment=synthetic_cpu`` (plus any hydra overrides after ``--``) through
-:func:`scene3d.train.run_training`; ``trainer.max_steps`` is chosen so that training fits the budget (a few
-timed steps first measure seconds per step). Then every held-out (val) row is predicted once and scored with
+:func:`scene3d.train.run_training` with ``trainer.time_budget_s`` set to what is left of the budget after the
+data is made: the trainer plans its step count from its own pace and moves the cosine schedule's end to fit
+(:class:`scene3d.engine.trainer.StepBudget`). Then every held-out (val) row is predicted once and scored with
 :mod:`scene3d.metrics` for the reconciled result, the identifier-only path (``Prediction.identifier_mask``)
 and the decoder-only path (``Prediction.decoder_mask``), next to two trivial baselines (the largest object;
 a random object). Gating: the trained model is fine-tuned for ``--gate-minutes`` more with
@@ -70,37 +71,6 @@ def line(name: str, m: dict) -> str:
     return f"{name:<28s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
 
 
-def seconds_per_step(cfg, steps: int = 4) -> float:
-    """Time a few optimizer steps of the configured model on the configured data, loading included (after one
-    warm-up step)."""
-    from scene3d.config import pipeline_config, to_objects
-    from scene3d.data.referring import ReferringDataset, collate_referring
-    from scene3d.models.pipeline import Scene3DModel
-    from scene3d.train import prepare_data, split_rows
-
-    obj = to_objects(cfg)
-    prepare_data(obj.data)
-    train = split_rows(obj.data, "train")
-    ds = ReferringDataset(train.processed_dir, obj.data.train, max_points=obj.data.max_points, rows=train.rows,
-                          questions_per_scene=obj.data.questions_per_scene)
-    torch.manual_seed(0)
-    model = Scene3DModel(pipeline_config(cfg.model))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    bs = obj.trainer.batch_size * obj.trainer.grad_accum
-    times = []
-    # items spread over the whole dataset: scenes (and groups of questions) differ in size, and the first
-    # items alone under-estimated a 15-minute run by 5%
-    stride = max(1, len(ds) // ((steps + 1) * bs))
-    for i in range(steps + 1):
-        t = time.perf_counter()  # loading + collating counts: the trainer pays for it every step too
-        batch = collate_referring([ds[((i * bs + j) * stride) % len(ds)] for j in range(bs)])
-        model(batch)["loss"].backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[1:]))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=15.0, help="CPU budget for training the main model")
@@ -127,16 +97,14 @@ def main(argv=None) -> int:
     cfg = compose("train", base + [f"out_dir={out / 'main'}"])
     obj = to_objects(cfg)
     prepare_data(obj.data)
-    sps = seconds_per_step(cfg, steps=12)
-    budget = args.minutes * 60 - (time.perf_counter() - t0) - 8.0  # model build + checkpoint writes
-    # 0.78: the trainer's steps average ~1.26x the timed ones (measured: 0.33 vs 0.262 s; scene sizes vary,
-    # logging, clipping, its data stream); with 0.8 a 15-minute plan took 15.8 minutes, with 0.75 14.3
-    steps = max(10, int(0.78 * budget / sps))
-    print(f"{sps:.3f} s/step (batch {obj.trainer.batch_size} x accum {obj.trainer.grad_accum}) -> {steps} steps "
-          f"for {args.minutes:g} min", flush=True)
-    cfg = compose("train", base + [f"out_dir={out / 'main'}", f"trainer.max_steps={steps}",
-                                   f"trainer.ckpt_every={steps}"])
+    budget = args.minutes * 60 - (time.perf_counter() - t0) - 10.0  # building the model, loading the data
+    print(f"data ready after {(time.perf_counter() - t0) / 60:.2f} min; training budget {budget / 60:.2f} min",
+          flush=True)
+    cfg = compose("train", base + [f"out_dir={out / 'main'}", "trainer.max_steps=1000000", "trainer.ckpt_every=0",
+                                   f"trainer.time_budget_s={budget:.1f}"])
+    t_fit = time.perf_counter()
     summary = run_training(cfg)
+    sps = (time.perf_counter() - t_fit) / max(summary.step, 1)
     train_min = (time.perf_counter() - t0) / 60
     print(f"trained {summary.step} steps in {train_min:.2f} min; last train row: "
           + ", ".join(f"{k}={v:.4g}" for k, v in summary.train_metrics.items()), flush=True)
@@ -174,7 +142,7 @@ def gated(args, base, out: Path, checkpoint, val, sps: float) -> None:
     from scene3d.train import split_rows
 
     t = time.perf_counter()
-    steps = max(10, int(0.9 * args.gate_minutes * 60 / (sps * 1.3)))
+    steps = max(10, int(0.9 * args.gate_minutes * 60 / (sps * 1.15)))  # gated steps run the scorer too
     try:
         cfg = compose("train", base + ["model.gate.enabled=true", "model.gate.keep_ratio=0.3",
                                        f"model.gate.anneal_steps={max(1, steps // 2)}", f"trainer.max_steps={steps}",

@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:  # when run as a script
 from scene3d.engine import (  # noqa: E402
     CheckpointError,
     LinearWarmupCosine,
+    StepBudget,
     Trainer,
     TrainerConfig,
     load_checkpoint,
@@ -204,6 +205,43 @@ def test_cosine_schedule_values(tmp_path):
     lrs = {int(r["step"]): float(r["lr"]) for r in read_csv(tmp_path / "metrics.csv") if r["split"] == "train"}
     for s in (0, 1, 2, 6, 9):
         assert lrs[s + 1] == pytest.approx(0.2 * expected[s], rel=1e-9)
+
+
+def test_step_budget_plans_from_the_measured_pace():
+    b = StepBudget(budget_s=100.0, max_steps=1000, first=10, reserve_s=5.0)
+    assert not b.due(9) and b.due(10)
+    assert b.plan(10, 20.0) == 10 + int(75 / 2.0)  # first check: pace over all steps so far (2 s/step)
+    assert not b.due(19) and b.due(20)
+    # later checks measure the pace since the first check: steps 10 -> 20 took 5 s
+    assert b.plan(20, 25.0) == 20 + int(70 / 0.5)
+    assert StepBudget(100.0, max_steps=50, first=10).plan(10, 1.0) == 50  # capped by max_steps
+    assert StepBudget(100.0, max_steps=50, first=10).plan(10, 99.0) == 11  # never before the next step
+    assert b.out_of_time(95.0) and not b.out_of_time(94.9)
+
+
+def test_time_budget_moves_the_schedule_end_and_stops(tmp_path, monkeypatch):
+    """With ``time_budget_s`` the loop plans its steps from its own pace (here a fake clock: 1 s per step),
+    so the cosine schedule reaches its end at the last step the budget allows, far before ``max_steps``."""
+    import scene3d.engine.trainer as tr
+
+    clock = {"t": 0.0}
+
+    class Timed(ToyModel):
+        def forward(self, batch):
+            clock["t"] += 1.0
+            return super().forward(batch)
+
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: clock["t"])
+    seed_everything(0)
+    s = Trainer(cfg(max_steps=100000, lr=0.1, schedule="cosine", time_budget_s=60.0), Timed(), ToyData(),
+                out_dir=tmp_path).fit()
+    assert s.step == 55  # 60 s less the 5 s reserve for the final checkpoint, at 1 s per step
+    lrs = [float(r["lr"]) for r in read_csv(tmp_path / "metrics.csv") if r["split"] == "train"]
+    assert len(lrs) == 55 and lrs[10] > 0.0999  # planned for 100000 steps until the first check (step 16)
+    assert lrs[-1] < 1e-3 and lrs[30] < 0.06  # then for 55: decayed to ~0 at the planned end
+    assert s.checkpoint is not None and s.checkpoint.name.endswith("55")
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainerConfig(time_budget_s=-1.0)
 
 
 def test_config_validation():

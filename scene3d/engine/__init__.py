@@ -10,7 +10,8 @@ from scene3d.engine.checkpoint import (
     save_checkpoint,
 )
 from scene3d.engine.distributed import DistEnv, init_distributed
-from scene3d.engine.trainer import FitSummary, LinearWarmupCosine, Trainer, TrainerConfig, seed_everything
+from scene3d.engine.trainer import (FitSummary, LinearWarmupCosine, StepBudget, Trainer, TrainerConfig,
+                                    seed_everything)
 
 __all__ = [
     "Checkpoint",
@@ -18,6 +19,7 @@ __all__ = [
     "DistEnv",
     "FitSummary",
     "LinearWarmupCosine",
+    "StepBudget",
     "Trainer",
     "TrainerConfig",
     "init_distributed",

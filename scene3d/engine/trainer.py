@@ -104,6 +104,11 @@ class TrainerConfig:
     tensorboard: bool = True
     find_unused_parameters: bool = False  # DDP option for models with conditionally used parameters
     init_from: Optional[str] = None  # weights of an earlier stage (checkpoint/run dir), ignored on resume
+    #: wall-clock seconds for this fit's steps (0: off). The loop then plans its step count from its own
+    #: measured pace (:class:`StepBudget`): after a few steps, and again as it goes, the cosine schedule's
+    #: end is moved to the step the budget reaches (never past ``max_steps``), and it stops when the time is
+    #: up. For benchmarks under a time limit; such a run is not step-for-step reproducible.
+    time_budget_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum"):
@@ -123,6 +128,39 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(f"TrainerConfig.grad_clip must be >= 0 or None, got {self.grad_clip}")
+        if not (self.time_budget_s >= 0 and math.isfinite(self.time_budget_s)):
+            raise ValueError(f"TrainerConfig.time_budget_s must be >= 0 seconds, got {self.time_budget_s}")
+
+
+class StepBudget:
+    """Plans the number of steps that fit a wall-clock budget from the loop's own pace.
+
+    ``plan(step, elapsed)`` is called after steps ``first, 2 * first, 4 * first, ...`` (doubling, so the
+    schedule moves early and rarely): the pace is measured over the steps since the first check (the first
+    steps carry one-off costs: allocator warm-up, first batches), and the end is put where the remaining time
+    at that pace runs out, less ``reserve_s`` (the final checkpoint) — capped by ``max_steps``, never before the
+    next step. ``out_of_time(elapsed)`` is the hard stop."""
+
+    def __init__(self, budget_s: float, max_steps: int, first: int = 16, reserve_s: float = 5.0) -> None:
+        self.budget_s, self.max_steps, self.reserve_s = float(budget_s), int(max_steps), float(reserve_s)
+        self.next_check, self.ref = int(first), None  # (step, elapsed) at the first check
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_check
+
+    def plan(self, step: int, elapsed: float) -> int:
+        self.next_check = 2 * max(step, 1)
+        if self.ref is None or step <= self.ref[0]:
+            pace = elapsed / max(step, 1)
+            if self.ref is None:
+                self.ref = (step, elapsed)
+        else:
+            pace = (elapsed - self.ref[1]) / (step - self.ref[0])
+        left = self.budget_s - self.reserve_s - elapsed
+        return max(step + 1, min(self.max_steps, step + int(left / max(pace, 1e-9))))
+
+    def out_of_time(self, elapsed: float) -> bool:
+        return elapsed >= self.budget_s - self.reserve_s
 
 
 class FitSummary(NamedTuple):
@@ -591,7 +629,10 @@ class Trainer:
                         writer.add_scalar(f"eval/{k}", v, at_step)
             return res
 
-        pbar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True,
+        last_step = cfg.max_steps  # the last step; a time budget moves it (and the schedule's end) to fit
+        budget = StepBudget(cfg.time_budget_s, cfg.max_steps) if cfg.time_budget_s > 0 else None
+        t_fit = time.perf_counter()
+        pbar = tqdm(total=last_step, initial=step, desc="train", dynamic_ncols=True,
                     disable=not (cfg.progress and main))
         sums: dict[str, float] = {}
         n_steps_acc = n_samples = 0
@@ -602,7 +643,7 @@ class Trainer:
         saved_at = -1
         model.train()
         try:
-            while step < cfg.max_steps:
+            while step < last_step:
                 optimizer.zero_grad(set_to_none=True)
                 step_sums: dict[str, float] = {}
                 for micro in range(cfg.grad_accum):
@@ -637,16 +678,31 @@ class Trainer:
                 for k, v in step_sums.items():
                     sums[k] = sums.get(k, 0.0) + v
                 pbar.update(1)
+                if budget is not None and (budget.due(step) or step % 10 == 0):
+                    # checks fall on the same steps on every rank (they gather), and every rank follows rank
+                    # 0's clock, so all stop at the same step; the hard stop is checked every 10 steps
+                    elapsed = gather_objects(time.perf_counter() - t_fit)[0]
+                    new_total = step if budget.out_of_time(elapsed) else (
+                        budget.plan(step, elapsed) if budget.due(step) else last_step)
+                    if new_total != last_step:
+                        last_step = new_total
+                        for fn in scheduler.lr_lambdas:
+                            fn.total_steps = max(last_step, cfg.warmup_steps + 1)
+                        pbar.total = last_step
+                        pbar.refresh()
+                        if main:
+                            log.info("time budget %.0f s: %.1f s after step %d, planning %d steps",
+                                     cfg.time_budget_s, elapsed, step, last_step)
 
-                if step % max(cfg.log_every, 1) == 0 or step == cfg.max_steps:
+                if step % max(cfg.log_every, 1) == 0 or step == last_step:
                     now = time.perf_counter()
                     means = {k: v / n_steps_acc for k, v in sums.items()}
                     gathered = gather_objects((means, n_samples))
                     if main:
                         keys = list(gathered[0][0])
                         means = {k: float(np.mean([g[0].get(k, np.nan) for g in gathered])) for k in keys}
-                        total = sum(g[1] for g in gathered)
-                        means["samples_per_s"] = total / max(now - t_last, 1e-9)
+                        n_total = sum(g[1] for g in gathered)
+                        means["samples_per_s"] = n_total / max(now - t_last, 1e-9)
                         last_train = means
                         csv_log.append({"step": step, "split": "train", "epoch": stream.epoch, **means})
                         if writer is not None:
@@ -655,7 +711,7 @@ class Trainer:
                         pbar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{means['lr']:.2e}",
                                          sps=f"{means['samples_per_s']:.1f}")
                     sums, n_steps_acc, n_samples, t_last = {}, 0, 0, time.perf_counter()
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < last_step:
                     last_eval = run_eval(step)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     last_ckpt, saved_at = save(step), step
