@@ -79,9 +79,10 @@ class ReferringConfig:
     rank_weight: float = 1.0  # softmax cross-entropy over the objects of single-target samples (_rank_loss)
     threshold: float = 0.5
     #: which path leads the reconciled result: "identifiers" (the objects the answer names; the decoder's
-    #: objects when it names none) or "decoder" (the objects the decoder scores >= threshold; the named ones
-    #: when it scores none). "decoder" suits a small LLM that names identifiers less reliably than the
-    #: relation-aware decoder scores objects.
+    #: objects when it names none) or "decoder" (the decoder's objects, :meth:`ReferringSegmenter.select_objects`;
+    #: the named ones when it picks none — unless the decoder has a "no target" logit, whose "none" is final).
+    #: "decoder" suits a small LLM that names identifiers less reliably than the relation-aware decoder scores
+    #: objects.
     reconcile: str = "identifiers"
     max_new_tokens: int = 16
     predict_batch_size: int = 16  # texts of one scene that predict answers as one batch
