@@ -601,10 +601,50 @@ def test_torchrun_ddp_two_ranks_gloo(tmp_path):
     assert torch.equal(ck.model_state["net.0.weight"], w0["net.0.weight"])
 
 
+class SlowModel(ToyModel):
+    """Steps take a rank-dependent time, so the ranks' own clocks would plan different step counts."""
+
+    def forward(self, batch):
+        time.sleep(0.05 * (1 + int(os.environ.get("RANK", "0"))))
+        return super().forward(batch)
+
+
+def _main_ddp_budget(out: str) -> None:
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    seed_everything(0)
+    model = SlowModel()
+    c = cfg(max_steps=100000, batch_size=2, seed=1, time_budget_s=8.0, schedule="cosine")
+    s = Trainer(c, model, ToyData(n=DDP_N), out_dir=Path(out) / "run").fit()
+    rank = int(os.environ["RANK"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(out) / f"w{rank}.safetensors"))
+    (Path(out) / f"step{rank}.json").write_text(json.dumps({"step": s.step}))
+
+
+def test_torchrun_ddp_time_budget_stops_all_ranks_together(tmp_path):
+    """With a time budget the ranks follow rank 0's clock: they stop at the same step (no rank waits forever in
+    a collective the other skipped) with the same weights."""
+    from safetensors.torch import load_file
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, "ddp_budget", str(tmp_path)]
+    r = subprocess.run(cmd, env=_script_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s0 = json.loads((tmp_path / "step0.json").read_text())["step"]
+    s1 = json.loads((tmp_path / "step1.json").read_text())["step"]
+    assert s0 == s1 and 10 <= s0 < 1000  # ~3 s of 0.1 s steps (8 s less the 5 s reserve)
+    w0, w1 = load_file(str(tmp_path / "w0.safetensors")), load_file(str(tmp_path / "w1.safetensors"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert load_checkpoint(tmp_path / "run").step == s0
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "train":
         _main_train(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "ddp":
         _main_ddp(sys.argv[2])
+    elif sys.argv[1] == "ddp_budget":
+        _main_ddp_budget(sys.argv[2])
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")
