@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from scene3d.heads.mask_decoder import MaskDecoder, MaskDecoderConfig
+from scene3d.heads.mask_decoder import MaskDecoder, MaskDecoderConfig, superlative_rank
 from scene3d.structures.objects import ObjectTokens
 
 CFG = MaskDecoderConfig(llm_dim=24, point_dim=8, obj_dim=6, dim=32, num_queries=3, num_layers=2, num_heads=4,
@@ -124,7 +124,8 @@ def test_bad_inputs(dec):
 
 
 REL = MaskDecoderConfig(llm_dim=24, point_dim=8, obj_dim=6, dim=32, num_queries=3, num_layers=1, num_heads=4,
-                        relation_layers=2, pair_hidden=8, text_layers=1, max_words=12, null_object=True)
+                        relation_layers=2, pair_hidden=8, text_layers=1, max_words=12, null_object=True,
+                        rank_pairs=True)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +233,21 @@ def test_relation_layers_learn_a_view_of_left_and_right():
         logits, target = batch(64)
     acc = float(((logits > 0).float() == target).float().mean())
     assert acc >= 0.9, acc  # chance (the majority label) is ~0.6
+
+
+def test_superlative_rank_orders_objects_of_a_kind_by_distance():
+    """Anchor 0 at the origin; chairs 1, 2, 3 at 1, 2 and 4 m; a lamp (4) at 0.5 m is not a chair. Among the
+    chairs, 1 is nearest to the anchor (rank ~0) and 3 farthest (~1); the lamp, alone of its kind, has nothing
+    to compare with (weight ~0)."""
+    center = torch.tensor([[0.0, 0, 0], [1, 0, 0.5], [0, 2, 0], [-4, 0, 2], [0.5, 0, 0]])
+    cls = torch.tensor([9, 1, 1, 1, 2])
+    sim = (cls[:, None] == cls[None]).float()
+    r = superlative_rank(center, sim, softness=0.05)
+    assert r.shape == (5, 5, 2)
+    torch.testing.assert_close(r[[1, 2, 3], 0, 0], torch.tensor([0.0, 0.5, 1.0]), atol=2e-3, rtol=0)
+    torch.testing.assert_close(r[[1, 2, 3], 0, 1], torch.full((3,), float(torch.log1p(torch.tensor(2.0)))))
+    assert float(r[4, 0, 1]) == 0.0 and float(r[4, 0, 0]) == 0.0
+    # seen from chair 3 instead, chair 2 is now the nearest of the other chairs (height z does not count)
+    assert float(r[2, 3, 0]) < 0.01 and float(r[1, 3, 0]) > 0.99
+    with pytest.raises(ValueError, match="relation_layers"):
+        MaskDecoderConfig(rank_pairs=True)

@@ -76,6 +76,13 @@ class MaskDecoderConfig:
     #: object logits in one softmax: the decision "none, or which object" is then a comparison among the
     #: candidates (see :meth:`scene3d.models.referring.ReferringSegmenter._set_loss`)
     null_object: bool = False
+    #: superlative pair features for the relation layers (:func:`superlative_rank`): for objects i, j the soft
+    #: rank of i's distance to j among the objects like i ("the chair closest to the desk"), with "like" a
+    #: learned similarity of the object tokens (trained on same-class pairs where labels are known:
+    #: ``ReferringConfig.sim_weight``). Needs ``relation_layers > 0``.
+    rank_pairs: bool = False
+    #: metres over which "nearer than" softens (sigmoid temperature of the rank)
+    rank_softness: float = 0.1
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -87,6 +94,10 @@ class MaskDecoderConfig:
         for name in ("relation_layers", "text_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rank_pairs and not self.relation_layers:
+            raise ValueError("rank_pairs feeds the relation layers: set relation_layers > 0 too")
+        if not self.rank_softness > 0:
+            raise ValueError(f"rank_softness must be positive, got {self.rank_softness}")
 
 
 class DecoderOutput(NamedTuple):
@@ -162,6 +173,27 @@ def pair_geometry(center: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     d = center[None, :, :] - center[:, None, :]
     gap = d.abs() - (size[:, None, :] + size[None, :, :]) / 2
     return torch.cat([enc, gap], -1)
+
+
+def superlative_rank(center: torch.Tensor, sim: torch.Tensor, softness: float = 0.1) -> torch.Tensor:
+    """Superlative pair features ``[M, M, 2]`` from box centres ``[M, 3]`` and a similarity ``sim [M, M]`` in
+    (0, 1): for the pair (i, j), (1) the soft fraction of the objects like i (weights ``sim[i, k]``, k neither i
+    nor j) that lie nearer to j than i does — horizontal distance of the centres, "nearer" a sigmoid over
+    ``softness`` metres — so ~0 for the object of its kind nearest to j and ~1 for the farthest; (2) ``log(1 +``
+    the weight of those objects``)``, how many there are to compare with.
+
+    Why a hand-built feature: "the chair closest to the desk" compares the chairs' distances to the desk, a
+    second-order relation that attention over pairs did not learn in a 15-minute CPU budget (held-out closest
+    / farthest ~0.5, chance among two chairs); with this feature (and oracle classes) a standalone relation
+    model reached 0.93 on both in 6 minutes, 0.64 / 0.56 without. ``O(M^3)`` memory and time, once per scene."""
+    m = center.shape[0]
+    xy = center[:, :2]
+    d = (xy[:, None, :] - xy[None, :, :]).norm(dim=-1)  # (i, j)
+    eye = torch.eye(m, dtype=torch.bool, device=center.device)
+    w = sim[:, None, :].masked_fill(eye[:, None, :], 0.0).expand(m, m, m).masked_fill(eye[None], 0.0)  # w[i, j, k]
+    nearer = torch.sigmoid((d[:, :, None] - d.T[None, :, :]) / softness)  # [i, j, k]: d(k, j) < d(i, j)
+    n = w.sum(-1)
+    return torch.stack([(w * nearer).sum(-1) / (n + 1e-3), torch.log1p(n)], -1)
 
 
 class _TextEncoder(nn.Module):
@@ -259,7 +291,8 @@ class MaskDecoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.zeros(()))
         if c.relation_layers:
             self.text_encoder = _TextEncoder(c)
-            self.pair_embed = nn.Sequential(nn.Linear(PAIR_DIM + 3, c.pair_hidden), nn.GELU(),
+            geo_dim = PAIR_DIM + 3 + (2 if c.rank_pairs else 0)
+            self.pair_embed = nn.Sequential(nn.Linear(geo_dim, c.pair_hidden), nn.GELU(),
                                             nn.Linear(c.pair_hidden, c.pair_hidden))
             self.relation = nn.ModuleList(_RelationLayer(c) for _ in range(c.relation_layers))
             self.rel_score = nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
@@ -269,6 +302,17 @@ class MaskDecoder(nn.Module):
         # the strongest object state (max-pooled), so it can compare what was asked for with what is there
         self.null_score = (nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
                            if c.null_object else None)
+        if c.rank_pairs:  # object similarity for superlative_rank: cosine of an embedding, learned scale / offset
+            self.sim_embed = nn.Linear(c.dim, 32)
+            self.sim_affine = nn.Parameter(torch.tensor([10.0, -5.0]))
+        else:
+            self.sim_embed = self.sim_affine = None
+
+    def similarity_logits(self, obj: torch.Tensor) -> torch.Tensor:
+        """Logits ``[M, M]`` that two objects are alike (same class), from projected object tokens ``obj [M, D]``
+        (``obj_proj`` of the features, no position: a class does not depend on where the object is)."""
+        e = nn.functional.normalize(self.sim_embed(obj), dim=-1)
+        return self.sim_affine[0] * (e @ e.T) + self.sim_affine[1]
 
     @property
     def needs_words(self) -> bool:
@@ -302,7 +346,11 @@ class MaskDecoder(nn.Module):
         pts_pos = self.point_pos(rel)
         pair, pvs = None, ()
         if self.relation is not None:
-            pair = self.pair_embed(pair_geometry(center.to(obj.dtype), size.to(obj.dtype)))
+            geo = pair_geometry(center.to(obj.dtype), size.to(obj.dtype))
+            if self.sim_embed is not None:
+                sim = torch.sigmoid(self.similarity_logits(obj))
+                geo = torch.cat([geo, superlative_rank(center.detach().to(obj.dtype), sim, c.rank_softness)], -1)
+            pair = self.pair_embed(geo)
             pvs = tuple(layer.pair_values(pair) for layer in self.relation)
         obj_key = self.obj_out(obj + obj_pos) if self.obj_out is not None else None
         return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, obj, obj_pos, obj_key, pair, pvs)

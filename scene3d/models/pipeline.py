@@ -128,6 +128,7 @@ class Scene3DModel(nn.Module):
         total = ref.total + self.config.tokenizer_loss_weight * tok
         return {"loss": total, "lm": ref.lm.detach(), "mask_bce": ref.mask_bce.detach(),
                 "mask_dice": ref.mask_dice.detach(), "obj": ref.obj.detach(), "obj_rank": ref.obj_rank.detach(),
+                "obj_sim": ref.obj_sim.detach(),
                 "proposal": tok.detach()}
 
     @torch.no_grad()

@@ -16,7 +16,9 @@ negatives* — objects of a target's class that are not targets (when ``object_c
 ``distractors`` — weigh ``hard_negative_weight`` instead of 1; ``obj_rank``: softmax cross-entropy over a
 sample's objects when it has exactly one target, or — when the decoder has a "no target" logit
 (``MaskDecoderConfig.null_object``) — over the objects and the null for every sample (``rank_weight``; see
-:meth:`ReferringSegmenter._rank_loss`).
+:meth:`ReferringSegmenter._rank_loss`); ``obj_sim``: with superlative pair features in the decoder
+(``MaskDecoderConfig.rank_pairs``), BCE of its object similarity against "same class" where ``object_class``
+is given (``sim_weight``).
 Samples that share a scene (``ReferringBatch.shared``) have the decoder encode it once.
 
 Inference (:meth:`ReferringSegmenter.predict`) returns, per query, the decoder mask, the mask of the
@@ -77,6 +79,9 @@ class ReferringConfig:
     obj_weight: float = 1.0
     hard_negative_weight: float = 3.0
     rank_weight: float = 1.0  # softmax cross-entropy over the objects of single-target samples (_rank_loss)
+    #: BCE of the decoder's object similarity (``MaskDecoderConfig.rank_pairs``) against "same class", on
+    #: samples whose object classes are known (``_similarity_loss``)
+    sim_weight: float = 0.5
     threshold: float = 0.5
     #: which path leads the reconciled result: "identifiers" (the objects the answer names; the decoder's
     #: objects when it names none) or "decoder" (the decoder's objects, :meth:`ReferringSegmenter.select_objects`;
@@ -227,6 +232,7 @@ class ReferringLoss(NamedTuple):
     mask_dice: torch.Tensor
     obj: torch.Tensor
     obj_rank: torch.Tensor
+    obj_sim: torch.Tensor
 
 
 class ModelInputs(NamedTuple):
@@ -410,9 +416,30 @@ class ReferringSegmenter(nn.Module):
         obj = (F.binary_cross_entropy_with_logits(dec.obj_logits, obj_label, reduction="none") * obj_weight).sum() \
             / obj_weight.sum().clamp_min(1e-6)
         rank = self._rank_loss(dec.obj_logits, obj_label, scene.tokens.obj_offset, dec.null_logits)
+        sim = self._similarity_loss(batch)
         total = (c.lm_weight * lm_loss + c.bce_weight * bce + c.dice_weight * dice + c.obj_weight * obj
-                 + c.rank_weight * rank)
-        return ReferringLoss(total, lm_loss, bce, dice, obj, rank)
+                 + c.rank_weight * rank + c.sim_weight * sim)
+        return ReferringLoss(total, lm_loss, bce, dice, obj, rank, sim)
+
+    def _similarity_loss(self, batch: ReferringBatch) -> torch.Tensor:
+        """BCE of the decoder's object-similarity logits against "same class" over the ordered pairs of distinct
+        objects of each sample's scene, mean over samples with >= 2 objects; 0 without ``rank_pairs`` or without
+        ``object_class``."""
+        t = batch.scene.tokens
+        if self.decoder.sim_embed is None or batch.object_class is None:
+            return t.feat.sum() * 0.0
+        obj = self.decoder.obj_proj(t.feat)
+        cls = batch.object_class.to(obj.device)
+        terms = []
+        for b, m in enumerate(t.obj_counts.tolist()):
+            o0 = int(t.obj_offset[b - 1]) if b else 0
+            if m < 2:
+                continue
+            off = ~torch.eye(m, dtype=torch.bool, device=obj.device)
+            same = (cls[o0 : o0 + m, None] == cls[None, o0 : o0 + m]).float()
+            terms.append(F.binary_cross_entropy_with_logits(self.decoder.similarity_logits(obj[o0 : o0 + m])[off],
+                                                            same[off]))
+        return torch.stack(terms).mean() if terms else obj.sum() * 0.0
 
     def _decode_shared(self, shared: SceneInputs, index: Sequence[int], query, words, word_mask) -> DecoderOutput:
         """The decoder on samples that share scenes: each distinct scene encoded once, its questions decoded
