@@ -240,6 +240,11 @@ def test_time_budget_moves_the_schedule_end_and_stops(tmp_path, monkeypatch):
     assert len(lrs) == 55 and lrs[10] > 0.0999  # planned for 100000 steps until the first check (step 16)
     assert lrs[-1] < 1e-3 and lrs[30] < 0.06  # then for 55: decayed to ~0 at the planned end
     assert s.checkpoint is not None and s.checkpoint.name.endswith("55")
+    # resumed with a new budget: the plan counts the steps of this fit, from the checkpoint's step
+    clock["t"] = 0.0
+    r = Trainer(cfg(max_steps=100000, lr=0.1, schedule="cosine", time_budget_s=30.0), Timed(), ToyData(),
+                out_dir=tmp_path).fit(resume=True)
+    assert r.step == 55 + 25
     with pytest.raises(ValueError, match="time_budget_s"):
         TrainerConfig(time_budget_s=-1.0)
 

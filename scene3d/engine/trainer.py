@@ -139,7 +139,8 @@ class StepBudget:
     schedule moves early and rarely): the pace is measured over the steps since the first check (the first
     steps carry one-off costs: allocator warm-up, first batches), and the end is put where the remaining time
     at that pace runs out, less ``reserve_s`` (the final checkpoint) — capped by ``max_steps``, never before the
-    next step. ``out_of_time(elapsed)`` is the hard stop."""
+    next step. ``out_of_time(elapsed)`` is the hard stop. Steps and time count from the start of this fit (a
+    resumed run: from its checkpoint's step)."""
 
     def __init__(self, budget_s: float, max_steps: int, first: int = 16, reserve_s: float = 5.0) -> None:
         self.budget_s, self.max_steps, self.reserve_s = float(budget_s), int(max_steps), float(reserve_s)
@@ -630,7 +631,9 @@ class Trainer:
             return res
 
         last_step = cfg.max_steps  # the last step; a time budget moves it (and the schedule's end) to fit
-        budget = StepBudget(cfg.time_budget_s, cfg.max_steps) if cfg.time_budget_s > 0 else None
+        # the budget counts this fit's steps (a resumed run starts at its checkpoint's step)
+        step0 = step
+        budget = StepBudget(cfg.time_budget_s, cfg.max_steps - step0) if cfg.time_budget_s > 0 else None
         t_fit = time.perf_counter()
         pbar = tqdm(total=last_step, initial=step, desc="train", dynamic_ncols=True,
                     disable=not (cfg.progress and main))
@@ -678,12 +681,12 @@ class Trainer:
                 for k, v in step_sums.items():
                     sums[k] = sums.get(k, 0.0) + v
                 pbar.update(1)
-                if budget is not None and (budget.due(step) or step % 10 == 0):
+                if budget is not None and (budget.due(step - step0) or step % 10 == 0):
                     # checks fall on the same steps on every rank (they gather), and every rank follows rank
                     # 0's clock, so all stop at the same step; the hard stop is checked every 10 steps
                     elapsed = gather_objects(time.perf_counter() - t_fit)[0]
                     new_total = step if budget.out_of_time(elapsed) else (
-                        budget.plan(step, elapsed) if budget.due(step) else last_step)
+                        step0 + budget.plan(step - step0, elapsed) if budget.due(step - step0) else last_step)
                     if new_total != last_step:
                         last_step = new_total
                         for fn in scheduler.lr_lambdas:
