@@ -74,7 +74,7 @@ class MaskDecoderConfig:
     max_words: int = 128
     #: a learned "no target" logit per question (``DecoderOutput.null_logits``) that competes with the
     #: object logits in one softmax: the decision "none, or which object" is then a comparison among the
-    #: candidates (see :meth:`scene3d.models.referring.ReferringSegmenter._set_loss`)
+    #: candidates (see :meth:`scene3d.models.referring.ReferringSegmenter._rank_loss`)
     null_object: bool = False
     #: superlative pair features for the relation layers (:func:`superlative_rank`): for objects i, j the soft
     #: rank of i's distance to j among the objects like i ("the chair closest to the desk"), with "like" a
