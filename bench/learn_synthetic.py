@@ -134,12 +134,12 @@ def main(argv=None) -> int:
 def gated(args, base, out: Path, checkpoint, val, sps: float) -> None:
     """Fine-tune the trained model with the gate on (keep ratio 0.3) and score it."""
     from scene3d.config import compose, pipeline_config, to_objects
-    from scene3d.data.referring import ReferringDataset, collate_referring
+    from scene3d.data.referring import collate_referring
     from scene3d.engine.checkpoint import load_checkpoint
     from scene3d.engine.evaluate import evaluate_model
     from scene3d.engine.trainer import Trainer, seed_everything
     from scene3d.models.pipeline import Scene3DModel
-    from scene3d.train import split_rows
+    from scene3d.train import training_dataset
 
     t = time.perf_counter()
     steps = max(10, int(0.9 * args.gate_minutes * 60 / (sps * 1.15)))  # gated steps run the scorer too
@@ -157,10 +157,7 @@ def gated(args, base, out: Path, checkpoint, val, sps: float) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("segmenter.gate.") or not p.requires_grad
                                   for k, p in model.named_parameters() if k in missing), "weights do not fit"
-    train = split_rows(obj.data, "train")
-    ds = ReferringDataset(train.processed_dir, obj.data.train, max_points=obj.data.max_points,
-                          jitter=obj.data.jitter, scale_range=obj.data.scale_range, seed=obj.trainer.seed,
-                          rows=train.rows, questions_per_scene=obj.data.questions_per_scene)
+    ds = training_dataset(obj.data, obj.trainer.seed)
     trainer_cfg = dataclasses.replace(obj.trainer, lr=obj.trainer.lr * 0.3)
     Trainer(trainer_cfg, model, ds, collate_referring, out_dir=out / "gated", resolved_config=cfg).fit()
     res = evaluate_model(model, val.processed_dir, val.rows, "reconciled", progress=False)

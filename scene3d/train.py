@@ -126,6 +126,18 @@ def split_rows(data, split: str, samples: Optional[str] = None, processed_dir: O
     return SplitData(proc, rows)
 
 
+def training_dataset(data, seed: int):
+    """The training :class:`~scene3d.data.referring.ReferringDataset` of ``data`` (a
+    :class:`~scene3d.config.DataSchema`): its train split with the configured subsampling, augmentation and
+    grouping of questions per scene; ``seed`` (the trainer's) drives the augmentation."""
+    from scene3d.data.referring import ReferringDataset
+
+    train = split_rows(data, "train")
+    return ReferringDataset(train.processed_dir, data.train, max_points=data.max_points, jitter=data.jitter,
+                            scale_range=data.scale_range, max_samples=data.max_train_samples, seed=seed,
+                            rows=train.rows, questions_per_scene=data.questions_per_scene)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # run directory
 
@@ -155,7 +167,7 @@ def _as_dictconfig(cfg) -> DictConfig:
 
 def run_training(cfg) -> FitSummary:
     """Train as ``cfg`` (composed ``train`` config) says; returns the trainer's :class:`FitSummary`."""
-    from scene3d.data.referring import ReferringDataset, collate_referring
+    from scene3d.data.referring import collate_referring
     from scene3d.engine.distributed import barrier, cleanup, init_distributed
     from scene3d.engine.evaluate import ValidationFn, spread_rows
     from scene3d.models.pipeline import Scene3DModel
@@ -174,11 +186,7 @@ def run_training(cfg) -> FitSummary:
         if distributed:
             out_dir = Path(_agree_on_rank0(str(out_dir)))
 
-        train = split_rows(obj.data, "train")
-        dataset = ReferringDataset(train.processed_dir, obj.data.train, max_points=obj.data.max_points,
-                                   jitter=obj.data.jitter, scale_range=obj.data.scale_range,
-                                   max_samples=obj.data.max_train_samples, seed=obj.trainer.seed, rows=train.rows,
-                                   questions_per_scene=obj.data.questions_per_scene)
+        dataset = training_dataset(obj.data, obj.trainer.seed)
         eval_fn = None
         if obj.eval.in_training:
             try:
