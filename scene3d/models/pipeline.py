@@ -156,10 +156,22 @@ class Scene3DModel(nn.Module):
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         whole_llm = self.config.referring.llm.path is None
         return {k: v for k, v in self.state_dict().items()
-                if k in names or _is_buffer_of_trainable(k, names) or (whole_llm and k.startswith("segmenter.lm."))}
+                if k in names or _is_buffer_of_trainable(k, names) or k == FINGERPRINT_KEY
+                or (whole_llm and k.startswith("segmenter.lm."))}
 
     def load_trainable_state_dict(self, state: dict) -> None:
         own = self.state_dict()
+        if FINGERPRINT_KEY in own:  # adapters only fit the base they were trained on
+            theirs = state.get(FINGERPRINT_KEY)
+            mine = bytes(own[FINGERPRINT_KEY].tolist()).hex()
+            if theirs is None:
+                raise ValueError("checkpoint has no base-model fingerprint: it was not trained on "
+                                 f"{self.config.referring.llm.path!r}")
+            theirs = bytes(theirs.tolist()).hex()
+            if theirs != mine:
+                raise ValueError(f"checkpoint was trained on a different base model than "
+                                 f"{self.config.referring.llm.path!r} (base weights sha256 {theirs[:12]}... in the "
+                                 f"checkpoint, {mine[:12]}... here; num_layers and the model files must match)")
         unknown = sorted(set(state) - set(own))
         if unknown:
             raise ValueError(f"checkpoint has tensors this model does not: {unknown[:5]}")
@@ -168,6 +180,10 @@ class Scene3DModel(nn.Module):
         lacking = sorted(expected - set(state))
         if lacking:
             raise ValueError(f"checkpoint lacks trainable tensors: {lacking[:5]}")
+
+
+#: Where the base LLM's weight fingerprint sits in a checkpoint (:func:`scene3d.llm.loader.weights_fingerprint`).
+FINGERPRINT_KEY = "segmenter.lm.base_fingerprint"
 
 
 def _is_buffer_of_trainable(key: str, trainable: set) -> bool:

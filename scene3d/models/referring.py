@@ -54,7 +54,8 @@ from scene3d.constants import IGNORE_INDEX
 from scene3d.heads.mask_decoder import DecoderOutput, MaskDecoder, MaskDecoderConfig
 from scene3d.llm.loader import IdentifierLM, LLMConfig, load_llm
 from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, ScenePrompt, build_prefix, build_prompt,
-                                build_query, identifier_permutation, parse_answer, select_objects)
+                                build_query, identifier_permutation, parse_answer, resolve_prompt,
+                                select_objects)
 from scene3d.structures.objects import ObjectTokens
 from scene3d.structures.points import PointBatch
 from scene3d.structures.ragged import counts_from_offset
@@ -271,7 +272,8 @@ class ReferringSegmenter(nn.Module):
         h = self.lm.hidden_size
         # the decoder's widths follow the LLM and the inputs (a resolved copy; the caller's config is untouched)
         config = dataclasses.replace(config, decoder=dataclasses.replace(
-            config.decoder, llm_dim=h, point_dim=config.point_dim, obj_dim=config.obj_dim))
+            config.decoder, llm_dim=h, point_dim=config.point_dim, obj_dim=config.obj_dim),
+            prompt=resolve_prompt(config.prompt, self.lm.tokenizer))
         self.config = config
         self.projector = nn.Sequential(nn.Linear(config.obj_dim + 6, config.projector_hidden), nn.GELU(),
                                        nn.Linear(config.projector_hidden, h))
