@@ -48,6 +48,7 @@ field             shape / dtype       meaning
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
@@ -344,6 +345,10 @@ def _renamed(sd: SceneData, scene_id: str) -> SceneData:
 
 
 # ------------------------------------------------------------------------------------------------ results
+class UnknownWordsWarning(UserWarning):
+    """A query holds words that the model's tokenizer maps to its unknown token."""
+
+
 class SegmentResult(NamedTuple):
     """One query's answer on one scene (``T`` chosen objects, ``M`` objects in the scene, ``N`` points).
 
@@ -364,6 +369,8 @@ class SegmentResult(NamedTuple):
     ``source``           str             ``identifiers`` (named by the answer), ``decoder`` (scores >=
                                          threshold) or ``none`` (zero targets)
     ``proposals``        bool            objects came from the proposal head (no instances)
+    ``unknown_words``    list[str]       words of the query the model's tokenizer reads as its unknown
+                                         token (also warned about); the answer cannot use them
     ===================  ==============  ==============================================================
     """
 
@@ -380,6 +387,7 @@ class SegmentResult(NamedTuple):
     identifiers: list
     source: str
     proposals: bool
+    unknown_words: list = []
 
     @property
     def num_points(self) -> int:
@@ -468,9 +476,17 @@ class Segmenter:
                 raise ValueError(f"text[{i}]: a query must be a str, got {type(t).__name__}")
             if not t.strip():
                 raise ValueError("text: the query is empty" if single else f"text[{i}]: the query is empty")
+        from scene3d.llm.prompt import unknown_words
+
+        unknown = [unknown_words(self.model.segmenter.tokenizer, t) for t in texts]
+        for t, u in zip(texts, unknown):
+            if u:
+                warnings.warn(f"query {t!r}: the model's tokenizer does not know {', '.join(map(repr, u))} "
+                              f"(read as {self.model.segmenter.tokenizer.unk_token}); the answer ignores "
+                              f"{'them' if len(u) > 1 else 'it'}", UnknownWordsWarning, stacklevel=2)
         enc = self.encode(scene, proposals)
         preds = self.model.segmenter.predict(enc.inputs, [t.strip() for t in texts], use_cache=True)
-        results = [self._result(enc, t, p) for t, p in zip(texts, preds)]
+        results = [self._result(enc, t, p)._replace(unknown_words=u) for t, p, u in zip(texts, preds, unknown)]
         return results[0] if single else results
 
     def _result(self, enc: EncodedScene, text: str, pred) -> SegmentResult:
@@ -489,4 +505,4 @@ class Segmenter:
             source=pred.source, proposals=enc.proposals)
 
 
-__all__ = ["EncodedScene", "SceneData", "SceneLoadError", "SegmentResult", "Segmenter", "load_scene", "make_scene"]
+__all__ = ["EncodedScene", "SceneData", "SceneLoadError", "SegmentResult", "UnknownWordsWarning", "Segmenter", "load_scene", "make_scene"]

@@ -130,18 +130,44 @@ def _oblique(c: np.ndarray, azim_deg: float, elev_deg: float) -> tuple[np.ndarra
 
 def render_png(path, coord, color: Optional[np.ndarray], mask, title: str = "", boxes: Optional[np.ndarray] = None,
                labels: Optional[Sequence[str]] = None, size: tuple = (1400, 700), dpi: int = 100,
-               max_points: int = 120_000, azim: float = -60.0, elev: float = 35.0, seed: int = 0, max_legend: int = 10) -> Path:
+               max_points: int = 120_000, azim: float = -60.0, elev: float = 35.0, seed: int = 0, max_legend: int = 10,
+               gt_mask=None, gt_labels: Optional[Sequence[str]] = None, gt_title: str = "ground truth") -> Path:
     """Two panels (top view, oblique view) of the scene with ``mask`` highlighted; PNG of ``size`` pixels.
 
     ``boxes`` [T, 6] (center + size) are outlined in the top view; ``labels`` name the objects in the legend.
     At most ``max_points`` unmasked points are drawn (random subset); masked points are always all drawn,
-    on top, so the answer is visible even behind walls.
+    on top, so the answer is visible even behind walls. With ``gt_mask`` (``[N]`` or ``[G, N]``; may be empty:
+    "no target") a second row shows the ground truth the same way, so a prediction can be checked by eye;
+    the picture is then twice as tall.
     """
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.patches import Patch, Rectangle
 
     c = _check_coord(coord)
+    rows = 1 if gt_mask is None else 2
+    fig = Figure(figsize=(size[0] / dpi, rows * size[1] / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(rows, 2)).reshape(rows, 2)
+    _draw_views(axes[0], c, color, mask, boxes, labels, max_points, azim, elev, seed, max_legend, "")
+    if gt_mask is not None:
+        _draw_views(axes[1], c, color, gt_mask, None, gt_labels, max_points, azim, elev, seed, max_legend,
+                    gt_title + ": ")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    top = 0.86 if rows == 1 else 0.93
+    fig.subplots_adjust(left=0.06, right=0.98, top=top, bottom=0.08 / rows, wspace=0.08, hspace=0.15)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    return path
+
+
+def _draw_views(axes, c, color, mask, boxes, labels, max_points, azim, elev, seed, max_legend, prefix) -> None:
+    """The top and oblique views of one highlighted mask on ``axes`` (two matplotlib axes)."""
+    from matplotlib.patches import Patch, Rectangle
+
+    ax_top, ax_obl = axes
     n = len(c)
     masks = _as_masks(mask, n)
     rgb = highlight_colors(color, masks, n).astype(np.float64) / 255.0
@@ -152,10 +178,6 @@ def render_png(path, coord, color: Optional[np.ndarray], mask, title: str = "", 
     sel = np.flatnonzero(hit)
     s_rest = float(np.clip(4e4 / max(rest.size, 1), 0.5, 6.0))
     s_hit = max(2.5 * s_rest, 1.5)
-
-    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax_top, ax_obl = fig.subplots(1, 2)
     # top view: higher points drawn later (a floor never hides a table top)
     for idx, s in ((rest, s_rest), (sel, s_hit)):
         o = idx[np.argsort(c[idx, 2], kind="stable")]
@@ -166,7 +188,7 @@ def render_png(path, coord, color: Optional[np.ndarray], mask, title: str = "", 
             ax_top.add_patch(Rectangle((cx - sx / 2, cy - sy / 2), sx, sy, fill=False, lw=1.2,
                                        ec=PALETTE[t % len(PALETTE)] / 255.0))
     ax_top.set_aspect("equal")
-    ax_top.set_title("top view")
+    ax_top.set_title(f"{prefix}top view" + ("" if hit.any() else " (nothing highlighted)"))
     ax_top.set_xlabel("x (m)")
     ax_top.set_ylabel("y (m)")
     # oblique view: far points first
@@ -176,7 +198,7 @@ def render_png(path, coord, color: Optional[np.ndarray], mask, title: str = "", 
         ax_obl.scatter(xy[o, 0], xy[o, 1], c=rgb[o], s=s, marker=".", linewidths=0)
     ax_obl.set_aspect("equal")
     ax_obl.set_axis_off()
-    ax_obl.set_title(f"oblique view (azimuth {azim:g}°, elevation {elev:g}°)")
+    ax_obl.set_title(f"{prefix}oblique view (azimuth {azim:g}°, elevation {elev:g}°)")
     if masks.shape[0] and hit.any():
         names = list(labels) if labels is not None else [f"object {t}" for t in range(masks.shape[0])]
         shown = [t for t in range(masks.shape[0]) if masks[t].any()]
@@ -184,14 +206,6 @@ def render_png(path, coord, color: Optional[np.ndarray], mask, title: str = "", 
         if len(shown) > max_legend:
             handles.append(Patch(color="none", label=f"... {len(shown) - max_legend} more"))
         ax_obl.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.subplots_adjust(left=0.06, right=0.98, top=0.86, bottom=0.08, wspace=0.08)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-    return path
 
 
 def slug(text: str, max_len: int = 40) -> str:
@@ -213,9 +227,12 @@ def object_names(result, scene=None) -> list:
     return out
 
 
-def save_result(scene, result, out_dir, stem: Optional[str] = None, **render_kw) -> SavedPictures:
+def save_result(scene, result, out_dir, stem: Optional[str] = None, targets: Optional[Sequence[int]] = None,
+                **render_kw) -> SavedPictures:
     """Write ``<stem>.ply`` (scene coloured, answer highlighted) and ``<stem>.png`` (two views) for a
-    :class:`~scene3d.api.SegmentResult` on a :class:`~scene3d.api.SceneData`; returns their paths."""
+    :class:`~scene3d.api.SegmentResult` on a :class:`~scene3d.api.SceneData`; returns their paths.
+    ``targets`` (ground-truth object ids, possibly empty) adds a ground-truth row to the PNG (needs the
+    scene's instances)."""
     out_dir = Path(out_dir)
     stem = stem or f"{scene.scene_id}_{slug(result.text)}"
     masks = result.object_masks if result.object_masks.shape[0] else result.point_mask
@@ -224,6 +241,15 @@ def save_result(scene, result, out_dir, stem: Optional[str] = None, **render_kw)
     n_pts = int(result.point_mask.sum())
     title = (f'"{result.text}" -> {len(result.objects)} object(s), {n_pts} of {scene.num_points} points'
              f" [{result.source}]")
+    if targets is not None:
+        if scene.instance is None:
+            raise ValueError(f"scene {scene.scene_id}: ground-truth targets need the scene's instance labels")
+        tids = [int(t) for t in targets]
+        inst = np.asarray(scene.instance)
+        labels = getattr(scene, "labels", {}) or {}
+        render_kw["gt_mask"] = np.stack([inst == t for t in tids]) if tids else np.zeros((0, scene.num_points), bool)
+        render_kw["gt_labels"] = [f"id {t}{' ' + labels[t] if t in labels else ''}" for t in tids]
+        render_kw.setdefault("gt_title", "ground truth" + ("" if tids else " (no target)"))
     png = render_png(out_dir / f"{stem}.png", scene.coord, scene.color, masks, title=title, boxes=result.boxes,
                      labels=object_names(result, scene), **render_kw)
     return SavedPictures(ply, png)

@@ -248,6 +248,19 @@ def test_bad_query_text(seg, scene, text, match):
         seg.segment(scene, text)
 
 
+def test_unknown_words_are_warned_about_and_reported(seg, scene):
+    from scene3d.api import UnknownWordsWarning
+
+    with pytest.warns(UnknownWordsWarning, match="'xyzzy'"):
+        res = seg.segment(scene, "the xyzzy near the chair")
+    assert res.unknown_words == ["xyzzy"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownWordsWarning)  # known words: no warning
+        assert seg.segment(scene, "the chair").unknown_words == []
+
+
 def test_bad_arrays():
     with pytest.raises(SceneLoadError, match="no points"):
         load_scene(coord=np.zeros((0, 3)))

@@ -357,3 +357,18 @@ def test_similarity_loss_trains_the_decoder_to_tell_classes_apart():
     same = cls[:6, None] == cls[None, :6]
     assert p[same].min() > p[~same].max()
     assert torch.isfinite(m(batch).obj_sim)
+
+
+def test_lm_loss_on_answer_positions_equals_the_full_shifted_loss(model, scene):
+    """forward computes logits only where a label follows; the loss is the shifted cross-entropy over all."""
+    import torch.nn.functional as F
+
+    model.eval()
+    batch = _batch(scene)
+    with torch.no_grad():
+        got = model(batch).lm
+        inp = model.build_inputs(batch)
+        full = model.lm(inp.inputs_embeds, attention_mask=inp.attention_mask).logits
+        ref = F.cross_entropy(full[:, :-1].flatten(0, 1).float(), inp.labels[:, 1:].flatten(),
+                              ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

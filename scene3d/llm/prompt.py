@@ -134,6 +134,24 @@ class ParsedAnswer(NamedTuple):
     has_seg: bool
 
 
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The words of ``text`` that ``tokenizer`` maps (wholly or partly) to its unknown token, in order, each
+    once. A byte-level BPE (SmolLM2, Qwen, Llama) has none; a word-level vocabulary (the tiny test model) does,
+    and a model cannot ground a word it reads as ``[UNK]``: callers warn naming these words."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not text:
+        return []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    out: list[str] = []
+    for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if tid != unk:
+            continue
+        w = text[a:b]
+        if w and w not in out:
+            out.append(w)
+    return out
+
+
 def _tok(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 

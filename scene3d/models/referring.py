@@ -402,9 +402,11 @@ class ReferringSegmenter(nn.Module):
         c = self.config
         scene = batch.scene
         inp = self.build_inputs(batch)
-        out = self.lm(inp.inputs_embeds, attention_mask=inp.attention_mask)
-        lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), inp.labels[:, 1:].flatten(),
-                                  ignore_index=IGNORE_INDEX)
+        # logits only where the LM loss needs them (the answer's tokens, predicted from the position before
+        # each): with a 49k vocabulary the head over every prompt position would cost more than the layers
+        at, target = _loss_positions(inp.labels)  # (B, K), (B, K)
+        out = self.lm(inp.inputs_embeds, attention_mask=inp.attention_mask, logits_at=at)
+        lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
         seg_hidden = out.hidden[torch.arange(len(inp.prompts)), inp.seg_pos]  # (B, H)
         query, words, word_mask = self._decoder_query(seg_hidden, batch.texts)
         if batch.shared is None:
@@ -767,6 +769,23 @@ class _PackedSteps:
         out = self.run(tokens, active, self.next_pos[active])
         self.next_pos = self.next_pos.index_add(0, active, torch.ones_like(active))
         return out.logits[0], out.hidden[0]
+
+
+def _loss_positions(labels: torch.Tensor):
+    """Positions ``[B, K]`` whose next token carries a label, and those labels ``[B, K]`` (``IGNORE_INDEX``
+    where a row has fewer than ``K``; such slots point at position 0). Cross-entropy over the logits at these
+    positions equals the usual shifted loss over all positions."""
+    nxt = labels[:, 1:]  # (B, L-1)
+    has = nxt != IGNORE_INDEX
+    k = max(int(has.sum(1).max()), 1) if labels.numel() else 1
+    b = labels.shape[0]
+    at = labels.new_zeros(b, k)
+    target = labels.new_full((b, k), IGNORE_INDEX)
+    for i in range(b):
+        pos = has[i].nonzero().flatten()
+        at[i, : pos.numel()] = pos
+        target[i, : pos.numel()] = nxt[i, pos]
+    return at, target
 
 
 def _dice_loss(logits: torch.Tensor, target: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
