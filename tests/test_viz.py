@@ -87,6 +87,33 @@ def test_render_png_size_and_highlight(tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
+def _red_rows(path):
+    """Red pixel counts in the upper and the lower half of a picture."""
+    from matplotlib.image import imread
+
+    img = (imread(str(path))[..., :3] * 255).round().astype(int)
+    red = np.abs(img - PALETTE[0].astype(int)).sum(-1) <= 30
+    h = img.shape[0] // 2
+    return int(red[:h].sum()), int(red[h:].sum())
+
+
+def test_ground_truth_row_below_the_prediction(tmp_path):
+    xyz, mask = _room()
+    color = np.full((len(xyz), 3), 120, np.uint8)
+    nothing = np.zeros(len(xyz), bool)
+    # prediction empty, truth the box: the picture doubles in height and only its lower row shows red
+    p = render_png(tmp_path / "gt.png", xyz, color, nothing, gt_mask=mask, size=(900, 450))
+    assert png_size(p) == (900, 900)
+    top, bottom = _red_rows(p)
+    assert top == 0 and bottom > 200
+    # both: red in both rows; truth "no target" (empty [0, N]): the lower row has none
+    top, bottom = _red_rows(render_png(tmp_path / "both.png", xyz, color, mask, gt_mask=mask, size=(900, 450)))
+    assert top > 200 and bottom > 200
+    top, bottom = _red_rows(render_png(tmp_path / "none.png", xyz, color, mask, gt_mask=np.zeros((0, len(xyz)), bool),
+                                       size=(900, 450)))
+    assert top > 200 and bottom == 0
+
+
 def test_save_result_writes_both_files(tmp_path):
     from plyfile import PlyData
 

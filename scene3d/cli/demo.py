@@ -11,6 +11,9 @@ def add_parser(sub, name, help_):
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute; used by CI)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 500; --quick: 8)")
+    p.add_argument("--llm", choices=["auto", "smollm2", "tiny"], default="auto",
+                   help="the LLM to train: auto (default) takes the pretrained SmolLM2 wherever set-up installed "
+                        "it (`scene3d llm list`), else the tiny random model")
     return p
 
 
@@ -19,5 +22,5 @@ def run(args) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
-    run_demo(args.out, quick=args.quick, seed=args.seed, max_steps=args.steps)
+    run_demo(args.out, quick=args.quick, seed=args.seed, max_steps=args.steps, llm=args.llm)
     return 0
