@@ -1,7 +1,13 @@
-"""Learning check: train the tiny model on the synthetic benchmark for a fixed CPU budget, score held-out scenes.
+"""Learning check: train on the synthetic benchmark for a fixed CPU budget, score held-out scenes — for the
+tiny random LLM and for the pretrained SmolLM2, side by side in one run.
 
-    .venv/bin/python bench/learn_synthetic.py                 # 15 minutes (the issue's budget)
-    .venv/bin/python bench/learn_synthetic.py --minutes 5 -- trainer.lr=2e-3 trainer.batch_size=8
+    .venv/bin/python bench/learn_synthetic.py                 # tiny 15 min, then SmolLM2 30 min (if installed)
+    .venv/bin/python bench/learn_synthetic.py --llm tiny --minutes 5 -- trainer.lr=2e-3 trainer.batch_size=8
+    .venv/bin/python bench/learn_synthetic.py --llm smollm2 --smollm2-minutes 10 --smollm2-layers 4
+
+``--llm`` chooses (comma-separated; default both where SmolLM2 is installed). SmolLM2 trains with
+``llm=smollm2``, its first ``--smollm2-layers`` layers (``llm.num_layers``) and LoRA r=16, for
+``--smollm2-minutes``; everything else (data, head, hydra overrides after ``--``) is the same.
 
 Trains ``experiment=synthetic_cpu`` (plus any hydra overrides after ``--``) through
 :func:`scene3d.train.run_training` with ``trainer.time_budget_s`` set to what is left of the budget after the
@@ -73,7 +79,10 @@ def line(name: str, m: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=15.0, help="CPU budget for training the main model")
+    ap.add_argument("--llm", default=None, help="comma-separated: tiny, smollm2 (default: both where installed)")
+    ap.add_argument("--minutes", type=float, default=15.0, help="CPU budget for training the tiny model")
+    ap.add_argument("--smollm2-minutes", type=float, default=30.0, help="CPU budget for training on SmolLM2")
+    ap.add_argument("--smollm2-layers", type=int, default=8, help="SmolLM2 layers kept (llm.num_layers; 30: all)")
     ap.add_argument("--gate-minutes", type=float, default=2.0, help="budget of the gated fine-tune (0: skip)")
     ap.add_argument("--cache", default=None, help="where the synthetic scenes are made (default $SCENE3D_CACHE)")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
@@ -86,18 +95,47 @@ def main(argv=None) -> int:
 
     if args.cache:
         os.environ["SCENE3D_CACHE"] = args.cache
+    from scene3d.llm.registry import DEFAULT_MODEL, default_model_path
+
+    llms = args.llm.split(",") if args.llm else (["tiny", DEFAULT_MODEL] if default_model_path() else ["tiny"])
+    t0 = time.perf_counter()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="learn_synthetic_"))
+    table = []
+    for which in llms:
+        if which == "tiny":
+            extra, minutes = [], args.minutes
+        else:
+            layers = None if args.smollm2_layers >= 30 else args.smollm2_layers
+            extra = [f"llm={which}", f"model.referring.llm.num_layers={'null' if layers is None else layers}",
+                     "trainer.warmup_steps=20"]
+            minutes = args.smollm2_minutes
+        print(f"\n===== LLM: {which} ({minutes:g} CPU-minutes{'' if which == 'tiny' else ', ' + ' '.join(extra)})",
+              flush=True)
+        table.append((which, minutes, learn(args, extra, minutes, out / which)))
+    print("\nside by side (held-out mIoU):")
+    print(f"{'LLM':10s} {'minutes':>8s} {'steps':>6s} {'reconciled':>11s} {'identifier':>11s} {'decoder':>8s} "
+          f"{'largest':>8s} {'random':>7s}")
+    for which, minutes, r in table:
+        print(f"{which:10s} {r['minutes']:8.2f} {r['steps']:6d} {r['reconciled']:11.4f} {r['identifier']:11.4f} "
+              f"{r['decoder']:8.4f} {r['largest']:8.4f} {r['random']:7.4f}")
+    print(f"total minutes: {(time.perf_counter() - t0) / 60:.2f}")
+    return 0
+
+
+def learn(args, extra: list, minutes: float, out: Path) -> dict:
+    """Train one LLM choice for ``minutes`` (data included), score the held-out rows; returns the overall
+    mIoU of each path and of the baselines."""
     from scene3d.config import compose, to_objects
     from scene3d.engine.evaluate import evaluate_model_masks
     from scene3d.models.loading import load_model
     from scene3d.train import prepare_data, run_training, split_rows
 
     t0 = time.perf_counter()
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="learn_synthetic_"))
-    base = ["experiment=synthetic_cpu", "eval.in_training=false", "trainer.progress=false", *args.overrides]
+    base = ["experiment=synthetic_cpu", "eval.in_training=false", "trainer.progress=false", *extra, *args.overrides]
     cfg = compose("train", base + [f"out_dir={out / 'main'}"])
     obj = to_objects(cfg)
     prepare_data(obj.data)
-    budget = args.minutes * 60 - (time.perf_counter() - t0) - 10.0  # building the model, loading the data
+    budget = minutes * 60 - (time.perf_counter() - t0) - 10.0  # building the model, loading the data
     print(f"data ready after {(time.perf_counter() - t0) / 60:.2f} min; training budget {budget / 60:.2f} min",
           flush=True)
     cfg = compose("train", base + [f"out_dir={out / 'main'}", "trainer.max_steps=1000000", "trainer.ckpt_every=0",
@@ -119,16 +157,18 @@ def main(argv=None) -> int:
     print(line("identifier-only path", res["identifier"].metrics["overall"]))
     print(line("decoder-only path", res["decoder"].metrics["overall"]))
     print("model (reconciled) by kind: " + breakdown(res["reconciled"], val.rows))
-    print(line("baseline: largest object", score(baseline_rows(val.rows, val.processed_dir, "largest"), val.rows,
-                                                 val.processed_dir)))
-    print(line("baseline: random object", score(baseline_rows(val.rows, val.processed_dir, "random"), val.rows,
-                                                val.processed_dir)))
+    largest = score(baseline_rows(val.rows, val.processed_dir, "largest"), val.rows, val.processed_dir)
+    rand = score(baseline_rows(val.rows, val.processed_dir, "random"), val.rows, val.processed_dir)
+    print(line("baseline: largest object", largest))
+    print(line("baseline: random object", rand))
     print(f"minutes used (data + training): {train_min:.2f}", flush=True)
 
     if args.gate_minutes > 0:
         gated(args, base, out, summary.checkpoint, val, sps)
-    print(f"total minutes: {(time.perf_counter() - t0) / 60:.2f}")
-    return 0
+    return {"minutes": train_min, "steps": int(summary.step),
+            "reconciled": res["reconciled"].metrics["overall"]["miou"],
+            "identifier": res["identifier"].metrics["overall"]["miou"],
+            "decoder": res["decoder"].metrics["overall"]["miou"], "largest": largest["miou"], "random": rand["miou"]}
 
 
 def gated(args, base, out: Path, checkpoint, val, sps: float) -> None:

@@ -1,4 +1,4 @@
-"""Per-query time on one scene with and without the scene cache (tiny model, CPU).
+"""Per-query time on one scene with and without the scene cache, for the tiny model and SmolLM2 (CPU).
 
 Both sides call ``ReferringSegmenter.predict`` on the same 10 questions and do the same batched work except
 the cache:
@@ -61,8 +61,34 @@ def _compare(a, b) -> str:
     return f"{str(answers):>7s} {points:7d} {score:10.1e}"
 
 
+def _model(which: str, args) -> ReferringSegmenter:
+    if which == "tiny":
+        llm = LLMConfig(tiny=TinyLLMConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                                           num_hidden_layers=args.layers, num_attention_heads=4,
+                                           num_key_value_heads=2),
+                        num_obj_tokens=max(200, args.objects), lora_r=args.lora_r)
+    else:
+        llm = LLMConfig(path=which, num_layers=args.smollm2_layers, num_obj_tokens=max(200, args.objects),
+                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, dtype=args.dtype)
+    model = ReferringSegmenter(ReferringConfig(
+        llm=llm, decoder=MaskDecoderConfig(dim=64, num_queries=2, num_layers=1, num_heads=4,
+                                           relation_layers=args.relation_layers),
+        max_new_tokens=args.max_new_tokens, predict_batch_size=max(16, args.queries))).eval()
+    with torch.no_grad():  # trained-like adapters: LoRA is merged at inference, so this costs nothing there
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    return model
+
+
 def main(argv=None) -> None:
+    from scene3d.llm.registry import DEFAULT_MODEL, default_model_path
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llm", default=None,
+                    help="comma-separated: tiny, smollm2 (default: both where SmolLM2 is installed, else tiny)")
+    ap.add_argument("--smollm2-layers", type=int, default=None, help="keep the first k of SmolLM2's 30 layers")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="SmolLM2's dtype")
     ap.add_argument("--objects", type=int, default=150)
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--hidden", type=int, default=256)
@@ -75,14 +101,21 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tiny = TinyLLMConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = ReferringSegmenter(ReferringConfig(
-        llm=LLMConfig(tiny=tiny, num_obj_tokens=max(200, args.objects), lora_r=args.lora_r),
-        decoder=MaskDecoderConfig(dim=64, num_queries=2, num_layers=1, num_heads=4,
-                                  relation_layers=args.relation_layers),
-        max_new_tokens=args.max_new_tokens, predict_batch_size=max(16, args.queries))).eval()
+    llms = args.llm.split(",") if args.llm else (["tiny", DEFAULT_MODEL] if default_model_path() else ["tiny"])
+    summary = []
+    for which in llms:
+        torch.manual_seed(0)
+        print(f"\n=== LLM: {which}")
+        summary.append((which, run(_model(which, args), args)))
+    print("\nside by side (batched, per query):")
+    print(f"{'LLM':10s} {'cache ms':>9s} {'no cache ms':>11s} {'speed-up':>9s} {'LLM half':>9s} "
+          f"{'bound (prefill tokens)':>23s}")
+    for which, r in summary:
+        print(f"{which:10s} {r['cache']:9.1f} {r['nocache']:11.1f} {r['speedup']:8.2f}x {r['llm_speedup']:8.2f}x "
+              f"{r['bound']:22.2f}x")
+
+
+def run(model: ReferringSegmenter, args) -> dict:
     one = copy.copy(model)  # same modules, one question per batch
     one.config = dataclasses.replace(model.config, predict_batch_size=1)
     scene = synthetic_scene((args.objects,), points_per_object=20, seed=0)
@@ -117,8 +150,12 @@ def main(argv=None) -> None:
             scene.point_feat, scene.points.coord, scene.tokens, scene.points.superpoint), w, wm), r)
 
     ref = results["one by one, no cache"]
+    tails = [sc.query_tail(t).numel() for t in texts]
+    bound = sum(sc.cached_len + t for t in tails) / (sc.cached_len + sum(tails))
+    cfg = model.lm.causal_lm.config
     print(f"scene: {args.objects} objects, shared start {sc.cached_len} tokens (prefix {sc.prefix_len}); model: "
-          f"Qwen2 hidden {args.hidden}, {args.layers} layers, LoRA r={args.lora_r}, decoder relation layers "
+          f"{cfg.model_type} hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+          f"{model.lm.causal_lm.dtype}, LoRA r={args.lora_r}, decoder relation layers "
           f"{args.relation_layers}; {n} queries, up to "
           f"{args.max_new_tokens} new tokens; {args.threads} thread(s); median of {r}")
     print(f"{'':22s} {'ms/query':>9s}   vs one by one, no cache: same answers, mask points differing, "
@@ -130,6 +167,12 @@ def main(argv=None) -> None:
     print("cached batch, ms per query: " + ", ".join(f"{k} {v / n:.1f}" for k, v in parts.items()))
     print(f"LLM half only (prompt encoding + greedy steps, batched): {llm_cached / n:.1f} ms/query with the cache, "
           f"{llm_plain / n:.1f} without: {llm_plain / llm_cached:.2f}x")
+
+
+    print(f"bound on the speed-up (prefill tokens without / with the cache): {bound:.2f}x")
+    return {"cache": ms["batch, cache"], "nocache": ms["batch, no cache"],
+            "speedup": ms["batch, no cache"] / ms["batch, cache"], "llm_speedup": llm_plain / llm_cached,
+            "bound": bound}
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class DemoSettings:
     train_seconds: float = 0.0  # time budget of the pretrained-LLM training (0: max_steps alone)
 
 
-FULL = DemoSettings(num_scenes=12, max_steps=500, eval_samples=None, queries=8, train_seconds=180.0)
+FULL = DemoSettings(num_scenes=12, max_steps=500, eval_samples=None, queries=8, train_seconds=270.0)
 QUICK = DemoSettings(num_scenes=3, max_steps=8, eval_samples=6, queries=2)
 #: decoder layers of SmolLM2 the demo keeps (of 30): what fits a ~5-minute demo on 2 CPU cores
 DEMO_LAYERS = 4
@@ -116,7 +116,8 @@ def run_demo(out_dir="demo_out", quick: bool = False, seed: int = 0, max_steps: 
                  "so the demo trains the tiny random model")
         _say(f"3/5 training the tiny random LLM for {steps} steps (experiment=synthetic_cpu) -> {run_dir}")
     else:
-        overrides += [f"llm={which}", f"model.referring.llm.num_layers={DEMO_LAYERS}"]
+        # ~2 s a step here: a short warm-up, or a few hundred steps spend a large share warming up
+        overrides += [f"llm={which}", f"model.referring.llm.num_layers={DEMO_LAYERS}", "trainer.warmup_steps=10"]
         budget = "" if quick or not s.train_seconds else f", at most {s.train_seconds / 60:.0f} min"
         if budget:
             overrides.append(f"trainer.time_budget_s={s.train_seconds}")
