@@ -371,6 +371,8 @@ class SegmentResult(NamedTuple):
     ``proposals``        bool            objects came from the proposal head (no instances)
     ``unknown_words``    list[str]       words of the query the model's tokenizer reads as its unknown
                                          token (also warned about); the answer cannot use them
+    ``text_tokens_dropped`` int          tokens cut from the end of a query longer than the model's
+                                         ``prompt.max_text_tokens`` (also warned about); 0 when whole
     ===================  ==============  ==============================================================
     """
 
@@ -388,6 +390,7 @@ class SegmentResult(NamedTuple):
     source: str
     proposals: bool
     unknown_words: list = []
+    text_tokens_dropped: int = 0
 
     @property
     def num_points(self) -> int:
@@ -476,8 +479,10 @@ class Segmenter:
                 raise ValueError(f"text[{i}]: a query must be a str, got {type(t).__name__}")
             if not t.strip():
                 raise ValueError("text: the query is empty" if single else f"text[{i}]: the query is empty")
-        from scene3d.llm.prompt import unknown_words
+        from scene3d.llm.prompt import text_token_ids, unknown_words
 
+        cap = self.model.segmenter.config.prompt.max_text_tokens
+        dropped = [text_token_ids(self.model.segmenter.tokenizer, t.strip(), cap, warn=False).dropped for t in texts]
         unknown = [unknown_words(self.model.segmenter.tokenizer, t) for t in texts]
         for t, u in zip(texts, unknown):
             if u:
@@ -486,7 +491,8 @@ class Segmenter:
                               f"{'them' if len(u) > 1 else 'it'}", UnknownWordsWarning, stacklevel=2)
         enc = self.encode(scene, proposals)
         preds = self.model.segmenter.predict(enc.inputs, [t.strip() for t in texts], use_cache=True)
-        results = [self._result(enc, t, p)._replace(unknown_words=u) for t, p, u in zip(texts, preds, unknown)]
+        results = [self._result(enc, t, p)._replace(unknown_words=u, text_tokens_dropped=d)
+                   for t, p, u, d in zip(texts, preds, unknown, dropped)]
         return results[0] if single else results
 
     def _result(self, enc: EncodedScene, text: str, pred) -> SegmentResult:

@@ -261,6 +261,23 @@ def test_unknown_words_are_warned_about_and_reported(seg, scene):
         assert seg.segment(scene, "the chair").unknown_words == []
 
 
+def test_long_query_is_cut_with_a_warning(seg, scene):
+    """A 300-token sentence: answered (not an error), its tail cut by the documented rule, said twice."""
+    from scene3d.llm.prompt import TextTruncatedWarning
+
+    long = "this is a brown wooden chair . it is placed at the end of the table , next to the window . " * 15
+    cap = seg.model.segmenter.config.prompt.max_text_tokens
+    n = len(seg.model.segmenter.tokenizer(long.strip(), add_special_tokens=False)["input_ids"])
+    assert n >= 300
+    with pytest.warns(TextTruncatedWarning, match=f"{n} tokens cut to its first {cap}"):
+        res = seg.segment(scene, long)
+    assert res.text_tokens_dropped == n - cap
+    # only the first cap tokens count: a sentence that differs after them gets the same answer
+    with pytest.warns(TextTruncatedWarning):
+        other = seg.segment(scene, long + " the lamp on the desk")
+    assert other.answer == res.answer and np.array_equal(other.all_scores, res.all_scores)
+
+
 def test_bad_arrays():
     with pytest.raises(SceneLoadError, match="no points"):
         load_scene(coord=np.zeros((0, 3)))

@@ -372,3 +372,31 @@ def test_lm_loss_on_answer_positions_equals_the_full_shifted_loss(model, scene):
         ref = F.cross_entropy(full[:, :-1].flatten(0, 1).float(), inp.labels[:, 1:].flatten(),
                               ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_training_and_predict_cut_a_300_token_text_the_same_way(scene):
+    """Texts past prompt.max_text_tokens are cut (warned), not an error, in training and in predict, and the
+    decoder's words are the same cut as the prompt's."""
+    from scene3d.llm.prompt import TextTruncatedWarning, build_query
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(_config(), decoder=MaskDecoderConfig(dim=32, num_queries=2, num_layers=1, num_heads=4,
+                                                                   relation_layers=1, pair_hidden=8, text_layers=1))
+    m = ReferringSegmenter(cfg)
+    long = "the brown chair left of the desk and near the window , " * 30
+    cap = m.config.prompt.max_text_tokens
+    assert len(m.tokenizer(long, add_special_tokens=False)["input_ids"]) >= 300
+    with pytest.warns(TextTruncatedWarning):
+        q = build_query(m.tokenizer, long, m.config.prompt)
+    head = len(m.tokenizer(m.config.prompt.question_prefix, add_special_tokens=False)["input_ids"])
+    tail = len(m.tokenizer(m.config.prompt.answer_prefix, add_special_tokens=False)["input_ids"])
+    assert q.numel() == head + cap + tail
+    m.train()
+    with pytest.warns(TextTruncatedWarning):
+        loss = m(ReferringBatch(scene, [long, "the two tables"], [[20], [10, 30]], seeds=[3, 4])).total
+    assert torch.isfinite(loss)
+    m.eval()
+    _, words, mask = m._decoder_query(torch.zeros(1, m.lm.hidden_size), [long])
+    assert int(mask.sum()) == cap
+    with pytest.warns(TextTruncatedWarning):
+        assert len(m.predict(scene.scene(0), [long])) == 1

@@ -47,6 +47,10 @@ class PromptConfig:
     question_prefix: str = "user : find all objects referred by the description :"
     answer_prefix: str = "assistant :"
     none_answer: str = "none"
+    #: the referring text is cut to its first ``max_text_tokens`` tokens (of the model's tokenizer), with a
+    #: :class:`TextTruncatedWarning`, the same way in training, evaluation and the API (every path tokenizes
+    #: the text through :func:`text_token_ids`); 128 matches the decoder's ``max_words``.
+    max_text_tokens: int = 128
     chat_template: bool = True
     chat_system: str = ("You are given a 3D scene. Each object is written as its identifier followed by its "
                         "features. Answer with the identifiers of the objects a description refers to, or none.")
@@ -78,8 +82,31 @@ def resolve_prompt(config: PromptConfig, tokenizer) -> PromptConfig:
     head, rest = text.split(_SCENE_MARK)
     middle, tail = rest.split(_TEXT_MARK)
     return PromptConfig(system=head, scene_end=middle, question_prefix="", answer_prefix=tail,
-                        none_answer=config.none_answer, chat_template=False, chat_system=config.chat_system,
-                        chat_question=config.chat_question)
+                        none_answer=config.none_answer, max_text_tokens=config.max_text_tokens,
+                        chat_template=False, chat_system=config.chat_system, chat_question=config.chat_question)
+
+
+class TextTruncatedWarning(UserWarning):
+    """A referring text longer than ``PromptConfig.max_text_tokens`` was cut to its first tokens."""
+
+
+class TextIds(NamedTuple):
+    ids: list  # token ids of the text, at most max_tokens
+    dropped: int  # tokens cut from the end (0: the whole text)
+
+
+def text_token_ids(tokenizer, text: str, max_tokens: int, warn: bool = True) -> TextIds:
+    """Token ids of a referring text, cut to the first ``max_tokens`` (the documented rule; see
+    :class:`PromptConfig`); a cut is warned about (:class:`TextTruncatedWarning`) unless ``warn=False``."""
+    ids = _tok(tokenizer, text)
+    if len(ids) <= max_tokens:
+        return TextIds(ids, 0)
+    if warn:
+        import warnings
+
+        warnings.warn(f"referring text of {len(ids)} tokens cut to its first {max_tokens} "
+                      f"(prompt.max_text_tokens): {text[:60]!r}...", TextTruncatedWarning, stacklevel=3)
+    return TextIds(ids[:max_tokens], len(ids) - max_tokens)
 
 
 @dataclass(frozen=True)
@@ -211,7 +238,8 @@ def build_query(tokenizer, text: str, config: PromptConfig = PromptConfig()) -> 
     """Ids of the question part (question prefix, the referring text, the answer prefix)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"referring text must be a non-empty string, got {text!r}")
-    ids = _tok(tokenizer, config.question_prefix) + _tok(tokenizer, text) + _tok(tokenizer, config.answer_prefix)
+    words = text_token_ids(tokenizer, text, config.max_text_tokens).ids
+    ids = _tok(tokenizer, config.question_prefix) + words + _tok(tokenizer, config.answer_prefix)
     return torch.tensor(ids, dtype=torch.long)
 
 

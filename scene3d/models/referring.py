@@ -54,7 +54,7 @@ from scene3d.constants import IGNORE_INDEX
 from scene3d.heads.mask_decoder import DecoderOutput, MaskDecoder, MaskDecoderConfig
 from scene3d.llm.loader import IdentifierLM, LLMConfig, load_llm
 from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, ScenePrompt, build_prefix, build_prompt,
-                                build_query, identifier_permutation, parse_answer, resolve_prompt,
+                                build_query, identifier_permutation, parse_answer, resolve_prompt, text_token_ids,
                                 select_objects)
 from scene3d.structures.objects import ObjectTokens
 from scene3d.structures.points import PointBatch
@@ -274,6 +274,9 @@ class ReferringSegmenter(nn.Module):
         config = dataclasses.replace(config, decoder=dataclasses.replace(
             config.decoder, llm_dim=h, point_dim=config.point_dim, obj_dim=config.obj_dim),
             prompt=resolve_prompt(config.prompt, self.lm.tokenizer))
+        if config.decoder.relation_layers and config.decoder.max_words < config.prompt.max_text_tokens:
+            raise ValueError(f"decoder.max_words={config.decoder.max_words} is below prompt.max_text_tokens="
+                             f"{config.prompt.max_text_tokens}: the decoder could not read a text the prompt keeps")
         self.config = config
         self.projector = nn.Sequential(nn.Linear(config.obj_dim + 6, config.projector_hidden), nn.GELU(),
                                        nn.Linear(config.projector_hidden, h))
@@ -378,7 +381,8 @@ class ReferringSegmenter(nn.Module):
         q = seg_hidden.float()
         if self.text_proj is None and not self.decoder.needs_words:
             return q, None, None
-        ids = [torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
+        cap = self.config.prompt.max_text_tokens  # the same cut as the prompt's (build_query), warned there
+        ids = [torch.tensor(text_token_ids(self.tokenizer, t, cap, warn=False).ids, dtype=torch.long) for t in texts]
         for t, i in zip(texts, ids):
             if not i.numel():
                 raise ValueError(f"referring text {t!r} has no tokens")
