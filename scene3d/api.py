@@ -345,6 +345,10 @@ def _renamed(sd: SceneData, scene_id: str) -> SceneData:
 
 
 # ------------------------------------------------------------------------------------------------ results
+class ObjectsOverflowWarning(UserWarning):
+    """A scene has more objects than the model has identifiers; some are left out of the LLM prompt."""
+
+
 class UnknownWordsWarning(UserWarning):
     """A query holds words that the model's tokenizer maps to its unknown token."""
 
@@ -371,6 +375,9 @@ class SegmentResult(NamedTuple):
     ``proposals``        bool            objects came from the proposal head (no instances)
     ``unknown_words``    list[str]       words of the query the model's tokenizer reads as its unknown
                                          token (also warned about); the answer cannot use them
+    ``left_out_ids``     [L] int64       source ids (or proposal rows) of the objects that got no identifier
+                                         (more objects than the model has identifiers; warned about): the
+                                         LLM's answer cannot name them, the decoder still scores them
     ``text_tokens_dropped`` int          tokens cut from the end of a query longer than the model's
                                          ``prompt.max_text_tokens`` (also warned about); 0 when whole
     ===================  ==============  ==============================================================
@@ -391,6 +398,7 @@ class SegmentResult(NamedTuple):
     proposals: bool
     unknown_words: list = []
     text_tokens_dropped: int = 0
+    left_out_ids: np.ndarray = np.zeros(0, np.int64)
 
     @property
     def num_points(self) -> int:
@@ -461,6 +469,11 @@ class Segmenter:
         if m > k and self.model.segmenter.config.overflow == "error":
             raise ValueError(f"scene {scene.scene_id!r} has {m} objects but the model has {k} identifiers; "
                              "raise llm.num_obj_tokens or set referring.overflow='topk' in the model config")
+        if m > k:
+            warnings.warn(f"scene {scene.scene_id!r} has {m} objects but the model has {k} identifiers: the {k} "
+                          f"with the most points get identifiers, {m - k} are left out of the LLM prompt (the "
+                          "result's left_out_ids; the decoder still scores them). Real ScanNet scenes reach ~150 "
+                          "objects: llm=smollm2 has 200 identifiers", ObjectsOverflowWarning, stacklevel=3)
         enc = EncodedScene(inputs, objects is None)
         self._cached = (scene, proposals, enc)
         return enc
@@ -495,6 +508,16 @@ class Segmenter:
                    for t, p, u, d in zip(texts, preds, unknown, dropped)]
         return results[0] if single else results
 
+    @staticmethod
+    def _ids_of(tokens, rows) -> np.ndarray:
+        """Source object ids of local ``rows`` (the rows themselves for proposals, which have no ids)."""
+        if rows is None or not rows.numel():
+            return np.zeros(0, np.int64)
+        rows = rows.long().cpu()
+        if tokens.object_ids is None:
+            return rows.numpy()
+        return tokens.object_ids.cpu()[rows].long().numpy()
+
     def _result(self, enc: EncodedScene, text: str, pred) -> SegmentResult:
         tokens = enc.inputs.tokens
         rows = pred.objects.long()
@@ -508,7 +531,7 @@ class Segmenter:
             objects=rows.cpu().numpy(), object_ids=pred.object_ids.long().cpu().numpy(),
             scores=scores[rows.cpu()].numpy(), boxes=boxes, all_scores=scores.numpy(),
             decoder_mask=pred.decoder_mask.cpu().numpy(), answer=answer, identifiers=list(pred.identifiers),
-            source=pred.source, proposals=enc.proposals)
+            source=pred.source, proposals=enc.proposals, left_out_ids=self._ids_of(tokens, pred.left_out))
 
 
-__all__ = ["EncodedScene", "SceneData", "SceneLoadError", "SegmentResult", "UnknownWordsWarning", "Segmenter", "load_scene", "make_scene"]
+__all__ = ["EncodedScene", "SceneData", "SceneLoadError", "SegmentResult", "ObjectsOverflowWarning", "UnknownWordsWarning", "Segmenter", "load_scene", "make_scene"]

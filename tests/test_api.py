@@ -346,8 +346,16 @@ def test_too_many_objects_follows_the_model_rule(scene):
         few.segment(scene, "the chair")
     few.model.segmenter.config.overflow = "topk"  # the model's other rule: keep the 4 largest objects
     few._cached = None
-    r = few.segment(scene, "the chair")
+    from scene3d.api import ObjectsOverflowWarning
+
+    m = len(np.unique(scene.instance[scene.instance >= 0]))
+    with pytest.warns(ObjectsOverflowWarning, match=f"{m} objects but the model has 4 identifiers.*{m - 4} are left out"):
+        r = few.segment(scene, "the chair")
     assert r.point_mask.shape == (scene.num_points,)
+    # the result names the objects left out: every object but the 4 with the most points
+    ids, counts = np.unique(scene.instance[scene.instance >= 0], return_counts=True)
+    kept = set(ids[np.argsort(-counts, kind="stable")[:4]].tolist())
+    assert sorted(r.left_out_ids.tolist()) == sorted(set(ids.tolist()) - kept)
     if r.source == "identifiers":  # named objects can only be among the 4 that got identifiers
         counts = np.bincount(scene.instance[scene.instance >= 0])
         assert set(r.object_ids.tolist()) <= set(np.argsort(-counts, kind="stable")[:4].tolist())

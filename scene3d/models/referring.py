@@ -258,6 +258,9 @@ class Prediction(NamedTuple):
     answer_ids: list  # generated token ids (ends with [SEG])
     identifiers: list  # identifiers named in the answer
     source: str  # "identifiers", "decoder" or "none"
+    #: [L] long, local rows of the objects left out of the LLM prompt (more objects than identifiers,
+    #: ``overflow="topk"``): the answer cannot name them; the decoder still scores them
+    left_out: Optional[torch.Tensor] = None
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -708,7 +711,7 @@ class ReferringSegmenter(nn.Module):
         point_mask = torch.isin(t.point2obj, objects)
         ids = t.object_ids[objects] if t.object_ids is not None else torch.full_like(objects, -1)
         return Prediction(point_mask, objects, ids, decoder_mask, identifier_mask, scores, answer,
-                          parsed.identifiers, source)
+                          parsed.identifiers, source, (slot_of_object < 0).nonzero().flatten())
 
 
 # ---------------------------------------------------------------------------------------------- decoding steps
