@@ -36,7 +36,7 @@ def required_for(group: str, option: str) -> list[str]:
     if group == "llm" and option == "local":
         return REQUIRED["llm"]
     if group == "experiment" and option in REAL:
-        return REQUIRED["data"] + REQUIRED["llm"]
+        return REQUIRED["data"]  # the LLM defaults to SmolLM2 (llm=smollm2): no path to give
     return []
 
 
