@@ -112,7 +112,7 @@ def _read_json(path: Path, what: str):
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise ReferFormatError(f"{path}: not valid JSON ({e})") from None
 
@@ -142,7 +142,7 @@ def load_label_map(tsv: str | Path) -> dict[str, int]:
     tsv = Path(tsv)
     if not tsv.is_file():
         raise FileNotFoundError(f"label map not found: {tsv}")
-    with open(tsv, newline=None, encoding="utf-8") as f:
+    with open(tsv, newline=None, encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter="\t")
         if not reader.fieldnames or "raw_category" not in reader.fieldnames or "nyu40id" not in reader.fieldnames:
             raise ReferFormatError(f"{tsv}: expected columns raw_category and nyu40id, got {reader.fieldnames}")
@@ -313,7 +313,8 @@ def read_referit3d(path: str | Path, kind: str, dataset: Optional[str] = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: spreadsheet programs save csv with a BOM, which would otherwise prefix the first column name
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [c for c in _REFERIT_COLUMNS[kind] if c not in (reader.fieldnames or [])]
         if missing:
@@ -374,7 +375,7 @@ def read_refer_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"referring samples not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
@@ -391,9 +392,12 @@ def load_processed_objects(processed_dir: str | Path, scene_id: str) -> dict[int
     """{object_id: {"label": raw label, ...}} from ``processed_dir/scene_id/objects.json``.
 
     Accepts a list of objects or ``{"objects": [...]}``; the id key is ``object_id`` (or ``id``), the
-    label key ``label`` (or ``raw_label``).
+    label key ``label`` (or ``raw_label``). Where there is no ``objects.json`` (a Pointcept directory or an
+    mmdetection3d export ``processed_dir/<scene_id>_vert.npy``) the objects come from the scene loader.
     """
     path = Path(processed_dir) / scene_id / OBJECTS_FILE
+    if not path.exists():
+        return _loader_objects(Path(processed_dir) / scene_id, path)
     data = _read_json(path, "processed scene objects")
     objs = data.get("objects") if isinstance(data, dict) else data
     if not isinstance(objs, list):
@@ -405,6 +409,16 @@ def load_processed_objects(processed_dir: str | Path, scene_id: str) -> dict[int
             raise ReferFormatError(f"{path} object {i}: no object_id / id")
         out[int(oid)] = {**o, "label": o.get("label", o.get("raw_label"))}
     return out
+
+
+def _loader_objects(scene_path: Path, objects_file: Path) -> dict[int, dict]:
+    from scene3d.data.scene import load_processed_scene
+
+    try:
+        scene = load_processed_scene(scene_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"processed scene objects not found: {objects_file}") from None
+    return {o.id: {"object_id": o.id, "label": o.label, "nyu40_id": o.nyu40_id} for o in scene.objects}
 
 
 class FilterReport(NamedTuple):

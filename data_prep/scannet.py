@@ -37,10 +37,14 @@ same segment (rare in ScanNet) the later group wins, as in the reference exporte
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -400,7 +404,7 @@ def parse_axis_alignment(text: str, path="<txt>") -> Optional[np.ndarray]:
 def read_axis_alignment(path) -> np.ndarray:
     """4x4 alignment of a scene ``.txt``; identity where the file has no ``axisAlignment`` (test scans)."""
     path = Path(path)
-    text = _read_bytes(path).decode("utf-8", errors="replace")
+    text = _read_bytes(path).decode("utf-8-sig", errors="replace")
     m = parse_axis_alignment(text, path)
     return np.eye(4) if m is None else m
 
@@ -459,7 +463,7 @@ def read_label_tsv(path) -> LabelMap:
     path = Path(path)
     data = _read_bytes(path)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a BOM (spreadsheet programs write one) must not hide the "id" column
     except UnicodeDecodeError as e:
         raise ScanNetFormatError(path, f"not UTF-8 text ({e})") from None
     # str.splitlines splits on \n, \r\n and lone \r: the universal-newline reading.
@@ -576,7 +580,7 @@ def _build_scene(files: SceneFiles, label_map: LabelMap, config: PrepConfig, sce
     if files.txt.exists() or config.require_txt:
         txt_bytes = _read_bytes(files.txt)
         hashes["txt"] = _sha(txt_bytes)
-        m = parse_axis_alignment(txt_bytes.decode("utf-8", errors="replace"), files.txt)
+        m = parse_axis_alignment(txt_bytes.decode("utf-8-sig", errors="replace"), files.txt)
     else:
         m = None
     align = np.eye(4) if m is None else m
@@ -739,11 +743,40 @@ def list_scenes(raw_root) -> list[str]:
     return sorted(p.name for p in raw_root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def not_raw_scans_reason(raw_root) -> Optional[str]:
+    """Why ``raw_root`` is not a directory of raw scans, where its layout says so (None otherwise).
+
+    Recognised: an empty directory, a single scan directory (its parent is the scans directory), an
+    mmdetection3d / votenet export (``<id>_vert[_all].npy``) and Pointcept-processed scenes (``<id>/coord.npy``
+    without a mesh). The last two need no prep: the scene loader reads them as they are.
+    """
+    from data_prep.exports import find_mmdet_export
+
+    raw_root = Path(raw_root)
+    use_as_is = ("; they need no prep: scene3d reads them as they are (data.processed_dir=DIR, "
+                 "prep refer --processed DIR, scene3d query CKPT DIR/<scene_id>)")
+    exports = sorted({f.scene_id for p in raw_root.glob("*_vert*.npy") if (f := find_mmdet_export(p)) is not None})
+    if exports:
+        return (f"holds mmdetection3d/votenet exports ({len(exports)} scenes: {', '.join(exports[:3])}"
+                f"{', ...' if len(exports) > 3 else ''}), not raw ScanNet scans" + use_as_is)
+    if any(raw_root.glob("*_vh_clean_2.ply")):
+        return f"is one scan directory; give the directory that holds it ({raw_root.parent})"
+    dirs = [p for p in raw_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not dirs:
+        return "holds no scan directories (<scene_id>/<scene_id>_vh_clean_2.ply, ...): zero scenes to process"
+    pointcept = [p.name for p in dirs if (p / SCENE_ARRAYS["coord"]).exists() and not scene_files(p).ply.exists()]
+    if len(pointcept) == len(dirs):
+        kind = "scene3d-processed" if all((p / META_FILE).exists() for p in dirs) else "Pointcept-processed"
+        return (f"holds {kind} scenes ({len(dirs)}: {', '.join(sorted(pointcept)[:3])}"
+                f"{', ...' if len(dirs) > 3 else ''}), not raw ScanNet scans" + use_as_is)
+    return None
+
+
 def read_scene_list(path) -> list[str]:
     """Scene ids of a split file (one per line, blank lines and ``#`` comments skipped)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise FileNotFoundError(f"split file {path}: {e.strerror or e}") from None
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
@@ -759,6 +792,36 @@ def _clean_stale(out_root: Path, scene_id: str) -> None:
     for p in out_root.glob(f".{scene_id}.*"):
         if p.is_dir() and (p.name.endswith(".tmp") or ".old." in p.name):
             shutil.rmtree(p, ignore_errors=True)
+
+
+#: prctl option: the signal the kernel sends this process when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
+
+
+def _watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(interval_s)
+    os._exit(1)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool-worker initializer: the worker ends when the prep process dies, even by SIGKILL.
+
+    A killed parent runs no clean-up, so without this its workers finish their scene and then wait on the
+    task queue forever. On Linux the kernel sends SIGKILL (``PR_SET_PDEATHSIG``); elsewhere a daemon thread
+    polls the parent pid. The check after ``prctl`` covers a parent that died before the call. (The kernel
+    signal follows the thread that started the worker: the pool is created and fed by the calling thread.)
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
 
 
 def _run_one(raw_root: str, out_root: str, scene_id: str, label_map: LabelMap, config: PrepConfig,
@@ -783,12 +846,22 @@ def process_scans(raw_root, out_root, tsv, scenes: Optional[Sequence[str]] = Non
 
     ``tsv`` is the label tsv path (or a :class:`LabelMap`); ``scenes`` defaults to every scan directory.
     Scenes whose ``meta.json`` hashes match their sources are skipped unless ``force``. ``workers > 1`` runs
-    scenes in a process pool. Failures are collected in the returned summary, never raised; a missing raw
-    root or an unreadable tsv header raises (nothing could be processed).
+    scenes in a process pool whose workers die with this process (even when it is killed). Failures are
+    collected in the returned summary, never raised; a missing raw root, an unreadable tsv header, zero scenes
+    or a root that is not raw scans (:func:`not_raw_scans_reason`) raises :class:`ScanNetFormatError` or
+    ``FileNotFoundError`` (nothing could be processed).
     """
     t0 = time.perf_counter()
     label_map = tsv if isinstance(tsv, LabelMap) else read_label_tsv(tsv)
-    scene_ids = list(dict.fromkeys(scenes)) if scenes is not None else list_scenes(raw_root)
+    if scenes is not None:
+        scene_ids = list(dict.fromkeys(scenes))
+        if not scene_ids:
+            raise ScanNetFormatError(raw_root, "the scene list (--scenes / --split-file) is empty: zero scenes")
+    else:
+        scene_ids = list_scenes(raw_root)
+        reason = not_raw_scans_reason(raw_root)
+        if reason is not None:
+            raise ScanNetFormatError(raw_root, reason)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     for sid in filter(_valid_id, scene_ids):
@@ -817,7 +890,8 @@ def process_scans(raw_root, out_root, tsv, scenes: Optional[Sequence[str]] = Non
         # fork where available: workers need no re-import, and `python -m scene3d` (whose __main__ has no
         # main guard) stays safe; the workers run numpy only, no threads of our own.
         ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futs = {pool.submit(_run_one, *args, sid, label_map, config, force): sid for sid in scene_ids}
             for fut in as_completed(futs):
                 try:
@@ -836,7 +910,7 @@ __all__ = [
     "LabelMap", "ObjectBoxes", "PlyMesh", "PrepConfig", "PrepSummary", "ScanNetFormatError", "SceneFiles",
     "SceneResult", "SegGroup", "apply_alignment", "build_scene", "compute_object_boxes", "instance_from_segments",
     "is_up_to_date",
-    "list_scenes", "mesh_xyz_rgb", "parse_axis_alignment", "parse_ply", "process_scans", "process_scene",
+    "list_scenes", "mesh_xyz_rgb", "not_raw_scans_reason", "parse_axis_alignment", "parse_ply", "process_scans", "process_scene",
     "read_aggregation", "read_axis_alignment", "read_label_tsv", "read_ply", "read_scene_list", "read_segs",
     "scene_files", "segment200_of_id", "segment20_of_nyu40", "source_hashes", "vertex_normals", "write_scene",
 ]

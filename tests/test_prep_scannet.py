@@ -500,3 +500,110 @@ def test_instance_from_segments_hand_case_and_bad_ids(tmp_path):
     s = sn.process_scans(tmp_path / "scans", tmp_path / "out", write_tsv(tmp_path / "l.tsv"),
                          scenes=["../scans", "scene0001_00"], progress=False)
     assert s.done == ["scene0001_00"] and "invalid scene id" in s.failed["../scans"]
+
+
+# ----------------------------------------------------------------------------------------------- not raw scans
+
+def test_mmdet_export_dir_is_refused_with_the_reason(real_data, tmp_path, capsys):
+    tsv = write_tsv(tmp_path / "labels.tsv")
+    with pytest.raises(sn.ScanNetFormatError, match="mmdetection3d/votenet exports .2 scenes: scene0000_01, "
+                                                    "scene0000_02.*need no prep"):
+        sn.process_scans(real_data / MMDET, tmp_path / "out", tsv, progress=False)
+    assert not (tmp_path / "out").exists()
+    rc = cli_main(["prep", "scannet", str(real_data / MMDET), str(tmp_path / "out"), "--labels", str(tsv),
+                   "--no-progress"])
+    assert rc == 2 and str(real_data / MMDET) in capsys.readouterr().err
+    # what the message promises: the export loads as it is
+    assert load_processed_scene(real_data / MMDET / "scene0000_01").source == "mmdet3d"
+
+
+def test_zero_scenes_and_other_layouts_are_errors(tmp_path, capsys):
+    tsv = write_tsv(tmp_path / "labels.tsv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sn.ScanNetFormatError, match="zero scenes"):
+        sn.process_scans(tmp_path / "empty", tmp_path / "out", tsv, progress=False)
+    rc = cli_main(["prep", "scannet", str(tmp_path / "empty"), str(tmp_path / "out"), "--labels", str(tsv)])
+    assert rc == 2 and "zero scenes" in capsys.readouterr().err
+    scan = tiny_scene(tmp_path / "scans")
+    with pytest.raises(sn.ScanNetFormatError, match=f"one scan directory.*{tmp_path / 'scans'}"):
+        sn.process_scans(scan, tmp_path / "out", tsv, progress=False)
+    with pytest.raises(sn.ScanNetFormatError, match="scene list .* is empty"):
+        sn.process_scans(tmp_path / "scans", tmp_path / "out", tsv, scenes=[], progress=False)
+    s = sn.process_scans(tmp_path / "scans", tmp_path / "out", tsv, progress=False)
+    assert s.done == ["scene0001_00"]
+    with pytest.raises(sn.ScanNetFormatError, match="scene3d-processed scenes .1: scene0001_00.*need no prep"):
+        sn.process_scans(tmp_path / "out", tmp_path / "out2", tsv, progress=False)
+    for f in (tmp_path / "out" / "scene0001_00").glob("*.json"):  # Pointcept keeps only the arrays
+        f.unlink()
+    with pytest.raises(sn.ScanNetFormatError, match="Pointcept-processed scenes"):
+        sn.process_scans(tmp_path / "out", tmp_path / "out2", tsv, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- BOM
+
+def test_label_tsv_split_file_and_txt_with_a_bom(tmp_path):
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbf" + ("\n".join([TSV_HEADER, *TSV_ROWS.values()]) + "\n").encode())
+    assert sn.read_label_tsv(tsv).raw_to_nyu40["chair"] == 5
+    split = tmp_path / "split.txt"
+    split.write_bytes(b"\xef\xbb\xbfscene0001_00\nscene0002_00\n")
+    assert sn.read_scene_list(split) == ["scene0001_00", "scene0002_00"]
+    txt = tmp_path / "scene.txt"
+    txt.write_bytes(b"\xef\xbb\xbfaxisAlignment = " + " ".join(["2"] + ["0"] * 4 + ["1"] + ["0"] * 4 + ["1"] +
+                                                                ["0"] * 4 + ["1"]).encode() + b"\n")
+    assert sn.read_axis_alignment(txt)[0, 0] == 2
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from Linux /proc")
+def test_kill_9_of_a_parallel_run_ends_its_workers(tmp_path):
+    scans = tmp_path / "scans"
+    for i in range(1, 7):
+        tiny_scene(scans, f"scene000{i}_00")
+    tsv = write_tsv(tmp_path / "labels.tsv")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "scene3d", "prep", "scannet", str(scans), str(out), "--labels", str(tsv),
+           "--workers", "2", "--no-progress"]
+    env = dict(os.environ, **{sn.TEST_SLEEP_ENV: "60"})  # each worker sleeps mid-scene for a minute
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len([p for p in out.glob(".*.tmp")]) < 2:
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, "the workers did not start"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and any(map(_alive, workers)):
+            time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)], "workers outlived their killed parent"
+    finally:
+        for w in workers:  # never leave a stray process behind a failing test
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)

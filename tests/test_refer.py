@@ -295,3 +295,50 @@ def test_prep_refer_cli(tmp_path, capsys):
     assert [r["unique"] for r in rows] == [True, True] and "wrote 2" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--labels"):
         main(["prep", "refer", "--dataset", "scanrefer", str(tmp_path / "s.json"), "--out", str(out)])
+
+
+def test_files_saved_with_a_bom_read_like_plain_utf8(tmp_path):
+    """Spreadsheet programs save csv with a UTF-8 BOM; it must not hide the first column (stimulus_id)."""
+    good = {"stimulus_id": "scene0001_00-chair-2-5-6", "utterance": "the chair", "scan_id": "scene0001_00",
+            "instance_type": "chair", "target_id": "5", "tokens": "['the', 'chair']"}
+    _nr3d_csv(tmp_path / "plain.csv", [good])
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.csv").write_bytes(bom + (tmp_path / "plain.csv").read_bytes())
+    assert R.read_nr3d(tmp_path / "bom.csv") == R.read_nr3d(tmp_path / "plain.csv")
+    (tmp_path / "s.json").write_bytes(bom + json.dumps([_scanrefer_entry("scene0001_00", 1, "chair", 0)]).encode())
+    (tmp_path / "l.tsv").write_bytes(bom + b"id\traw_category\tnyu40id\n1\tchair\t5\n")
+    raw2nyu = R.load_label_map(tmp_path / "l.tsv")
+    assert raw2nyu == {"chair": 5}
+    rows = R.read_scanrefer(tmp_path / "s.json", raw2nyu)
+    assert [r["targets"] for r in rows] == [[1]]
+    R.write_refer_jsonl(rows, tmp_path / "o.jsonl")
+    (tmp_path / "bom.jsonl").write_bytes(bom + (tmp_path / "o.jsonl").read_bytes())
+    assert R.read_refer_jsonl(tmp_path / "bom.jsonl") == rows
+
+
+def test_filter_against_an_mmdet_export_dir(real_data):
+    """An mmdetection3d export has no objects.json; its objects come from the scene loader."""
+    export = real_data / "open-mmlab__mmdetection3d/tests/data/scannet/scannet_train_instance_data"
+    objs = R.load_processed_objects(export, "scene0000_01")
+    assert 0 in objs and all(isinstance(o["label"], str) for o in objs.values())
+    rows = [_row("scene0000_01", [0]), _row("scene0000_01", [999]), _row("scene0777_00", [0])]
+    rep = R.filter_against_processed(rows, export)
+    assert rep.kept == rows[:1] and rep.reasons == {"missing_targets": 1, "missing_scene": 1}
+
+
+def test_prep_refer_cli_refuses_to_write_nothing(tmp_path):
+    from scene3d.cli import main
+
+    (tmp_path / "s.json").write_text(json.dumps([_scanrefer_entry("scene0001_00", 1, "chair", 0)]))
+    (tmp_path / "l.tsv").write_text("id\traw_category\tnyu40id\n1\tchair\t5\n")
+    (tmp_path / "processed").mkdir()
+    out = tmp_path / "o.jsonl"
+    out.write_text("earlier\n")
+    with pytest.raises(SystemExit, match="all 1 rows .* dropped .*missing_scene=1.* not written"):
+        main(["prep", "refer", "--dataset", "scanrefer", str(tmp_path / "s.json"), "--out", str(out),
+              "--labels", str(tmp_path / "l.tsv"), "--processed", str(tmp_path / "processed"), "--no-progress"])
+    assert out.read_text() == "earlier\n"
+    (tmp_path / "none.json").write_text("[]")
+    with pytest.raises(SystemExit, match="no multi3drefer rows"):
+        main(["prep", "refer", "--dataset", "multi3drefer", str(tmp_path / "none.json"), "--out", str(out)])
+    assert out.read_text() == "earlier\n"

@@ -194,3 +194,24 @@ def test_global_pool_matches_per_item_reduction():
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError):
         sc.global_pool(x, "median")
+
+
+def test_no_fx_tracing_warning_from_sparse_tensors():
+    """Building a SparseConvTensor (torch.fx ProxyableClassMeta) and running a conv logs torch's
+    ``is_fx_tracing`` deprecation warning once per process unless the wrapper filters it; other records of
+    that logger still pass. A fresh process: the warning is emitted only on the first call."""
+    code = textwrap.dedent("""
+        import logging
+        import torch
+        from scene3d.sparse.spconv_compat import SubMConv3d, sparse_tensor
+        idx = torch.tensor([[0, 1, 1, 1], [0, 1, 2, 1], [0, 2, 2, 2]])
+        x = sparse_tensor(torch.randn(3, 4), idx, (4, 4, 4), 1)
+        y = SubMConv3d(4, 8, 3, indice_key="a")(x)
+        logging.getLogger("torch.fx._symbolic_trace").warning("another fx message")
+        print("features", tuple(y.features.shape))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "features (3, 8)" in out.stdout
+    assert "is_fx_tracing" not in out.stderr
+    assert "another fx message" in out.stderr

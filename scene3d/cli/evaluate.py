@@ -81,6 +81,14 @@ def evaluate_checkpoint(args) -> int:
         raise SystemExit(f"scene3d eval: {', '.join(given + (['--allow-missing'] if args.allow_missing else []))} "
                          "belong to the predictions-file mode; in checkpoint mode use overrides such as "
                          "eval.samples=FILE.jsonl eval.processed_dir=DIR out_dir=DIR")
+    chosen = any(o.lstrip("+~").startswith("data=") for o in args.overrides)
+    data_keys = [o for o in args.overrides if o.lstrip("+~").startswith("data.")]
+    if data_keys and not chosen:
+        # configs/eval.yaml has no data node unless one is chosen (the checkpoint's own data is used); hydra
+        # would fail on it with "Unexpected type for root: NoneType"
+        raise SystemExit(f"scene3d eval: error: {data_keys[0]}: data.* overrides need a data option first (e.g. "
+                         "data=scanrefer data.processed_dir=DIR data.val=FILE.jsonl); to score another jsonl "
+                         "with the checkpoint's data use eval.samples=FILE.jsonl [eval.processed_dir=DIR]")
     overrides = [f"checkpoint={args.predictions.resolve()}"] + list(args.overrides)
     if args.strict:
         overrides.append("eval.strict=true")
@@ -101,6 +109,8 @@ def evaluate_checkpoint(args) -> int:
 
 def run(args) -> int:
     target = args.predictions
+    if not target.exists():
+        raise SystemExit(f"scene3d eval: error: PREDICTIONS_OR_CKPT {target}: no such file or directory")
     if is_checkpoint_target(target):
         return evaluate_checkpoint(args)
     if target.is_dir():

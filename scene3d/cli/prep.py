@@ -11,7 +11,7 @@ TARGETS = [
 
 
 def add_parser(sub, name, help_):
-    p = sub.add_parser(name, help=help_)
+    p = sub.add_parser(name, help=help_, description=help_)
     targets = p.add_subparsers(dest="target", metavar="TARGET")
     targets.required = True
     for tname, module, thelp in TARGETS:

@@ -33,15 +33,16 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     progress = not args.no_progress
     if args.processed is not None and not args.processed.is_dir():
-        raise SystemExit(f"--processed {args.processed}: not a directory")
+        raise SystemExit(f"scene3d prep refer: error: --processed {args.processed}: not a directory")
     if args.dataset == "scanrefer":
         if args.labels is None:
-            raise SystemExit("--labels TSV is required for --dataset scanrefer (ScanRefer's 18-class mapping)")
+            raise SystemExit("scene3d prep refer: error: --labels TSV is required for --dataset scanrefer "
+                             "(ScanRefer's 18-class mapping)")
         raw2nyu = refer.load_label_map(args.labels)
         population = None
         if args.unique_from == "processed":
             if args.processed is None:
-                raise SystemExit("--unique-from processed needs --processed DIR")
+                raise SystemExit("scene3d prep refer: error: --unique-from processed needs --processed DIR")
             scenes = {r["scene_id"] for r in refer.load_json_list(args.src)}
             population = refer.processed_population(args.processed, scenes)
         rows = refer.read_scanrefer(args.src, raw2nyu, population=population, progress=progress)
@@ -49,11 +50,18 @@ def run(args) -> int:
         rows = refer.read_multi3drefer(args.src, progress=progress)
     else:
         rows = refer.read_referit3d(args.src, args.dataset, progress=progress)
+    if not rows:
+        raise SystemExit(f"scene3d prep refer: error: {args.src}: no {args.dataset} rows; {args.out} not written")
     if args.processed is not None:
         report = refer.filter_against_processed(rows, args.processed)
         rows = report.kept
         if report.dropped:
-            print(f"dropped {len(report.dropped)} rows: " + ", ".join(f"{k}={v}" for k, v in report.reasons.items()))
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.reasons.items()))
+            if not rows:  # an empty jsonl would only fail later, in training or evaluation
+                raise SystemExit(f"scene3d prep refer: error: all {len(report.dropped)} rows of {args.src} were "
+                                 f"dropped against --processed {args.processed} ({reasons}); {args.out} not "
+                                 "written (an earlier one is kept)")
+            print(f"dropped {len(report.dropped)} rows: {reasons}")
     n = refer.write_refer_jsonl(rows, args.out)
     print(f"wrote {n} {args.dataset} rows to {args.out}")
     return 0

@@ -27,7 +27,7 @@ def run(args) -> int:
     from data_prep.scannet import PrepConfig, ScanNetFormatError, process_scans, read_scene_list
 
     if args.workers < 1:
-        print(f"--workers must be >= 1, got {args.workers}", file=sys.stderr)
+        print(f"scene3d prep scannet: error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
     scenes = None
     if args.scenes or args.split_file:
@@ -36,14 +36,14 @@ def run(args) -> int:
             for f in args.split_file or []:
                 scenes += read_scene_list(f)
         except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"scene3d prep scannet: error: {e}", file=sys.stderr)
             return 2
     try:
         summary = process_scans(args.raw_scans_dir, args.out_dir, args.labels, scenes=scenes, workers=args.workers,
                                 force=args.force, config=PrepConfig(allow_unannotated=args.allow_unannotated),
                                 progress=not args.no_progress)
     except (FileNotFoundError, ScanNetFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"scene3d prep scannet: error: {e}", file=sys.stderr)
         return 2
     print(summary.format(), file=sys.stderr if summary.failed else sys.stdout)
     return 1 if summary.failed else 0

@@ -25,6 +25,10 @@ picks it itself in a CPU-only build), and ``SparseGlobalMaxPool`` / ``SparseGlob
 implemented on CPU (their ``global_pool_rearrange`` kernel is CUDA-only) -- use :func:`global_pool`, which
 reduces per batch item with torch's native ``scatter_reduce``.
 
+Noise: constructing a ``SparseConvTensor`` (its metaclass is torch.fx's ``ProxyableClassMeta``) makes torch
+log a deprecation warning about ``is_fx_tracing``; that one message is filtered where torch logs it
+(:class:`_DropFxTracingWarning`).
+
 Re-exported: ``spconv`` (= ``spconv.pytorch``), ``SparseConvTensor``, ``SubMConv3d``, ``SparseConv3d``,
 ``SparseInverseConv3d``, ``SparseSequential``, ``SparseModule``, ``ConvAlgo``.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import sys
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -72,6 +77,33 @@ __all__ = [
 ]
 
 _PATCH_FLAG = "_scene3d_compat_patched"
+
+
+# ---- noise: torch.fx's is_fx_tracing deprecation warning ------------------------------------------------
+class _DropFxTracingWarning(logging.Filter):
+    """Drops torch's "is_fx_tracing will return true for both fx.symbolic_trace and torch.export ..." record.
+
+    Source: ``SparseConvTensor``'s metaclass is ``torch.fx.ProxyableClassMeta``, whose ``__call__`` asks the
+    deprecated ``torch.fx._symbolic_trace.is_fx_tracing()`` on every construction (ours in
+    :func:`sparse_tensor`, and spconv's own in ``replace_feature`` inside every conv); torch logs the
+    warning through the ``torch.fx._symbolic_trace`` logger the first time. The call is spconv's, not ours,
+    and we never trace spconv with fx, so the record carries nothing to act on. Only this message is
+    dropped; every other record of that logger passes.
+    """
+
+    MESSAGE_START = "is_fx_tracing will return true"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.MESSAGE_START)
+
+
+def _install_fx_warning_filter() -> None:
+    fx_log = logging.getLogger("torch.fx._symbolic_trace")
+    if not any(isinstance(f, _DropFxTracingWarning) for f in fx_log.filters):
+        fx_log.addFilter(_DropFxTracingWarning())
+
+
+_install_fx_warning_filter()
 
 
 class PatchReport(NamedTuple):
