@@ -1,7 +1,8 @@
 """`scene3d eval` in two modes, chosen by the first argument:
 
-* predictions-file mode: ``scene3d eval PREDICTIONS.jsonl --gt REFER.jsonl --processed DIR [--strict]
-  [--out metrics.json]`` (format: docs/predictions_format.md; metrics: scene3d/metrics.py);
+* predictions-file mode: ``scene3d eval PREDICTIONS.jsonl --gt REFER.jsonl --processed DIR [--mask-acc OP]
+  [--box-acc OP] [--f1 OP] [--multi-mask-box first|union] [--out metrics.json]`` (format:
+  docs/predictions_format.md; metrics and their default conventions: scene3d/metrics.py);
 * checkpoint mode: ``scene3d eval CKPT [hydra overrides]`` where CKPT is a checkpoint directory, its
   ``checkpoints/`` parent or a run directory: runs the model over a referring split (configs/eval.yaml, e.g.
   ``eval.split=val eval.max_samples=100 data=scanrefer data.processed_dir=...``) and writes
@@ -22,8 +23,23 @@ def add_parser(sub, name, help_):
                         "followed by hydra overrides (configs/eval.yaml)")
     p.add_argument("--gt", type=Path, help="referring samples jsonl (scene3d prep refer); predictions mode")
     p.add_argument("--processed", type=Path, help="processed scene directories; predictions mode")
-    p.add_argument("--strict", action="store_true",
-                   help="count IoU > threshold (3D-STMN / TGNN) instead of >= (ScanRefer / Multi3DRefer)")
+    conv = p.add_argument_group(
+        "metric conventions (predictions mode; defaults follow the evaluators of the published tables; "
+        "OP is '>' or '>=', also spelled gt / ge)")
+    conv.add_argument("--mask-acc", metavar="OP", default=None,
+                      help="point-mask Acc@k counts IoU OP k (default '>': 3D-STMN tools/test.py, "
+                           "MDIN tools/test_3dgres.py)")
+    conv.add_argument("--box-acc", metavar="OP", default=None,
+                      help="box Acc@k counts IoU OP k (default '>=': ScanRefer, M3DRef-CLIP scanrefer_evaluator.py)")
+    conv.add_argument("--f1", metavar="OP", default=None,
+                      help="Multi3DRefer box F1@k and mask F1@k count IoU OP k (default '>=': M3DRef-CLIP "
+                           "multi3drefer_evaluator.py)")
+    conv.add_argument("--multi-mask-box", metavar="first|union", default=None,
+                      help="box of a single-target row with several predicted masks: the first mask's "
+                           "(default, M3DRef-CLIP scores aabb_bound[0]) or the union's")
+    conv.add_argument("--strict", action="store_true",
+                      help="deprecated, changes nothing: point-mask Acc@k already counts IoU > k by default, "
+                           "box metrics keep >= (use --box-acc / --f1 to change those)")
     p.add_argument("--allow-missing", action="store_true",
                    help="score referring rows without a prediction as empty predictions instead of failing")
     p.add_argument("--out", type=Path, default=None, help="write metrics (+ per-sample scores) as json")
@@ -42,19 +58,54 @@ def _jsonable(obj):
     return obj
 
 
+#: (flag, Conventions field) of the convention options.
+CONVENTION_FLAGS = (("--mask-acc", "mask_acc"), ("--box-acc", "box_acc"), ("--f1", "f1"),
+                    ("--multi-mask-box", "multi_mask_box"))
+STRICT_NOTE = ("note: --strict is deprecated and changes nothing: point-mask Acc@k counts IoU > k by default "
+               "(3D-STMN, MDIN); box Acc@k and F1@k keep >= (ScanRefer, M3DRef-CLIP)")
+
+
+def conventions_from_args(args):
+    """The :class:`~scene3d.metrics.Conventions` of the flags; a bad value exits with a line naming its flag."""
+    from scene3d.metrics import Conventions, parse_op
+
+    given = {}
+    for flag, field in CONVENTION_FLAGS:
+        value = getattr(args, field)
+        if value is None:
+            continue
+        if field == "multi_mask_box":
+            if value not in ("first", "union"):
+                raise SystemExit(f"scene3d eval: {flag}: expected 'first' or 'union', got {value!r}")
+            given[field] = value
+        else:
+            try:
+                given[field] = parse_op(value, flag)
+            except ValueError as e:
+                raise SystemExit(f"scene3d eval: {e}") from None
+    if args.strict and given.get("mask_acc", ">") != ">":
+        raise SystemExit(f"scene3d eval: --strict contradicts --mask-acc {args.mask_acc} (--strict is deprecated; "
+                         "drop it)")
+    return Conventions(**given)
+
+
 def evaluate_predictions_file(args) -> int:
-    """The predictions-file mode (a checkpoint mode is added separately)."""
-    from scene3d.metrics import evaluate_files, format_metrics
+    """The predictions-file mode."""
+    from scene3d.metrics import TABLE_LEGEND, evaluate_files, format_metrics
     from scene3d.utils.io import write_json_atomic
 
-    ev = evaluate_files(args.predictions, args.gt, args.processed, strict=args.strict,
+    conventions = conventions_from_args(args)
+    if args.strict:
+        print(STRICT_NOTE)
+    ev = evaluate_files(args.predictions, args.gt, args.processed, conventions,
                         allow_missing=args.allow_missing, progress=not args.no_progress)
-    print(f"threshold convention: IoU {'>' if args.strict else '>='} k")
+    print(f"conventions: {conventions.describe()}")
     if ev.missing:
         print(f"{ev.missing} referring rows had no prediction (scored as empty)")
     print(format_metrics(ev.metrics))
+    print(TABLE_LEGEND)
     if args.out is not None:
-        write_json_atomic(args.out, _jsonable({"strict": args.strict, "missing": ev.missing,
+        write_json_atomic(args.out, _jsonable({"conventions": conventions.as_dict(), "missing": ev.missing,
                                                "metrics": ev.metrics, "per_sample": ev.per_sample}))
         print(f"wrote {args.out}")
     return 0
@@ -74,13 +125,18 @@ def evaluate_checkpoint(args) -> int:
 
     from scene3d.config import compose, to_objects
     from scene3d.engine.evaluate import run_checkpoint_eval
-    from scene3d.metrics import format_metrics
+    from scene3d.metrics import TABLE_LEGEND, Conventions, format_metrics
 
     given = [name for name, v in (("--gt", args.gt), ("--processed", args.processed), ("--out", args.out)) if v]
     if given or args.allow_missing:
         raise SystemExit(f"scene3d eval: {', '.join(given + (['--allow-missing'] if args.allow_missing else []))} "
                          "belong to the predictions-file mode; in checkpoint mode use overrides such as "
                          "eval.samples=FILE.jsonl eval.processed_dir=DIR out_dir=DIR")
+    flags = [flag for flag, field in CONVENTION_FLAGS if getattr(args, field) is not None]
+    if flags:
+        raise SystemExit(f"scene3d eval: {', '.join(flags)} belong to the predictions-file mode; checkpoint mode "
+                         "scores with the default conventions (re-score its predictions.jsonl with "
+                         "scene3d eval predictions.jsonl --gt ... --processed ... to change them)")
     chosen = any(o.lstrip("+~").startswith("data=") for o in args.overrides)
     data_keys = [o for o in args.overrides if o.lstrip("+~").startswith("data.")]
     if data_keys and not chosen:
@@ -91,6 +147,7 @@ def evaluate_checkpoint(args) -> int:
                          "with the checkpoint's data use eval.samples=FILE.jsonl [eval.processed_dir=DIR]")
     overrides = [f"checkpoint={args.predictions.resolve()}"] + list(args.overrides)
     if args.strict:
+        print(STRICT_NOTE)
         overrides.append("eval.strict=true")
     if args.no_progress:
         overrides.append("eval.progress=false")
@@ -100,9 +157,9 @@ def evaluate_checkpoint(args) -> int:
         print(f"scene3d eval: config error: {e}", file=sys.stderr)
         return 2
     res = run_checkpoint_eval(cfg)
-    print(f"checkpoint {res.checkpoint} (step {res.step}); threshold convention: IoU "
-          f"{'>' if cfg.eval.strict else '>='} k")
+    print(f"checkpoint {res.checkpoint} (step {res.step}); conventions: {Conventions().describe()}")
     print(format_metrics(res.metrics))
+    print(TABLE_LEGEND)
     print(f"wrote {res.predictions}\nwrote {res.metrics_file}")
     return 0
 

@@ -42,7 +42,7 @@ class EvalResult(NamedTuple):
     ============  ==========================================================================================
     predictions   one row per referring row (docs/predictions_format.md; ``pred_masks`` point indices)
     metrics       :func:`scene3d.metrics.summarize` output: ``{group: {"count", "miou", "acc@0.25", ...}}``
-    per_sample    ``[{"dataset", "scene_id", "ann_id", "iou", "box_iou", "f1@k"}]`` in row order
+    per_sample    ``[{"dataset", "scene_id", "ann_id", "iou", "box_iou", "box_f1@k", "mask_f1@k"}]`` in row order
     rows          the referring rows that were evaluated
     ============  ==========================================================================================
     """
@@ -134,7 +134,9 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
     results = {}
     for m in masks:
         table = {k: {**p, "_where": f"prediction {k}"} for k, p in zip(keys, preds[m])}
-        ev = evaluate_rows(table, rows, processed_dir, strict=strict, progress=False)
+        # ``strict`` is deprecated and changes nothing: the default conventions already count point-mask
+        # Acc@k as IoU > k (3D-STMN, MDIN) and box metrics as >= (ScanRefer, M3DRef-CLIP); scene3d.metrics
+        ev = evaluate_rows(table, rows, processed_dir, progress=False)
         results[m] = EvalResult(preds[m], ev.metrics, ev.per_sample, rows)
     return results
 
