@@ -294,3 +294,25 @@ def test_train_step_and_predict_in_each_dtype(smollm2, scene, dtype):
     tol = 1e-5 if dtype == "float32" else 2e-2
     for x, y in zip(a, b):
         torch.testing.assert_close(x.obj_scores, y.obj_scores, atol=tol, rtol=tol)
+
+
+def test_real_sentences_have_no_unknown_words_for_smollm2(smollm2, real_data):
+    """The shared ScanRefer subset: the tiny word-level vocabulary misses words in most sentences (warned
+    about, naming them); SmolLM2's byte-level BPE reads every one."""
+    import json
+
+    from scene3d.engine.evaluate import text_report
+    from scene3d.llm.loader import load_tokenizer
+    from scene3d.llm.tiny import build_tiny_tokenizer
+
+    src = real_data / "ripl__Transcrib3D" / "data" / "scanrefer" / "ScanRefer_filtered_val_sampled1000.json"
+    rows = [{"text": r["description"]} for r in json.loads(src.read_text(encoding="utf-8-sig"))[:300]]
+    with pytest.warns(UserWarning, match=r"of 300 referring texts hold words .* \[UNK\] \(most frequent: "):
+        tiny = text_report(build_tiny_tokenizer(), rows, 128)
+    assert tiny["rows_with_unknown_words"] > 150 and tiny["unknown_words"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        real = text_report(load_tokenizer(smollm2), rows, 128)
+    assert real == {"rows_with_unknown_words": 0, "unknown_words": [], "rows_cut": 0}

@@ -200,6 +200,34 @@ def _jsonable(obj):
     return obj
 
 
+def text_report(tokenizer, rows: Sequence[Mapping], max_tokens: int) -> dict:
+    """How the model's tokenizer reads the rows' texts: rows with words it maps to its unknown token (and the
+    most frequent such words), rows cut at ``max_tokens``. Warns (one line each) when either is non-zero, so a
+    vocabulary that cannot read the data never passes silently."""
+    import warnings
+    from collections import Counter
+
+    from scene3d.llm.prompt import text_token_ids, unknown_words
+
+    words: Counter = Counter()
+    unknown_rows = cut_rows = 0
+    for r in rows:
+        u = unknown_words(tokenizer, r["text"])
+        if u:
+            unknown_rows += 1
+            words.update(u)
+        cut_rows += text_token_ids(tokenizer, r["text"], max_tokens, warn=False).dropped > 0
+    top = [w for w, _ in words.most_common(10)]
+    if unknown_rows:
+        warnings.warn(f"{unknown_rows} of {len(rows)} referring texts hold words the model's tokenizer reads as "
+                      f"{tokenizer.unk_token} (most frequent: {', '.join(top)}); a pretrained LLM (llm=smollm2) "
+                      "reads every word", stacklevel=2)
+    if cut_rows:
+        warnings.warn(f"{cut_rows} of {len(rows)} referring texts are longer than prompt.max_text_tokens="
+                      f"{max_tokens} and were cut", stacklevel=2)
+    return {"rows_with_unknown_words": unknown_rows, "unknown_words": top, "rows_cut": cut_rows}
+
+
 def run_checkpoint_eval(cfg) -> CheckpointEval:
     """Load ``cfg.checkpoint`` (a checkpoint dir, its ``checkpoints/`` parent or a run dir), predict every row of
     the eval split and write ``predictions.jsonl`` + ``metrics.json`` into ``cfg.out_dir`` (default
@@ -231,6 +259,7 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     rows = spread_rows(split.rows, ev.max_samples)
     if not rows:
         raise ValueError(f"no referring rows to evaluate in the {ev.split} split of {data.name}")
+    language = text_report(loaded.model.segmenter.tokenizer, rows, loaded.model.segmenter.config.prompt.max_text_tokens)
     res = evaluate_model(loaded.model, split.processed_dir, rows, ev.mask, ev.strict, progress=ev.progress)
     ckpt = Path(loaded.path)
     name = Path(ev.samples).stem if ev.samples else ev.split
@@ -241,5 +270,5 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     write_json_atomic(metrics_path, _jsonable({
         "checkpoint": str(ckpt), "step": loaded.step, "data": data.name, "split": name,
         "processed_dir": str(split.processed_dir), "mask": ev.mask, "strict": ev.strict,
-        "num_samples": len(rows), "metrics": res.metrics, "per_sample": res.per_sample}))
+        "num_samples": len(rows), "text": language, "metrics": res.metrics, "per_sample": res.per_sample}))
     return CheckpointEval(out_dir, pred_path, metrics_path, res.metrics, loaded.step, ckpt)
