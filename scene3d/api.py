@@ -26,7 +26,23 @@ arrays                          ``coord=`` [N, 3] (+ ``color``, ``normal``, ``in
 
 A scene without instances (a mesh, arrays without ``instance``, an unannotated scan) gets its objects from
 the tokenizer's proposal head (class-agnostic clustering of centre votes); their ``object_ids`` are -1 and
-results name them by their row (``objects``).
+results name them by their row (``objects``). A proposal that holds most of the scene (the head did not
+separate the objects, as an out-of-domain head does on real scans) is named in ``SegmentResult.oversized``
+and ``warnings`` and raises a :class:`DegradedSceneWarning`.
+
+**Large scenes and the memory bound.** The model costs about 3.3 KB per point it sees (1 M points: 3.5 GiB
+without a cap). A scene of more than ``Segmenter.max_points`` points (default :data:`DEFAULT_MAX_POINTS` =
+200 000; ``None``: no cap) is voxel-downsampled to the model's resolution (``tokenizer.voxel_size``; one
+representative per voxel and instance, :func:`scene3d.data.downsample.voxel_downsample`) before it is
+encoded; where that still leaves more than ``max_points`` the voxel grows until they fit (coarser than the
+model's resolution: a :class:`DegradedSceneWarning` and a line in ``warnings``). Every mask of the result still
+covers every input point (each point takes its voxel's answer), boxes are measured on the input points, and
+``model_points`` / ``downsample_voxel`` say what the model saw. Peak memory is then at most about
+``0.45 GiB + 3.3 KB x min(N, max_points) + 110 B x N`` with the tiny CPU model, i.e. 1.6 GiB at 5 M points
+(``bench/large_scene.py``: a room of 5 M points 0.92 GiB, a 24 x 18 m hall of 5 M points 1.30 GiB).
+
+When every object scores below the decoder's threshold the result says so (``all_below_threshold`` and a line
+in ``warnings``): the model does not recognise the scene's objects (README, "What to expect on real scans").
 
 :class:`SceneData` fields (immutable; arrays are read-only):
 
@@ -56,11 +72,16 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from scene3d.data.downsample import Downsampled, voxel_downsample
 from scene3d.data.scene import Scene, SceneFormatError
 
 #: mesh / point cloud suffixes read with open3d (trimesh has no reader for them)
 OPEN3D_SUFFIXES = (".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts")
 LABEL_TSV = "scannetv2-labels.combined.tsv"
+#: scenes with more points are voxel-downsampled before the model sees them (module docstring)
+DEFAULT_MAX_POINTS = 200_000
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_ROWS.setflags(write=False)
 
 
 class SceneLoadError(ValueError):
@@ -353,6 +374,11 @@ class UnknownWordsWarning(UserWarning):
     """A query holds words that the model's tokenizer maps to its unknown token."""
 
 
+class DegradedSceneWarning(UserWarning):
+    """A scene the model sees worse than it should: downsampled coarser than the model's resolution, or a
+    proposal that swallows most of the scene (also in ``SegmentResult.warnings``)."""
+
+
 class SegmentResult(NamedTuple):
     """One query's answer on one scene (``T`` chosen objects, ``M`` objects in the scene, ``N`` points).
 
@@ -380,6 +406,15 @@ class SegmentResult(NamedTuple):
                                          LLM's answer cannot name them, the decoder still scores them
     ``text_tokens_dropped`` int          tokens cut from the end of a query longer than the model's
                                          ``prompt.max_text_tokens`` (also warned about); 0 when whole
+    ``model_points``     int             points the model saw (< N when downsampled; masks still [N])
+    ``downsample_voxel`` float | None    voxel edge (m) of the downsampling, None when not downsampled
+    ``all_below_threshold`` bool         every object scored below the decoder threshold: the model found
+                                         nothing it knows here (``warnings`` says so)
+    ``oversized``        [K] int64       rows of proposals holding most (> half) of the scene's points
+    ``warnings``         tuple[str]      what degrades this answer, in words: a scene downsampled coarser
+                                         than the model, oversized proposals, every score below the
+                                         threshold (empty: none; words, text and objects left out have
+                                         the fields above)
     ===================  ==============  ==============================================================
     """
 
@@ -399,17 +434,30 @@ class SegmentResult(NamedTuple):
     unknown_words: list = []
     text_tokens_dropped: int = 0
     left_out_ids: np.ndarray = np.zeros(0, np.int64)
+    model_points: int = -1
+    downsample_voxel: Optional[float] = None
+    all_below_threshold: bool = False
+    oversized: np.ndarray = _NO_ROWS
+    warnings: tuple = ()
 
     @property
     def num_points(self) -> int:
         return int(self.point_mask.sum())
 
+    @property
+    def downsampled(self) -> bool:
+        return self.downsample_voxel is not None
+
 
 class EncodedScene(NamedTuple):
-    """What :meth:`Segmenter.encode` caches per scene: the segmenter inputs and whether objects are proposals."""
+    """What :meth:`Segmenter.encode` caches per scene: the segmenter inputs (of the downsampled scene when
+    ``downsample`` is set), whether objects are proposals, oversized proposal rows and scene warnings."""
 
     inputs: object  # scene3d.models.referring.SceneInputs
     proposals: bool
+    downsample: Optional[Downsampled] = None
+    oversized: np.ndarray = _NO_ROWS
+    warnings: tuple = ()
 
 
 # ------------------------------------------------------------------------------------------------ segmenter
@@ -418,16 +466,20 @@ class Segmenter:
 
     The last encoded scene (backbone, proposals, object tokens) is cached, so several ``segment`` calls on
     the same :class:`SceneData` encode it once; a list of queries also shares one LLM prefix cache.
+    ``max_points`` (attribute, may be changed): scenes with more points are voxel-downsampled first (module
+    docstring, "Large scenes"); ``None``: never.
     """
 
     def __init__(self, model, device: Union[str, torch.device] = "cpu", config: Optional[dict] = None,
-                 checkpoint: Optional[str] = None, step: Optional[int] = None) -> None:
+                 checkpoint: Optional[str] = None, step: Optional[int] = None,
+                 max_points: Optional[int] = DEFAULT_MAX_POINTS) -> None:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.config = config or {}
         self.checkpoint = checkpoint
         self.step = step
-        self._cached: Optional[tuple[SceneData, bool, EncodedScene]] = None  # (scene, proposals, encoding)
+        self.max_points = max_points
+        self._cached: Optional[tuple] = None  # (scene, proposals, max_points, encoding)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device: Union[str, torch.device] = "cpu") -> "Segmenter":
@@ -448,15 +500,40 @@ class Segmenter:
         return load_scene(path, coord=coord, color=color, normal=normal, instance=instance, superpoint=superpoint,
                           scene_id=scene_id, label_tsv=label_tsv)
 
+    def downsample(self, scene: SceneData) -> tuple[SceneData, Optional[Downsampled]]:
+        """The scene the model sees: ``scene`` itself when it has at most ``max_points`` points, else its
+        voxel downsampling at the model's resolution (coarser if needed) and the map back to its points."""
+        if self.max_points is not None and self.max_points < 1:
+            raise ValueError(f"max_points must be >= 1 or None, got {self.max_points}")
+        if self.max_points is None or scene.num_points <= self.max_points:
+            return scene, None
+        d = voxel_downsample(scene.coord, self.model.config.tokenizer.voxel_size, color=scene.color,
+                             normal=scene.normal, instance=scene.instance if scene.has_instances else None,
+                             superpoint=scene.superpoint, max_points=self.max_points)
+        small = make_scene(d.coord, d.color, d.normal, d.instance, d.superpoint, scene_id=scene.scene_id,
+                           source=scene.source, path=scene.path, labels=scene.labels)
+        return small, d
+
     @torch.no_grad()
     def encode(self, scene: SceneData, proposals: bool = False) -> EncodedScene:
         """Tokenize ``scene`` (cached for the last scene). Objects are the scene's instances when it has any
-        (unless ``proposals``), else the proposal head's clusters (as :meth:`Scene3DModel.predict` does)."""
-        if self._cached is not None and self._cached[0] is scene and self._cached[1] == proposals:
-            return self._cached[2]
+        (unless ``proposals``), else the proposal head's clusters (as :meth:`Scene3DModel.predict` does).
+        Scenes over ``max_points`` are downsampled first (:meth:`downsample`)."""
+        c = self._cached
+        if c is not None and c[0] is scene and c[1] == proposals and c[2] == self.max_points:
+            return c[3]
         if not isinstance(scene, SceneData):
             raise TypeError(f"scene must be a SceneData (from load_scene), got {type(scene).__name__}")
+        full = scene
+        scene, down = self.downsample(full)
+        notes = []
+        if down is not None and down.coarsened:
+            notes.append(f"scene {full.scene_id!r}: {full.num_points} points do not fit max_points={self.max_points} "
+                         f"at the model's voxel ({down.model_voxel:g} m); the model saw {down.num_points} points at "
+                         f"{down.voxel_size:.3g} m, coarser than its resolution")
         points = scene.to_points(self.device)
+        if down is not None:  # proposal sizes count the input points each representative stands for
+            points = points.replace(weight=torch.from_numpy(down.counts).to(self.device, torch.float64))
         objects = points.instance if scene.has_instances and not proposals else None
         self.model.eval()
         inputs, _ = self.model.encode(points, objects)
@@ -474,8 +551,24 @@ class Segmenter:
                           f"with the most points get identifiers, {m - k} are left out of the LLM prompt (the "
                           "result's left_out_ids; the decoder still scores them). Real ScanNet scenes reach ~150 "
                           "objects: llm=smollm2 has 200 identifiers", ObjectsOverflowWarning, stacklevel=3)
-        enc = EncodedScene(inputs, objects is None)
-        self._cached = (scene, proposals, enc)
+        oversized = _NO_ROWS
+        if objects is None:
+            from scene3d.tokenizer.proposals import OVERSIZED_FRACTION, oversized_proposals
+
+            weight = None if down is None else torch.from_numpy(down.counts).to(inputs.tokens.point2obj.device)
+            oversized = oversized_proposals(inputs.tokens.point2obj, m, weight).cpu().numpy()
+            if oversized.size:
+                p2o = inputs.tokens.point2obj.cpu().numpy()
+                w = np.ones(len(p2o)) if down is None else down.counts
+                share = ", ".join(f"{int(r)} ({w[p2o == r].sum() / w.sum():.0%})" for r in oversized)
+                notes.append(f"proposal {share} of scene {full.scene_id!r} holds more than "
+                             f"{OVERSIZED_FRACTION:.0%} of its points: the proposal head did not separate the "
+                             "objects (a head trained on other kinds of scenes), so answers here are unreliable; "
+                             "give instance ids if you have them")
+        for note in notes:
+            warnings.warn(note, DegradedSceneWarning, stacklevel=3)
+        enc = EncodedScene(inputs, objects is None, down, oversized, tuple(notes))
+        self._cached = (full, proposals, self.max_points, enc)
         return enc
 
     def segment(self, scene: SceneData, text: Union[str, Sequence[str]], proposals: bool = False):
@@ -504,7 +597,7 @@ class Segmenter:
                               f"{'them' if len(u) > 1 else 'it'}", UnknownWordsWarning, stacklevel=2)
         enc = self.encode(scene, proposals)
         preds = self.model.segmenter.predict(enc.inputs, [t.strip() for t in texts], use_cache=True)
-        results = [self._result(enc, t, p)._replace(unknown_words=u, text_tokens_dropped=d)
+        results = [self._result(enc, t, p, scene)._replace(unknown_words=u, text_tokens_dropped=d)
                    for t, p, u, d in zip(texts, preds, unknown, dropped)]
         return results[0] if single else results
 
@@ -518,20 +611,44 @@ class Segmenter:
             return rows.numpy()
         return tokens.object_ids.cpu()[rows].long().numpy()
 
-    def _result(self, enc: EncodedScene, text: str, pred) -> SegmentResult:
+    def _result(self, enc: EncodedScene, text: str, pred, scene: SceneData) -> SegmentResult:
         tokens = enc.inputs.tokens
         rows = pred.objects.long()
         p2o = tokens.point2obj
-        masks = (p2o[None, :] == rows.to(p2o.device)[:, None]).cpu().numpy()  # (T, N)
-        boxes = torch.cat([tokens.center[rows], tokens.size[rows]], 1).float().cpu().numpy()
+        masks = (p2o[None, :] == rows.to(p2o.device)[:, None]).cpu().numpy()  # (T, N model points)
+        point_mask, decoder_mask = pred.point_mask.cpu().numpy(), pred.decoder_mask.cpu().numpy()
+        d = enc.downsample
+        if d is None:
+            boxes = torch.cat([tokens.center[rows], tokens.size[rows]], 1).float().cpu().numpy()
+        else:  # back to every input point; boxes measured on the input points
+            masks, point_mask, decoder_mask = masks[:, d.inverse], point_mask[d.inverse], decoder_mask[d.inverse]
+            boxes = np.zeros((len(masks), 6), np.float32)
+            for t, mask in enumerate(masks):
+                c = scene.coord[mask]
+                lo, hi = c.min(0), c.max(0)
+                boxes[t] = np.r_[(lo + hi) / 2, hi - lo]
         scores = pred.obj_scores.float().cpu()
         answer = self.model.segmenter.tokenizer.decode(pred.answer_ids, skip_special_tokens=False)
+        threshold = self.model.segmenter.config.threshold
+        best = float(scores.max()) if scores.numel() else 0.0
+        below = bool(scores.numel()) and best < threshold
+        notes = list(enc.warnings)
+        if below:
+            picked = (f"the {len(rows)} object(s) returned are only the best of weak candidates" if len(rows)
+                      else "nothing was returned")
+            notes.append(f"every object scored below the decoder threshold {threshold:g} (best {best:.3f}): "
+                         f"{picked}; the model does not recognise this scene's objects (a checkpoint trained on "
+                         "other kinds of scenes, e.g. the synthetic demo on a real scan; see the README)")
         return SegmentResult(
-            text=text, point_mask=pred.point_mask.cpu().numpy(), object_masks=masks,
+            text=text, point_mask=point_mask, object_masks=masks,
             objects=rows.cpu().numpy(), object_ids=pred.object_ids.long().cpu().numpy(),
             scores=scores[rows.cpu()].numpy(), boxes=boxes, all_scores=scores.numpy(),
-            decoder_mask=pred.decoder_mask.cpu().numpy(), answer=answer, identifiers=list(pred.identifiers),
-            source=pred.source, proposals=enc.proposals, left_out_ids=self._ids_of(tokens, pred.left_out))
+            decoder_mask=decoder_mask, answer=answer, identifiers=list(pred.identifiers),
+            source=pred.source, proposals=enc.proposals, left_out_ids=self._ids_of(tokens, pred.left_out),
+            model_points=int(tokens.point2obj.shape[0]),
+            downsample_voxel=None if d is None else d.voxel_size, all_below_threshold=below,
+            oversized=enc.oversized, warnings=tuple(notes))
 
 
-__all__ = ["EncodedScene", "SceneData", "SceneLoadError", "SegmentResult", "ObjectsOverflowWarning", "UnknownWordsWarning", "Segmenter", "load_scene", "make_scene"]
+__all__ = ["DEFAULT_MAX_POINTS", "DegradedSceneWarning", "Downsampled", "EncodedScene", "SceneData", "SceneLoadError",
+           "SegmentResult", "ObjectsOverflowWarning", "UnknownWordsWarning", "Segmenter", "load_scene", "make_scene"]

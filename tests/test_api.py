@@ -376,3 +376,121 @@ def test_real_scannet_export_boxes_match_mmdet3d(real_data, seg):
         (j,) = np.flatnonzero(ids == int(ins_label) - 1)
         assert np.allclose(boxes[j], row[:6], atol=1e-4)
     assert np.allclose(r.boxes, boxes[r.objects], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ large scenes (issue 16)
+def _full_box(coord, mask):
+    lo, hi = coord[mask].min(0), coord[mask].max(0)
+    return np.r_[(lo + hi) / 2, hi - lo]
+
+
+def test_large_scene_is_downsampled_and_masks_cover_every_point(trained, scene):
+    from scene3d.api import DEFAULT_MAX_POINTS
+
+    model, _ = trained
+    assert Segmenter(model).max_points == DEFAULT_MAX_POINTS
+    whole = Segmenter(model).segment(scene, "the chair")
+    assert not whole.downsampled and whole.model_points == scene.num_points and whole.warnings == ()
+    small = Segmenter(model, max_points=scene.num_points - 1)  # a cheap stand-in for a 5 M point scan
+    r = small.segment(scene, ["the chair", "all the pillows"])[0]
+    enc = small.encode(scene)
+    voxel = model.config.tokenizer.voxel_size
+    assert r.downsampled and r.downsample_voxel == voxel and not enc.downsample.coarsened
+    assert r.model_points == enc.inputs.points.num_points == enc.downsample.num_points < scene.num_points
+    n, t = scene.num_points, len(r.objects)
+    assert r.point_mask.shape == (n,) and r.decoder_mask.shape == (n,) and r.object_masks.shape == (t, n)
+    assert np.array_equal(r.point_mask, r.object_masks.any(0))
+    # one representative per voxel and instance: every input point of an object is in its mask, exactly
+    ids = enc.inputs.tokens.object_ids.numpy()
+    assert sorted(ids.tolist()) == sorted(np.unique(scene.instance[scene.instance >= 0]).tolist())
+    for k, oid in enumerate(r.object_ids):
+        assert np.array_equal(r.object_masks[k], scene.instance == oid)
+        assert np.allclose(r.boxes[k], _full_box(scene.coord, scene.instance == oid), atol=1e-5)
+    # the decoder's dense mask comes back through the voxel of each point
+    p2o_model = enc.inputs.tokens.point2obj.numpy()
+    assert np.array_equal(r.point_mask, np.isin(p2o_model[enc.downsample.inverse], r.objects))
+    assert not any("coarser" in w for w in r.warnings)
+
+
+def test_downsampling_coarser_than_the_model_says_so(trained, scene):
+    from scene3d.api import DegradedSceneWarning
+
+    model, _ = trained
+    cap = 150
+    seg_ = Segmenter(model, max_points=cap)
+    with pytest.warns(DegradedSceneWarning, match="coarser than its resolution"):
+        r = seg_.segment(scene, "the table")
+    assert r.model_points <= cap and r.downsample_voxel > model.config.tokenizer.voxel_size
+    assert any("coarser than its resolution" in w for w in r.warnings)
+    assert r.point_mask.shape == (scene.num_points,)
+    for k, oid in enumerate(r.object_ids):  # instances stay exact even on a coarse grid
+        assert np.array_equal(r.object_masks[k], scene.instance == oid)
+    seg_.max_points = None  # no cap: the cache notices the change and the model sees every point
+    assert seg_.segment(scene, "the table").model_points == scene.num_points
+
+
+def test_downsampled_proposals_map_back_to_every_point(trained, scene):
+    model, _ = trained
+    bare = load_scene(coord=scene.coord, color=scene.color, scene_id="bare")
+    seg_ = Segmenter(model, max_points=bare.num_points // 2)
+    r = seg_.segment(bare, "the sofa")
+    enc = seg_.encode(bare)
+    assert r.proposals and r.downsampled and r.point_mask.shape == (bare.num_points,)
+    p2o = enc.inputs.tokens.point2obj.numpy()[enc.downsample.inverse]  # proposal row of every input point
+    for k, row in enumerate(r.objects):
+        assert np.array_equal(r.object_masks[k], p2o == row)
+        assert np.allclose(r.boxes[k], _full_box(bare.coord, p2o == row), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ degraded answers (issue 16)
+def test_every_score_below_threshold_is_reported(trained, scene, monkeypatch):
+    model, _ = trained
+    seg_ = Segmenter(model)
+    r = seg_.segment(scene, "the chair")
+    assert r.all_below_threshold == bool(r.all_scores.max() < model.segmenter.config.threshold)
+    monkeypatch.setattr(model.segmenter.config, "threshold", 0.999)  # no object of a random model reaches it
+    assert r.all_scores.max() < 0.999
+    low = seg_.segment(scene, "the chair")
+    assert low.all_below_threshold
+    (w,) = [w for w in low.warnings if "below the decoder threshold" in w]
+    assert "0.999" in w and f"best {low.all_scores.max():.3f}" in w
+    assert ("only the best of weak candidates" in w) == bool(len(low.objects))
+
+
+def test_oversized_proposals_are_reported(trained, scene, monkeypatch):
+    """Proposals that hold most of the scene are named on the result and warned about (and only those)."""
+    from scene3d.api import DegradedSceneWarning
+
+    model, _ = trained
+    seg_ = Segmenter(model)
+    bare = load_scene(coord=scene.coord, color=scene.color, scene_id="bare")
+    enc = seg_.encode(bare)  # an untrained proposal head: its clusters are whatever they are ...
+    p2o = enc.inputs.tokens.point2obj.numpy()
+    share = np.bincount(p2o[p2o >= 0], minlength=enc.inputs.tokens.num_objects) / bare.num_points
+    expect = np.flatnonzero(share > 0.5)
+    r = seg_.segment(bare, "the sofa")
+    assert r.oversized.tolist() == expect.tolist()  # ... and the report says which of them swallow the scene
+    assert any("did not separate the objects" in w for w in r.warnings) == bool(expect.size)
+    # a proposal that is the whole scene: every point one object
+    one = Segmenter(model)
+    monkeypatch.setattr(model.tokenizer3d.cfg.proposal, "radius", 100.0)  # every voted centre joins one cluster
+    with pytest.warns(DegradedSceneWarning, match="holds more than 50% of its points"):
+        r = one.segment(bare, "the sofa")
+    assert r.oversized.tolist() == [0] and any("proposal 0 (100%)" in w for w in r.warnings)
+    assert not Segmenter(model).segment(scene, "the sofa").oversized.size  # instances are never "oversized"
+
+
+@pytest.mark.realdata
+def test_real_scan_without_instances_reports_the_swallowing_proposal(real_data, trained):
+    """scene0000_01 as bare arrays (issue 16: 2 proposals, one of 77k of 80k points): the result says so."""
+    from scene3d.api import DegradedSceneWarning
+
+    d = real_data / "open-mmlab__mmdetection3d/tests/data/scannet/scannet_train_instance_data"
+    vert = np.load(d / "scene0000_01_vert_all.npy")
+    seg_ = Segmenter(trained[0])
+    bare = seg_.load_scene(coord=vert[:, :3], color=vert[:, 3:6].astype(np.uint8), scene_id="scene0000_01")
+    with pytest.warns(DegradedSceneWarning, match="did not separate the objects"):
+        r = seg_.segment(bare, "the bed")
+    p2o = seg_.encode(bare).inputs.tokens.point2obj.numpy()
+    (row,) = r.oversized
+    assert (p2o == row).sum() > 0.5 * bare.num_points

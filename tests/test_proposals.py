@@ -92,3 +92,33 @@ def test_errors():
         cluster_proposals(pts, bad)
     with pytest.raises(ValueError, match="instance"):
         offset_loss(torch.zeros(pts.num_points, 3), pts.replace(instance=None))
+
+
+def test_oversized_proposals_names_the_rows_that_swallow_the_scene():
+    from scene3d.tokenizer.proposals import oversized_proposals
+
+    # scene0000_01 with an out-of-domain head: one proposal of 77k of 80k points (issue 16)
+    p2o = torch.cat([torch.zeros(770, dtype=torch.long), torch.ones(20, dtype=torch.long),
+                     torch.full((10,), -1)])
+    assert oversized_proposals(p2o, 2).tolist() == [0]
+    assert oversized_proposals(p2o, 2, fraction=0.99).tolist() == []
+    # unassigned points count in the scene's total: 45 of 100 is not most of it
+    half = torch.cat([torch.zeros(45, dtype=torch.long), torch.full((55,), -1)])
+    assert oversized_proposals(half, 1).tolist() == []
+    # weights (points per representative of a downsampled scene) decide, not row counts
+    rows = torch.tensor([0, 1, 1, 1])
+    assert oversized_proposals(rows, 2, weight=torch.tensor([10.0, 1.0, 1.0, 1.0])).tolist() == [0]
+    assert oversized_proposals(rows, 2).tolist() == [1]
+    with pytest.raises(ValueError, match="fraction"):
+        oversized_proposals(rows, 2, fraction=1.5)
+
+
+def test_min_points_counts_point_weights():
+    """A downsampled scene's representatives stand for many input points: min_points counts those."""
+    pts = PointBatch.from_list([synthetic_scene(0, 3, per_obj=12, with_superpoints=False)])
+    offset = instance_centers(pts.coord, pts.instance, pts.batch) - pts.coord
+    cfg = ProposalConfig(radius=0.1, min_points=50)
+    assert (cluster_proposals(pts, offset, cfg) == -1).all()  # 12 rows per object < 50
+    heavy = pts.replace(weight=torch.full((pts.num_points,), 10.0))  # ... but each row is 10 input points
+    prop = cluster_proposals(heavy, offset, cfg)
+    assert (prop >= 0).all() and proposal_recall(prop, pts.instance).recall == (1.0, 1.0)

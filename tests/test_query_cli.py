@@ -95,3 +95,79 @@ def test_query_rejects_overrides(setup):
     with pytest.raises(SystemExit) as e:
         main(["query", str(ckpt), str(scene_dir), "x", "--bogus", "1"])
     assert e.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------ issue 16
+def _result(**kw):
+    from scene3d.api import SegmentResult
+
+    n = 6
+    mask = np.array([True, True, False, False, False, False])
+    base = dict(text="the bed", point_mask=mask, object_masks=mask[None], objects=np.array([0]),
+                object_ids=np.array([4]), scores=np.array([0.2], np.float32),
+                boxes=np.zeros((1, 6), np.float32), all_scores=np.array([0.2, 0.1], np.float32),
+                decoder_mask=mask, answer="none [SEG]", identifiers=[], source="decoder", proposals=False,
+                model_points=n)
+    base.update(kw)
+    return SegmentResult(**base)
+
+
+def test_answer_is_never_none_while_objects_come_back():
+    from scene3d.api import make_scene
+    from scene3d.cli.query import format_result
+
+    scene = make_scene(np.zeros((6, 3)))
+    # the LLM's text says "none" but the decoder chose an object: the answer is that object
+    out = format_result(scene, _result())
+    assert "answer: none" not in out and "answer: 1 object (chosen by the mask decoder's scores)" in out
+    assert "llm text: 'none [SEG]'" in out and re.search(r"^  id 4 \(0\.20\): 2 points", out, flags=re.M)
+    empty = _result(point_mask=np.zeros(6, bool), object_masks=np.zeros((0, 6), bool), objects=np.zeros(0, int),
+                    object_ids=np.zeros(0, int), scores=np.zeros(0, np.float32), boxes=np.zeros((0, 6)),
+                    source="none")
+    assert "answer: none (the model says no object matches)" in format_result(scene, empty)
+    low = empty._replace(all_below_threshold=True, warnings=("every object scored below the decoder threshold",))
+    out = format_result(scene, low)
+    assert "answer: none (every object scored below the threshold; best 0.200)" in out
+    assert "warning: every object scored below the decoder threshold" in out
+
+
+@pytest.fixture(scope="module")
+def strict_ckpt(tmp_path_factory):
+    """A checkpoint whose decoder threshold no object of a random model reaches."""
+    torch.manual_seed(0)
+    cfg = small_config(threshold=0.999)
+    model = Scene3DModel(cfg)
+    return save_checkpoint(tmp_path_factory.mktemp("strict") / "checkpoints", 1, model.trainable_state_dict(),
+                           config={"model": cfg.to_dict()})
+
+
+def test_query_says_when_every_object_scores_below_threshold(setup, strict_ckpt, capsys):
+    _, scene_dir, _ = setup
+    rc = main(["query", str(strict_ckpt), str(scene_dir), "the bed", "--no-pictures"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r"^warning: every object scored below the decoder threshold 0\.999 \(best 0\.\d{3}\)", out,
+                     flags=re.M)
+    answer = re.search(r"^answer: (.*)$", out, flags=re.M).group(1)
+    objects = re.findall(r"^  (id \d+|proposal \d+)", out, flags=re.M)
+    assert answer.startswith("none") == (not objects)  # "none" exactly when nothing comes back
+
+
+def test_query_downsamples_large_scenes_and_says_so(setup, tmp_path, capsys):
+    from plyfile import PlyData
+
+    from scene3d.data.scene import load_processed_scene
+
+    ckpt, scene_dir, _ = setup
+    n = load_processed_scene(scene_dir).num_points
+    rc = main(["query", str(ckpt), str(scene_dir), "the chair", "--out", str(tmp_path), "--max-points", "300"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    m = re.search(rf"^downsampled: the model saw (\d+) of {n} points \([\d.]+ m voxels\); the masks cover all {n}$",
+                  out, flags=re.M)
+    assert m and int(m.group(1)) <= 300
+    assert re.search(r"^warning: .*coarser than its resolution", out, flags=re.M)  # 300 is below the model's grid
+    assert re.search(rf"^points: \d+ of {n}$", out, flags=re.M)
+    ply = _wrote(out)[0]
+    assert len(PlyData.read(str(ply))["vertex"]) == n  # the picture has every input point
+    assert main(["query", str(ckpt), str(scene_dir), "x", "--max-points", "-1"]) == 2

@@ -2,13 +2,16 @@
 
 ``CKPT`` is a checkpoint dir (or its run dir); ``SCENE`` anything :meth:`scene3d.api.Segmenter.load_scene`
 reads (processed / Pointcept / raw ScanNet scan dir, mmdet3d export, mesh or point cloud file). Prints the
-answer (objects, scores, boxes, points) and writes ``<scene>_<query>.ply`` and ``.png`` into ``--out``.
+answer (objects, scores, boxes, points; how a large scene was downsampled; a ``warning:`` line for every way
+the answer is degraded, e.g. every object scored below the threshold) and writes ``<scene>_<query>.ply`` and
+``.png`` into ``--out``.
 Logic lives in :mod:`scene3d.api` and :mod:`scene3d.viz`.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -21,40 +24,67 @@ def add_parser(sub, name, help_):
     p.add_argument("--out", type=Path, default=Path("query_out"), help="output folder (default ./query_out)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-pictures", action="store_true", help="print the answer only, write no PLY/PNG")
+    p.add_argument("--max-points", type=int, default=None,
+                   help="voxel-downsample scenes with more points before the model sees them (default: the API's "
+                        "200000; 0: never); masks still cover every point")
     p.set_defaults(_accepts_overrides=False)
     return p
 
 
+#: how the printed answer names where its objects came from (SegmentResult.source)
+SOURCE_WORDS = {"identifiers": "named by the LLM's answer", "decoder": "chosen by the mask decoder's scores"}
+
+
 def format_result(scene, result) -> str:
-    """The printed answer: one line per chosen object, then the point count."""
+    """The printed answer: what was found (never "none" while objects come back), the LLM's own text, one
+    line per chosen object, the point count, how the scene was downsampled and every warning of the result."""
     from scene3d.viz import object_names
 
-    lines = [f'query: "{result.text}"', f"answer: {result.answer}  (objects from {result.source})"]
-    if not len(result.objects):
-        lines.append("objects: none (the model says no object matches)")
+    t = len(result.objects)
+    lines = [f'query: "{result.text}"']
+    if t:
+        lines.append(f"answer: {t} object{'s' if t > 1 else ''} ({SOURCE_WORDS.get(result.source, result.source)})")
+    elif result.all_below_threshold:
+        lines.append(f"answer: none (every object scored below the threshold; best "
+                     f"{float(result.all_scores.max()):.3f})")
+    else:
+        lines.append("answer: none (the model says no object matches)")
+    lines.append(f"llm text: {result.answer!r}")
     names = object_names(result, scene)
-    for t, name in enumerate(names):
-        c, s = result.boxes[t, :3], result.boxes[t, 3:]
-        lines.append(f"  {name}: {int(result.object_masks[t].sum())} points, box center "
-                     f"[{c[0]:.2f}, {c[1]:.2f}, {c[2]:.2f}] size [{s[0]:.2f}, {s[1]:.2f}, {s[2]:.2f}]")
-    lines.append(f"points: {result.num_points} of {len(result.point_mask)}")
+    for k, name in enumerate(names):
+        c, s = result.boxes[k, :3], result.boxes[k, 3:]
+        lines.append(f"  {name}: {int(result.object_masks[k].sum())} points, score {float(result.scores[k]):.3f}, "
+                     f"box center [{c[0]:.2f}, {c[1]:.2f}, {c[2]:.2f}] size [{s[0]:.2f}, {s[1]:.2f}, {s[2]:.2f}]")
+    n = len(result.point_mask)
+    lines.append(f"points: {result.num_points} of {n}")
+    if result.downsampled:
+        lines.append(f"downsampled: the model saw {result.model_points} of {n} points ({result.downsample_voxel:.3g} m "
+                     f"voxels); the masks cover all {n}")
+    lines.extend(f"warning: {w}" for w in result.warnings)
     return "\n".join(lines)
 
 
 def run(args) -> int:
-    from scene3d.api import Segmenter
+    from scene3d.api import DegradedSceneWarning, Segmenter
     from scene3d.engine.checkpoint import CheckpointError
 
     text = " ".join(args.text)
     if not text.strip():
         print("scene3d query: error: text: the query is empty", file=sys.stderr)
         return 2
+    if args.max_points is not None and args.max_points < 0:
+        print("scene3d query: error: --max-points must be >= 0", file=sys.stderr)
+        return 2
     try:
         seg = Segmenter.from_pretrained(args.checkpoint, device=args.device)
+        if args.max_points is not None:
+            seg.max_points = args.max_points or None
         scene = seg.load_scene(args.scene)
         kind = "instances" if scene.has_instances else "proposals"
         print(f"scene {scene.scene_id} ({scene.source}): {scene.num_points} points, objects from {kind}")
-        result = seg.segment(scene, text)
+        with warnings.catch_warnings():  # printed below as the result's own "warning:" lines
+            warnings.simplefilter("ignore", DegradedSceneWarning)
+            result = seg.segment(scene, text)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"scene3d query: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ field                   shape / dtype    meaning
 ``superpoint``          [N] int64        over-segment id, local to its scene (optional)
 ``segment``             [N] int64        semantic class, -1 ignore (optional)
 ``instance``            [N] int64        object id (ScanNet objectId), -1 unannotated (optional)
+``weight``              [N] float        input points each row stands for, as in a voxel-downsampled scene
+                                         (optional; absent: 1 each). Proposal sizes count it
 ``scene_ids``           list[str] of B   scene names
 ======================  ===============  =========================================================
 
@@ -27,7 +29,7 @@ import torch
 
 from scene3d.structures.ragged import batch_from_offset, counts_from_offset, offset_from_counts
 
-_PER_POINT = ("coord", "color", "normal", "superpoint", "segment", "instance")
+_PER_POINT = ("coord", "color", "normal", "superpoint", "segment", "instance", "weight")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class PointBatch:
     superpoint: Optional[torch.Tensor] = None
     segment: Optional[torch.Tensor] = None
     instance: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
     scene_ids: Sequence[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -4,7 +4,13 @@ A small head predicts, for every point, the offset to the centre of its object (
 At inference the shifted points are averaged per superpoint (superpoint ids come with processed scenes; when
 absent, voxels of ``fallback_voxel`` metres stand in) and superpoints whose voted centres lie within
 ``radius`` of each other are joined (connected components of the radius graph, scipy ``cKDTree`` +
-``csgraph``). Clusters with fewer than ``min_points`` points are dropped (-1).
+``csgraph``). Clusters with fewer than ``min_points`` points are dropped (-1); a point counts as
+``points.weight`` points when the batch has weights (a voxel-downsampled scene: the input points each
+representative stands for), so downsampling does not drop objects.
+
+A head that has not learnt the scene's kind (untrained, or trained on other scenes) votes every centre into
+one place and the clustering returns a proposal that swallows the room; :func:`oversized_proposals` finds
+those (more than ``OVERSIZED_FRACTION`` of the scene's points) so callers can say so.
 
 ===================  ============  ==============================================================
 name                 shape         meaning
@@ -123,7 +129,8 @@ def cluster_proposals(points: PointBatch, offset: torch.Tensor, cfg: ProposalCon
     g = int(group.max()) + 1 if group.numel() else 0
     voted = scatter_pool((points.coord + offset).double(), group, g, "mean").cpu().numpy()
     g_batch = scatter_pool(batch[:, None].double(), group, g, "amax")[:, 0].long().cpu().numpy()
-    g_count = torch.bincount(group, minlength=g).cpu().numpy()
+    g_count = torch.bincount(group, weights=None if points.weight is None else points.weight.double(),
+                             minlength=g).cpu().numpy()
     labels = np.full(g, -1, dtype=np.int64)
     for b in range(points.batch_size):  # one KD-tree per scene (scenes must not merge)
         ids = np.nonzero(g_batch == b)[0]
@@ -138,6 +145,33 @@ def cluster_proposals(points: PointBatch, offset: torch.Tensor, cfg: ProposalCon
         _, new = np.unique(comp[keep], return_inverse=True)
         labels[ids[keep]] = new
     return torch.from_numpy(labels).to(points.device)[group]
+
+
+#: a proposal holding more than this fraction of its scene's points is "most of the scene", not an object
+OVERSIZED_FRACTION = 0.5
+
+
+def oversized_proposals(point2obj: torch.Tensor, num_objects: int, weight: Optional[torch.Tensor] = None,
+                        fraction: float = OVERSIZED_FRACTION) -> torch.Tensor:
+    """Rows ``[K]`` (sorted) of the objects of ONE scene that hold more than ``fraction`` of its points.
+
+    ``point2obj [N]``: object row per point, -1 none (those still count in the scene's total);
+    ``weight [N]``: points each row stands for (a downsampled scene's counts), default 1.
+    """
+    if point2obj.dim() != 1:
+        raise ValueError(f"point2obj must be [N], got {tuple(point2obj.shape)}")
+    if weight is not None and weight.shape != point2obj.shape:
+        raise ValueError(f"weight must be [{point2obj.shape[0]}], got {tuple(weight.shape)}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    w = torch.ones_like(point2obj, dtype=torch.float64) if weight is None else weight.double()
+    total = float(w.sum())
+    if num_objects == 0 or total == 0:
+        return point2obj.new_zeros(0, dtype=torch.long)
+    sel = point2obj >= 0
+    size = torch.zeros(num_objects, dtype=torch.float64, device=point2obj.device)
+    size.index_add_(0, point2obj[sel].long(), w[sel])
+    return (size > fraction * total).nonzero().flatten()
 
 
 class Recall(NamedTuple):
