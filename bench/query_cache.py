@@ -88,7 +88,8 @@ def main(argv=None) -> None:
     ap.add_argument("--llm", default=None,
                     help="comma-separated: tiny, smollm2 (default: both where SmolLM2 is installed, else tiny)")
     ap.add_argument("--smollm2-layers", type=int, default=None, help="keep the first k of SmolLM2's 30 layers")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="SmolLM2's dtype")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="SmolLM2's dtype (bfloat16, as llm=smollm2 ships: faster here, bench/llm_dtype.py)")
     ap.add_argument("--objects", type=int, default=150)
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--hidden", type=int, default=256)
