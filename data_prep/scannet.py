@@ -54,8 +54,10 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from data_prep.scannet_labels import VALID_CLASS_IDS_20, VALID_CLASS_IDS_200
+from scene3d.data.boxes import ObjectBoxes, compute_object_boxes
+from scene3d.data.labels import segment200_of_id, segment20_of_nyu40
 from scene3d.constants import IGNORE_LABEL, META_FILE, OBJECTS_FILE, PROCESSED_FORMAT_VERSION, SCENE_ARRAYS
+from scene3d.data.exports import find_mmdet_export
 from scene3d.utils.io import atomic_dir
 
 #: Test hook: seconds a scene write sleeps before it is committed (lets tests kill a run mid-scene).
@@ -263,50 +265,6 @@ def apply_alignment(xyz: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return xyz @ matrix[:3, :3].T + matrix[:3, 3]
 
 
-class ObjectBoxes(NamedTuple):
-    """Axis-aligned boxes of the instances of a point cloud.
-
-    ==========  ===========  ==========================================
-    field       shape        meaning
-    ==========  ===========  ==========================================
-    ``ids``     [K] int64    instance ids present (ascending, >= 0)
-    ``min``     [K, 3] f8    per-instance minimum corner
-    ``max``     [K, 3] f8    per-instance maximum corner
-    ``count``   [K] int64    points per instance
-    ==========  ===========  ==========================================
-    """
-
-    ids: np.ndarray
-    min: np.ndarray
-    max: np.ndarray
-    count: np.ndarray
-
-    @property
-    def center(self) -> np.ndarray:
-        return (self.min + self.max) / 2
-
-    @property
-    def size(self) -> np.ndarray:
-        return self.max - self.min
-
-
-def compute_object_boxes(coord: np.ndarray, instance: np.ndarray) -> ObjectBoxes:
-    """Boxes over the points of each instance id ``>= 0`` (one sort + ``reduceat``; no per-object mask)."""
-    if coord.shape[0] != instance.shape[0]:
-        raise ValueError(f"coord has {coord.shape[0]} rows but instance has {instance.shape[0]}")
-    sel = np.flatnonzero(instance >= 0)
-    if sel.size == 0:
-        z = np.zeros((0, 3))
-        return ObjectBoxes(np.zeros(0, np.int64), z, z.copy(), np.zeros(0, np.int64))
-    inst = instance[sel]
-    order = np.argsort(inst, kind="stable")
-    inst_sorted = inst[order]
-    pts = coord[sel[order]].astype(np.float64)
-    ids, starts, counts = np.unique(inst_sorted, return_index=True, return_counts=True)
-    return ObjectBoxes(ids.astype(np.int64), np.minimum.reduceat(pts, starts, axis=0),
-                       np.maximum.reduceat(pts, starts, axis=0), counts.astype(np.int64))
-
-
 # ------------------------------------------------------------------------------------------------ json / txt
 
 def read_segs(path, num_vertices: Optional[int] = None, data: Optional[bytes] = None) -> np.ndarray:
@@ -440,18 +398,6 @@ class LabelMap:
             raise KeyError(f"{self.path}: line {b.line} (label {raw!r}) is unreadable: {b.reason}")
         extra = f" (its unreadable lines {list(self.unreadable_lines)} may hold it)" if self.unreadable_lines else ""
         raise KeyError(f"{self.path}: label {raw!r} is not in the tsv{extra}")
-
-
-def segment20_of_nyu40(nyu40: int) -> int:
-    return _NYU40_TO_20.get(int(nyu40), IGNORE_LABEL)
-
-
-def segment200_of_id(tsv_id: int) -> int:
-    return _ID_TO_200.get(int(tsv_id), IGNORE_LABEL)
-
-
-_NYU40_TO_20 = {c: i for i, c in enumerate(VALID_CLASS_IDS_20)}
-_ID_TO_200 = {c: i for i, c in enumerate(VALID_CLASS_IDS_200)}
 
 
 def read_label_tsv(path) -> LabelMap:
@@ -750,8 +696,6 @@ def not_raw_scans_reason(raw_root) -> Optional[str]:
     mmdetection3d / votenet export (``<id>_vert[_all].npy``) and Pointcept-processed scenes (``<id>/coord.npy``
     without a mesh). The last two need no prep: the scene loader reads them as they are.
     """
-    from data_prep.exports import find_mmdet_export
-
     raw_root = Path(raw_root)
     use_as_is = ("; they need no prep: scene3d reads them as they are (data.processed_dir=DIR, "
                  "prep refer --processed DIR, scene3d query CKPT DIR/<scene_id>)")

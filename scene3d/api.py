@@ -73,7 +73,8 @@ import numpy as np
 import torch
 
 from scene3d.data.downsample import Downsampled, voxel_downsample
-from scene3d.data.scene import Scene, SceneFormatError
+from scene3d.data.exports import find_mmdet_export
+from scene3d.data.scene import Scene, SceneFormatError, load_processed_scene
 
 #: mesh / point cloud suffixes read with open3d (trimesh has no reader for them)
 OPEN3D_SUFFIXES = (".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts")
@@ -336,11 +337,7 @@ def load_scene(path=None, *, coord=None, color=None, normal=None, instance=None,
     raw = find_raw_scan(p)
     if raw is not None:
         return read_raw_scan(raw[0], scene_id or raw[1], label_tsv)
-    from data_prep.exports import find_mmdet_export
-
     if p.is_dir() or find_mmdet_export(p) is not None:
-        from scene3d.data.scene import load_processed_scene
-
         try:
             sd = scene_from_processed(load_processed_scene(p), path=p)
         except SceneFormatError as e:

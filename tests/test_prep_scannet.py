@@ -17,7 +17,7 @@ import pytest
 from plyfile import PlyData, PlyElement
 
 from data_prep import scannet as sn
-from data_prep.scannet_labels import CLASS_LABELS_20, NYU40_CLASSES, VALID_CLASS_IDS_20, VALID_CLASS_IDS_200
+from scene3d.data.labels import CLASS_LABELS_20, NYU40_CLASSES, VALID_CLASS_IDS_20, VALID_CLASS_IDS_200
 from scene3d.cli import main as cli_main
 from scene3d.constants import PROCESSED_FORMAT_VERSION
 from scene3d.data import load_processed_scene
@@ -366,7 +366,7 @@ def test_class_lists_match_benchmark_files(real_data):
     assert [r.split(",")[1].replace("_", " ") for r in csv_rows] == list(NYU40_CLASSES)
     # ScanNet-200 ids are tsv `id` values (one per `category`; several raw_categories share one): every row
     # with such an id names the class in its `category` column, in both tsv copies
-    from data_prep.scannet_labels import CLASS_LABELS_200
+    from scene3d.data.labels import CLASS_LABELS_200
     for tsv in (POINTCEPT_TSV, SCANREFER_TSV):
         rows = [ln.split("\t") for ln in (real_data / tsv).read_text().splitlines() if ln.strip()][1:]
         cats, names = {}, {}

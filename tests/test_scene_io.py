@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from data_prep import scannet as sn
-from data_prep.exports import majority_per_instance, read_mmdet_export
-from data_prep.scannet_labels import CLASS_LABELS_200, VALID_CLASS_IDS_20
+from scene3d.data.exports import majority_per_instance, read_mmdet_export
+from scene3d.data.labels import CLASS_LABELS_200, VALID_CLASS_IDS_20
 from scene3d.data import SceneFormatError, load_processed_scene
 
 from tests.test_prep_scannet import MMDET, tiny_scene, write_tsv

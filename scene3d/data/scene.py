@@ -33,10 +33,8 @@ from typing import Optional
 import numpy as np
 
 from scene3d.constants import META_FILE, OBJECTS_FILE, PROCESSED_FORMAT_VERSION, SCENE_ARRAYS
-
-
-class SceneFormatError(ValueError):
-    """A processed scene file is missing or does not match the format; the message names the file."""
+from scene3d.data.exports import find_mmdet_export, read_mmdet_export, read_pointcept_scene
+from scene3d.data.npy import SceneFormatError, load_npy
 
 
 @dataclass(frozen=True)
@@ -145,15 +143,6 @@ def _cast(a: np.ndarray, dtype, f) -> np.ndarray:
     return a.astype(target)
 
 
-def load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise SceneFormatError(f"{path}: missing file") from None
-    except (ValueError, OSError, EOFError) as e:
-        raise SceneFormatError(f"{path}: not a readable .npy array ({e})") from None
-
-
 def _objects_from_json(rows, path) -> list:
     objs, seen = [], set()
     for i, r in enumerate(rows):
@@ -228,13 +217,9 @@ def load_processed_scene(path) -> Scene:
         if (path / META_FILE).exists():
             return _load_scene3d_dir(path)
         if (path / SCENE_ARRAYS["coord"]).exists():
-            from data_prep.exports import read_pointcept_scene
-
             d = read_pointcept_scene(path)
             return scene_from_dict(d, "pointcept", d["meta"]["files"])
         raise FileNotFoundError(f"{path}: neither {META_FILE} nor {SCENE_ARRAYS['coord']} found (not a processed scene)")
-    from data_prep.exports import find_mmdet_export, read_mmdet_export
-
     if find_mmdet_export(path) is not None:
         d = read_mmdet_export(path)
         return scene_from_dict(d, "mmdet3d", d["meta"]["files"])

@@ -16,6 +16,8 @@ tests check them against the real ``classes_SemVoxLabel-nyu40id.txt`` and ``scan
 
 from __future__ import annotations
 
+from scene3d.constants import IGNORE_LABEL
+
 NYU40_CLASSES = (
     "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
     "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat",
@@ -72,3 +74,15 @@ CLASS_LABELS_200 = (
 
 assert len(VALID_CLASS_IDS_20) == len(CLASS_LABELS_20) == 20
 assert len(VALID_CLASS_IDS_200) == len(CLASS_LABELS_200) == 200
+
+
+def segment20_of_nyu40(nyu40: int) -> int:
+    return _NYU40_TO_20.get(int(nyu40), IGNORE_LABEL)
+
+
+def segment200_of_id(tsv_id: int) -> int:
+    return _ID_TO_200.get(int(tsv_id), IGNORE_LABEL)
+
+
+_NYU40_TO_20 = {c: i for i, c in enumerate(VALID_CLASS_IDS_20)}
+_ID_TO_200 = {c: i for i, c in enumerate(VALID_CLASS_IDS_200)}

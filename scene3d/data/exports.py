@@ -20,10 +20,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from data_prep.scannet import compute_object_boxes, segment20_of_nyu40
-from data_prep.scannet_labels import CLASS_LABELS_200, NYU40_CLASSES, VALID_CLASS_IDS_20
 from scene3d.constants import SCENE_ARRAYS
-from scene3d.data.scene import SceneFormatError, load_npy
+from scene3d.data.boxes import compute_object_boxes
+from scene3d.data.labels import CLASS_LABELS_200, NYU40_CLASSES, VALID_CLASS_IDS_20, segment20_of_nyu40
+from scene3d.data.npy import SceneFormatError, load_npy
 
 
 def majority_per_instance(instance: np.ndarray, values: np.ndarray, ids: np.ndarray) -> np.ndarray:
