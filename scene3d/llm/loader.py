@@ -28,6 +28,7 @@ import contextlib
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
@@ -144,6 +145,8 @@ def _load_base(config: LLMConfig):
             hf_config.layer_types = list(hf_config.layer_types)[: config.num_layers]
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the dropped layers' weights are "unexpected keys": intended here
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sub-second local load needs no "Loading weights" bar
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, local_files_only=True,
                                                      dtype=getattr(torch, config.dtype))
@@ -151,6 +154,8 @@ def _load_base(config: LLMConfig):
         raise FileNotFoundError(f"cannot load model weights from {path}: {e}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer = load_tokenizer(path)
     if tokenizer.pad_token is None:  # batching needs one; the end-of-sequence token is the usual choice
         tokenizer.pad_token = tokenizer.eos_token
@@ -221,7 +226,11 @@ class IdentifierLM(nn.Module):
 
             lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                               target_modules=config.lora_target_modules, bias="none")
-            base = get_peft_model(base, lora)
+            with warnings.catch_warnings():
+                # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every
+                # load); it is peft's call, not ours, and says nothing about this model
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                base = get_peft_model(base, lora)
         self.lm = base
 
         # New rows start near the mean of the base rows plus noise of the base spread, so they are in
