@@ -53,6 +53,7 @@ from typing import Iterable, Mapping, NamedTuple, Optional
 from tqdm.auto import tqdm
 
 from scene3d.constants import OBJECTS_FILE
+from scene3d.data.scene import load_processed_scene
 from scene3d.utils.io import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -412,8 +413,6 @@ def load_processed_objects(processed_dir: str | Path, scene_id: str) -> dict[int
 
 
 def _loader_objects(scene_path: Path, objects_file: Path) -> dict[int, dict]:
-    from scene3d.data.scene import load_processed_scene
-
     try:
         scene = load_processed_scene(scene_path)
     except FileNotFoundError:

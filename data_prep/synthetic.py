@@ -10,7 +10,8 @@ preprocessing tools (``scene3d synth`` -> ``scene3d prep scannet`` -> ``scene3d 
                          scanrefer_{train,val}.jsonl, sr3d.jsonl
     root/READY.json      what was made (written last: a directory without it is incomplete and is redone)
 
-Running it again with the same arguments reuses a complete ``root``.
+Running it again with the same arguments reuses a complete ``root``. :func:`prepare_data` does this for a data
+config whose ``synthetic`` node is set (training and ``scene3d eval`` call it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from scene3d.utils.io import write_json_atomic
+from data_prep import refer
+from data_prep.scannet import process_scans
+from data_prep.synth import generate_dataset
+from scene3d.utils.io import expand_path, write_json_atomic
 
 
 class SyntheticData(NamedTuple):
@@ -33,10 +37,6 @@ class SyntheticData(NamedTuple):
 
 def prepare_synthetic(root, num_scenes: int = 8, seed: int = 0, preset: str = "tiny", val_fraction: float = 0.25,
                       workers: int = 1, progress: bool = True) -> SyntheticData:
-    from data_prep import refer
-    from data_prep.scannet import process_scans
-    from data_prep.synth import generate_dataset
-
     root = Path(root)
     ready = root / "READY.json"
     want = {"num_scenes": num_scenes, "seed": seed, "preset": preset, "val_fraction": val_fraction}
@@ -75,3 +75,13 @@ def _paths(root: Path) -> SyntheticData:
     return SyntheticData(root, root / "processed", refer_dir / "train.jsonl", refer_dir / "val.jsonl",
                          root / "raw" / "scannetv2-labels.combined.tsv",
                          {n: refer_dir / f"{n}.jsonl" for n in ("scanrefer_train", "scanrefer_val", "sr3d")})
+
+
+def prepare_data(data) -> None:
+    """Generate the synthetic benchmark when ``data.synthetic`` is set (reuses a complete earlier one);
+    ``data``: a :class:`scene3d.config.DataSchema`."""
+    if data.synthetic is None:
+        return
+    s = data.synthetic
+    prepare_synthetic(expand_path(s.root), num_scenes=s.num_scenes, seed=s.seed, preset=s.preset,
+                      val_fraction=s.val_fraction, progress=False)

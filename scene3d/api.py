@@ -75,6 +75,7 @@ import torch
 from scene3d.data.downsample import Downsampled, voxel_downsample
 from scene3d.data.exports import find_mmdet_export
 from scene3d.data.scene import Scene, SceneFormatError, load_processed_scene
+from scene3d.structures import PointBatch
 
 #: mesh / point cloud suffixes read with open3d (trimesh has no reader for them)
 OPEN3D_SUFFIXES = (".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts")
@@ -114,8 +115,6 @@ class SceneData:
 
     def to_points(self, device: Union[str, torch.device] = "cpu"):
         """The scene as a :class:`~scene3d.structures.PointBatch` of one (colours in [0, 1])."""
-        from scene3d.structures import PointBatch
-
         fields = {"coord": torch.from_numpy(np.array(self.coord, dtype=np.float32))}
         if self.color is not None:
             fields["color"] = torch.from_numpy(np.asarray(self.color, dtype=np.float32) / 255.0)
@@ -232,6 +231,7 @@ def read_raw_scan(scan_dir: Path, scene_id: str, label_tsv=None) -> SceneData:
     above it; without one, labels are unknown (instances are kept). Missing aggregation / txt are allowed
     (unannotated scan: proposals; identity alignment).
     """
+    # only for a raw scan: data_prep (the ScanNet preparation) is not loaded to read processed scenes
     from data_prep.scannet import LabelMap, PrepConfig, ScanNetFormatError, build_scene, read_label_tsv
 
     if label_tsv is None:
@@ -482,7 +482,7 @@ class Segmenter:
     def from_pretrained(cls, ckpt_dir, device: Union[str, torch.device] = "cpu") -> "Segmenter":
         """Load a checkpoint written by ``scene3d train`` (the dir, its ``checkpoints/`` parent or the run dir;
         the newest checkpoint is used). No hydra, no pickle."""
-        from scene3d.models.loading import load_model
+        from scene3d.models.loading import load_model  # the model stack loads with a model, not on import
 
         p = Path(ckpt_dir)
         if not p.exists():
@@ -550,6 +550,7 @@ class Segmenter:
                           "objects: llm=smollm2 has 200 identifiers", ObjectsOverflowWarning, stacklevel=3)
         oversized = _NO_ROWS
         if objects is None:
+            # the tokenizer (spconv) loads with a model, not on `import scene3d.api`
             from scene3d.tokenizer.proposals import OVERSIZED_FRACTION, oversized_proposals
 
             weight = None if down is None else torch.from_numpy(down.counts).to(inputs.tokens.point2obj.device)
@@ -582,7 +583,7 @@ class Segmenter:
                 raise ValueError(f"text[{i}]: a query must be a str, got {type(t).__name__}")
             if not t.strip():
                 raise ValueError("text: the query is empty" if single else f"text[{i}]: the query is empty")
-        from scene3d.llm.prompt import text_token_ids, unknown_words
+        from scene3d.llm.prompt import text_token_ids, unknown_words  # loads with a model, not on import
 
         cap = self.model.segmenter.config.prompt.max_text_tokens
         dropped = [text_token_ids(self.model.segmenter.tokenizer, t.strip(), cap, warn=False).dropped for t in texts]

@@ -34,12 +34,14 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from scene3d.engine.evaluate import MASK_SOURCES
 from scene3d.engine.trainer import TrainerConfig
 from scene3d.llm.loader import LLMConfig
 from scene3d.models.pipeline import PipelineConfig
 from scene3d.models.referring import ReferringConfig
 from scene3d.tokenizer.backbone import BackboneConfig
 from scene3d.tokenizer.model import IN_CHANNELS, ObjectTokenizerConfig
+from scene3d.utils.io import expand_path  # noqa: F401  (scene3d.config.expand_path: the old name)
 
 #: Environment variable pointing at another configs directory (same layout as the repo's ``configs/``).
 CONFIG_DIR_ENV = "SCENE3D_CONFIG_DIR"
@@ -86,7 +88,7 @@ class PipelineSchema(PipelineConfig):
 
 @dataclass
 class SyntheticDataSchema:
-    """The embedded synthetic benchmark, generated on first use by :func:`scene3d.data.synthetic.prepare_synthetic`."""
+    """The embedded synthetic benchmark, generated on first use by :func:`data_prep.synthetic.prepare_synthetic`."""
 
     root: str = MISSING  # where it is (re)made; the yaml derives it from $SCENE3D_CACHE
     num_scenes: int = 12
@@ -100,7 +102,7 @@ class DataSchema:
     """Processed scenes + referring samples (``scene3d prep scannet`` / ``scene3d prep refer`` outputs).
 
     ``task``: ``referring`` trains on the jsonl rows; ``alignment`` (stage 1) trains on rows generated from
-    each training scene's ``objects.json`` (see :func:`scene3d.train.alignment_rows`).
+    each training scene's ``objects.json`` (see :func:`scene3d.data.assembly.alignment_rows`).
     """
 
     name: str = MISSING
@@ -138,8 +140,6 @@ class EvalSchema:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from scene3d.engine.evaluate import MASK_SOURCES
-
         if self.split not in ("val", "train"):
             raise ValueError(f"eval.split must be 'val' or 'train', got {self.split!r}")
         if self.mask not in MASK_SOURCES:
@@ -243,10 +243,3 @@ def pipeline_config(model_cfg: Any) -> PipelineConfig:
 
         model_cfg = dataclasses.asdict(model_cfg)
     return PipelineConfig.from_dict(dict(model_cfg))
-
-
-def expand_path(p: Optional[str]) -> Optional[Path]:
-    """``~`` and environment variables expanded; None stays None."""
-    if p is None:
-        return None
-    return Path(os.path.expandvars(os.path.expanduser(str(p))))

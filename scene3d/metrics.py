@@ -46,6 +46,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
+from data_prep.refer import read_refer_jsonl
+
 THRESHOLDS = (0.25, 0.5)
 
 #: Spellings of the two threshold comparisons (``gt`` / ``ge`` spare the shell's quoting of ``>``).
@@ -417,8 +419,6 @@ def evaluate_files(predictions: str | Path, gt: str | Path, processed_dir: str |
                    conventions: Conventions = Conventions(), allow_missing: bool = False,
                    progress: bool = True) -> Evaluation:
     """``scene3d eval PREDICTIONS.jsonl --gt REFER.jsonl --processed DIR`` in the library."""
-    from data_prep.refer import read_refer_jsonl
-
     return evaluate_rows(read_predictions(predictions), read_refer_jsonl(gt), processed_dir, conventions,
                          allow_missing=allow_missing, progress=progress)
 

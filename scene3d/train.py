@@ -22,121 +22,22 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from data_prep.synthetic import prepare_data
 from scene3d.config import TrainConfig, compose, expand_path, pipeline_config, to_objects
+# the data assembly lives in scene3d.data.assembly; its names stay importable from here (bench/, tests)
+from scene3d.data.assembly import (  # noqa: F401
+    ALIGNMENT_DATASET, SplitData, alignment_rows, split_rows, training_dataset)
+from scene3d.data.referring import collate_referring
+from scene3d.engine.distributed import barrier, cleanup, gather_objects, init_distributed
+from scene3d.engine.evaluate import ValidationFn, spread_rows
 from scene3d.engine.trainer import FitSummary, Trainer, seed_everything
-from scene3d.llm.tiny import plural as _plural
+from scene3d.models.pipeline import Scene3DModel
 
 log = logging.getLogger(__name__)
-
-#: Dataset name of generated alignment rows (their ``dataset`` field).
-ALIGNMENT_DATASET = "alignment"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# data
-
-
-def alignment_rows(processed_dir, scene_ids: Sequence[str], negatives: int = 2,
-                   skip_labels: Sequence[str] = ("wall", "floor", "ceiling"), seed: int = 0) -> list[dict]:
-    """Stage-1 rows binding object tokens to identifiers and class text, from each scene's ``objects.json``.
-
-    Per scene and class (labels in ``skip_labels`` left out): ``"all the <plural>"`` targets every object of
-    the class; ``"the <label>"`` targets the object when it is the only one of its class; and ``negatives``
-    classes seen in other scenes but absent here give ``"all the <plural>"`` rows with no target. Rows have
-    the referring-row keys (``dataset="alignment"``, ``ann_id``, ``scene_id``, ``targets``, ``text``,
-    ``object_name``) so they train and evaluate like any referring sample.
-    """
-    from scene3d.data.scene import load_processed_scene
-
-    processed_dir = Path(processed_dir)
-    skip = {s.lower() for s in skip_labels}
-    per_scene: dict[str, dict[str, list[int]]] = {}
-    for sid in sorted(set(scene_ids)):
-        scene = load_processed_scene(processed_dir / sid)
-        classes: dict[str, list[int]] = {}
-        for o in scene.objects:
-            label = str(o.label).strip().lower()
-            if label and label not in skip and o.num_points > 0:
-                classes.setdefault(label, []).append(int(o.id))
-        per_scene[sid] = classes
-    vocab = sorted({lab for c in per_scene.values() for lab in c})
-    rng = np.random.default_rng(seed)
-    rows: list[dict] = []
-
-    def add(sid: str, kind: str, label: str, text: str, targets: list[int]) -> None:
-        rows.append({"dataset": ALIGNMENT_DATASET, "ann_id": f"{kind}:{label}", "scene_id": sid,
-                     "targets": sorted(targets), "text": text, "object_name": label,
-                     "unique": None, "eval_type": None, "easy": None, "view_dep": None,
-                     "distractors": None, "anchors": None})
-
-    for sid, classes in per_scene.items():
-        for label in sorted(classes):
-            ids = classes[label]
-            add(sid, "all", label, f"all the {_plural(label)}", ids)
-            if len(ids) == 1:
-                add(sid, "the", label, f"the {label}", ids)
-        absent = [lab for lab in vocab if lab not in classes]
-        for label in rng.permutation(absent)[: max(0, negatives)].tolist() if absent else []:
-            add(sid, "none", label, f"all the {_plural(label)}", [])
-    return rows
-
-
-class SplitData(NamedTuple):
-    processed_dir: Path
-    rows: list  # referring rows (or alignment rows) of the split
-
-
-def prepare_data(data) -> None:
-    """Generate the synthetic benchmark when ``data.synthetic`` is set (reuses a complete earlier one)."""
-    if data.synthetic is None:
-        return
-    from scene3d.data.synthetic import prepare_synthetic
-
-    s = data.synthetic
-    prepare_synthetic(expand_path(s.root), num_scenes=s.num_scenes, seed=s.seed, preset=s.preset,
-                      val_fraction=s.val_fraction, progress=False)
-
-
-def split_rows(data, split: str, samples: Optional[str] = None, processed_dir: Optional[str] = None) -> SplitData:
-    """Rows of ``split`` ("train" / "val") of ``data`` (a :class:`~scene3d.config.DataSchema`), or of the jsonl
-    ``samples``; turned into alignment rows of the same scenes when ``data.task == "alignment"``."""
-    from scene3d.data.referring import read_jsonl
-
-    proc = expand_path(processed_dir or data.processed_dir)
-    if not proc.is_dir():
-        raise FileNotFoundError(f"processed scenes directory not found: {proc} (data.processed_dir)")
-    if samples is not None:
-        path = expand_path(samples)
-    else:
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        src = data.train if split == "train" else data.val
-        if src is None:
-            raise ValueError(f"data.{split} is not set: no referring rows for the {split} split")
-        path = expand_path(src)
-    rows = read_jsonl(path)
-    if data.task == "alignment":
-        rows = alignment_rows(proc, [r["scene_id"] for r in rows], data.alignment_negatives,
-                              data.alignment_skip_labels, seed=0)
-    return SplitData(proc, rows)
-
-
-def training_dataset(data, seed: int):
-    """The training :class:`~scene3d.data.referring.ReferringDataset` of ``data`` (a
-    :class:`~scene3d.config.DataSchema`): its train split with the configured subsampling, augmentation and
-    grouping of questions per scene; ``seed`` (the trainer's) drives the augmentation."""
-    from scene3d.data.referring import ReferringDataset
-
-    train = split_rows(data, "train")
-    return ReferringDataset(train.processed_dir, data.train, max_points=data.max_points, jitter=data.jitter,
-                            scale_range=data.scale_range, max_samples=data.max_train_samples, seed=seed,
-                            rows=train.rows, questions_per_scene=data.questions_per_scene)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # run directory
@@ -148,8 +49,6 @@ def default_out_dir(experiment: str) -> Path:
 
 def _agree_on_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (the run dir's timestamp must not differ between processes)."""
-    from scene3d.engine.distributed import gather_objects
-
     return gather_objects(value)[0]
 
 
@@ -167,11 +66,6 @@ def _as_dictconfig(cfg) -> DictConfig:
 
 def run_training(cfg) -> FitSummary:
     """Train as ``cfg`` (composed ``train`` config) says; returns the trainer's :class:`FitSummary`."""
-    from scene3d.data.referring import collate_referring
-    from scene3d.engine.distributed import barrier, cleanup, init_distributed
-    from scene3d.engine.evaluate import ValidationFn, spread_rows
-    from scene3d.models.pipeline import Scene3DModel
-
     cfg = _as_dictconfig(cfg)
     obj: TrainConfig = to_objects(cfg)  # validates every section (runs the dataclasses' checks)
     if obj.resume and obj.out_dir is None:

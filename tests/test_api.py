@@ -13,7 +13,7 @@ from scene3d import Segmenter
 from scene3d.api import SceneLoadError, SegmentResult, load_scene
 from scene3d.data.referring import scene_to_tensors
 from scene3d.data.scene import load_processed_scene
-from scene3d.data.synthetic import prepare_synthetic
+from data_prep.synthetic import prepare_synthetic
 from scene3d.engine.checkpoint import CheckpointError, save_checkpoint
 from scene3d.models.pipeline import Scene3DModel
 from scene3d.structures import PointBatch

@@ -11,7 +11,6 @@ from scene3d.gating import (
     TokenGate,
     TokenGateConfig,
     attention_scores,
-    attention_scores_from_model,
     keep_ratio_schedule,
     token_gate_reference,
 )
@@ -191,37 +190,3 @@ def test_attention_scores_bad_input():
         attention_scores(torch.rand(5, 5), torch.tensor([1]), torch.tensor([1]))
     with pytest.raises(ValueError, match="end at M"):
         attention_scores(attn, torch.tensor([1, 2]), torch.tensor([1]))
-
-
-def test_attention_scores_from_tiny_qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="eager").eval()
-    input_ids = torch.randint(0, 100, (2, 12))
-    attention_mask = torch.ones(2, 12, dtype=torch.long)
-    attention_mask[1, :3] = 0  # left padding in sample 1
-    obj_positions = torch.tensor([2, 3, 4, 5, 4, 6, 7])
-    obj_offset = torch.tensor([4, 7])
-    scores = attention_scores_from_model(model, obj_positions, obj_offset, input_ids=input_ids,
-                                         attention_mask=attention_mask, layer=1, normalize="none")
-    with torch.no_grad():
-        attn = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions[1]
-    assert attn.shape == (2, 4, 12, 12)
-    expected = []
-    for m, pos in enumerate(obj_positions.tolist()):
-        s, last = (0, 5) if m < 4 else (1, 7)
-        expected.append(attn[s, :, last + 1:, pos].mean().item())
-    torch.testing.assert_close(scores, torch.tensor(expected))
-    assert (scores > 0).all()
-    normed = attention_scores_from_model(model, obj_positions, obj_offset, input_ids=input_ids,
-                                         attention_mask=attention_mask)
-    assert normed[:4].max() == pytest.approx(1.0) and normed[4:].max() == pytest.approx(1.0)
-    # the attention scores drive the gate
-    gate = make_gate(keep_ratio=0.5).eval()
-    out = gate(torch.randn(7, 12), obj_offset, scores=normed)
-    assert out.new_offset.tolist() == [2, 4]
-    with pytest.raises(ValueError, match="layer"):
-        attention_scores_from_model(model, obj_positions, obj_offset, input_ids=input_ids, layer=5)

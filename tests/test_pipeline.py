@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scene3d.data.referring import ReferringDataset, collate_referring
-from scene3d.data.synthetic import prepare_synthetic
+from data_prep.synthetic import prepare_synthetic
 from scene3d.models.pipeline import Scene3DModel
 from helpers import small_config
 

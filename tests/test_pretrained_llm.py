@@ -301,7 +301,7 @@ def test_real_sentences_have_no_unknown_words_for_smollm2(smollm2, real_data):
     about, naming them); SmolLM2's byte-level BPE reads every one."""
     import json
 
-    from scene3d.engine.evaluate import text_report
+    from scene3d.evaluate import text_report
     from scene3d.llm.loader import load_tokenizer
     from scene3d.llm.tiny import build_tiny_tokenizer
 

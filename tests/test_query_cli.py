@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scene3d.cli import main
-from scene3d.data.synthetic import prepare_synthetic
+from data_prep.synthetic import prepare_synthetic
 from scene3d.engine.checkpoint import save_checkpoint
 from scene3d.models.pipeline import Scene3DModel
 from helpers import small_config

@@ -8,7 +8,8 @@ from scene3d.constants import IGNORE_INDEX
 from scene3d.heads.mask_decoder import MaskDecoderConfig
 from scene3d.llm.loader import LLMConfig
 from scene3d.llm.tiny import TinyLLMConfig
-from scene3d.models.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from scene3d.engine.checkpoint import (MODEL_FILE, CheckpointError, load_checkpoint, load_model_weights,
+                                      save_checkpoint, trainable_state_dict)
 from scene3d.models.referring import (GateSelection, ReferringBatch, ReferringConfig, ReferringSegmenter,
                                       SceneInputs, synthetic_scene)
 
@@ -274,14 +275,16 @@ def test_checkpoint_round_trip(tmp_path, scene):
         m(_batch(scene)).total.backward()
         opt.step()
     m.eval()
-    save_checkpoint(m, tmp_path / "ck")
+    ck = save_checkpoint(tmp_path / "ck", 2, trainable_state_dict(m), config=m.config.to_dict())
     from safetensors import safe_open
-    with safe_open(str(tmp_path / "ck" / WEIGHTS_FILE), "pt") as f:
+    with safe_open(str(ck / MODEL_FILE), "pt") as f:
         keys = set(f.keys())
     assert any("lora_B" in k for k in keys) and "lm.new_embed.weight" in keys and "lm.new_head.weight" in keys
     assert not any(("embed_tokens" in k or "lm_head" in k) for k in keys)  # frozen base not stored
     torch.manual_seed(123)  # different init: everything must come from the checkpoint
-    m2 = load_checkpoint(tmp_path / "ck")
+    m2 = ReferringSegmenter(ReferringConfig.from_dict(load_checkpoint(ck).config))
+    load_model_weights(m2, ck)
+    m2.eval()
     with torch.no_grad():
         a, b = m(_batch(scene)), m2(_batch(scene))
     for x, y in zip(a, b):
@@ -289,9 +292,9 @@ def test_checkpoint_round_trip(tmp_path, scene):
     pa, pb = m.predict(scene.scene(0), ["the chair"])[0], m2.predict(scene.scene(0), ["the chair"])[0]
     assert pa.answer_ids == pb.answer_ids and torch.equal(pa.obj_scores, pb.obj_scores)
     # a corrupt weights file is a clear error
-    (tmp_path / "ck" / WEIGHTS_FILE).write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="corrupt"):
-        load_checkpoint(tmp_path / "ck")
+    (ck / MODEL_FILE).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_model_weights(m2, ck)
 
 
 def test_take_spreads_scenes_and_shared_decoding_equals_expanded():

@@ -10,7 +10,7 @@ import torch
 
 from scene3d.data.referring import ReferringDataset, collate_referring, read_jsonl
 from scene3d.data.scene import load_processed_scene
-from scene3d.data.synthetic import prepare_synthetic
+from data_prep.synthetic import prepare_synthetic
 from scene3d.llm.tiny import tiny_vocabulary
 
 

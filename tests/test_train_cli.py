@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from scene3d.cli import main as cli
-from scene3d.data.synthetic import prepare_synthetic
+from data_prep.synthetic import prepare_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 SYN = dict(num_scenes=3, seed=0, val_fraction=0.34)

@@ -15,6 +15,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from scene3d import __version__
+
 #: The top-level ``--help`` description (plain text; the module docstring is reST for the API docs).
 DESCRIPTION = "scene3d: 3D referring segmentation on ScanNet-format scenes."
 DEBUG_FLAG = "--debug"
@@ -33,8 +35,6 @@ SUBCOMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scene3d", description=DESCRIPTION)
-    from scene3d import __version__
-
     parser.add_argument("--version", action="version", version=f"scene3d {__version__}")
     parser.add_argument(DEBUG_FLAG, action="store_true",
                         help="show the full traceback of an error (it may also follow the subcommand)")

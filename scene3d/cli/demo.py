@@ -18,7 +18,7 @@ def add_parser(sub, name, help_):
 
 
 def run(args) -> int:
-    from scene3d.demo import run_demo
+    from scene3d.demo import run_demo  # lazy: `scene3d --help` and the other commands do not load it
 
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")

@@ -6,12 +6,11 @@
 * checkpoint mode: ``scene3d eval CKPT [hydra overrides]`` where CKPT is a checkpoint directory, its
   ``checkpoints/`` parent or a run directory: runs the model over a referring split (configs/eval.yaml, e.g.
   ``eval.split=val eval.max_samples=100 data=scanrefer data.processed_dir=...``) and writes
-  ``predictions.jsonl`` + ``metrics.json`` (scene3d.engine.evaluate.run_checkpoint_eval).
+  ``predictions.jsonl`` + ``metrics.json`` (scene3d.evaluate.run_checkpoint_eval).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -48,16 +47,6 @@ def add_parser(sub, name, help_):
     return p
 
 
-def _jsonable(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 #: (flag, Conventions field) of the convention options.
 CONVENTION_FLAGS = (("--mask-acc", "mask_acc"), ("--box-acc", "box_acc"), ("--f1", "f1"),
                     ("--multi-mask-box", "multi_mask_box"))
@@ -67,7 +56,7 @@ STRICT_NOTE = ("note: --strict is deprecated and changes nothing: point-mask Acc
 
 def conventions_from_args(args):
     """The :class:`~scene3d.metrics.Conventions` of the flags; a bad value exits with a line naming its flag."""
-    from scene3d.metrics import Conventions, parse_op
+    from scene3d.metrics import Conventions, parse_op  # lazy: `scene3d --help` and the other commands do not load it
 
     given = {}
     for flag, field in CONVENTION_FLAGS:
@@ -91,8 +80,9 @@ def conventions_from_args(args):
 
 def evaluate_predictions_file(args) -> int:
     """The predictions-file mode."""
+    # lazy: `scene3d --help` and the other commands do not load it
     from scene3d.metrics import TABLE_LEGEND, evaluate_files, format_metrics
-    from scene3d.utils.io import write_json_atomic
+    from scene3d.utils.io import jsonable, write_json_atomic
 
     conventions = conventions_from_args(args)
     if args.strict:
@@ -105,14 +95,15 @@ def evaluate_predictions_file(args) -> int:
     print(format_metrics(ev.metrics))
     print(TABLE_LEGEND)
     if args.out is not None:
-        write_json_atomic(args.out, _jsonable({"conventions": conventions.as_dict(), "missing": ev.missing,
-                                               "metrics": ev.metrics, "per_sample": ev.per_sample}))
+        write_json_atomic(args.out, jsonable({"conventions": conventions.as_dict(), "missing": ev.missing,
+                                              "metrics": ev.metrics, "per_sample": ev.per_sample}))
         print(f"wrote {args.out}")
     return 0
 
 
 def is_checkpoint_target(path: Path) -> bool:
     """A directory holding a checkpoint (checkpoint dir, ``checkpoints/`` dir or run dir)."""
+    # lazy: `scene3d --help` and the other commands do not load it
     from scene3d.engine.checkpoint import resolve_checkpoint
 
     return path.is_dir() and resolve_checkpoint(path) is not None
@@ -123,8 +114,8 @@ def evaluate_checkpoint(args) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from scene3d.config import compose, to_objects
-    from scene3d.engine.evaluate import run_checkpoint_eval
+    from scene3d.config import compose, to_objects  # lazy: `scene3d --help` and the other commands do not load it
+    from scene3d.evaluate import run_checkpoint_eval
     from scene3d.metrics import TABLE_LEGEND, Conventions, format_metrics
 
     given = [name for name, v in (("--gt", args.gt), ("--processed", args.processed), ("--out", args.out)) if v]

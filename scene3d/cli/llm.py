@@ -34,7 +34,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from scene3d.llm import registry
+    from scene3d.llm import registry  # lazy: `scene3d --help` and the other commands do not load it
 
     if args.llm_command == "list":
         print(f"models directory: {registry.models_dir()}  (${registry.MODELS_ENV} overrides)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from data_prep import refer
 from data_prep.refer import DATASETS
 
 
@@ -28,8 +29,6 @@ def add_parser(sub, name, help_):
 
 
 def run(args) -> int:
-    from data_prep import refer
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     progress = not args.no_progress
     if args.processed is not None and not args.processed.is_dir():

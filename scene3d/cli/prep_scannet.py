@@ -24,6 +24,7 @@ def add_parser(sub, name, help_):
 
 
 def run(args) -> int:
+    # lazy: `scene3d --help` and the other commands do not load it
     from data_prep.scannet import PrepConfig, ScanNetFormatError, process_scans, read_scene_list
 
     if args.workers < 1:

@@ -38,7 +38,7 @@ SOURCE_WORDS = {"identifiers": "named by the LLM's answer", "decoder": "chosen b
 def format_result(scene, result) -> str:
     """The printed answer: what was found (never "none" while objects come back), the LLM's own text, one
     line per chosen object, the point count, how the scene was downsampled and every warning of the result."""
-    from scene3d.viz import object_names
+    from scene3d.viz import object_names  # lazy: `scene3d --help` and the other commands do not load it
 
     t = len(result.objects)
     lines = [f'query: "{result.text}"']
@@ -65,6 +65,7 @@ def format_result(scene, result) -> str:
 
 
 def run(args) -> int:
+    # lazy: `scene3d --help` and the other commands do not load it
     from scene3d.api import DegradedSceneWarning, Segmenter
     from scene3d.engine.checkpoint import CheckpointError
 
@@ -90,7 +91,7 @@ def run(args) -> int:
         return 2
     print(format_result(scene, result))
     if not args.no_pictures:
-        from scene3d.viz import save_result
+        from scene3d.viz import save_result  # lazy: `scene3d --help` and the other commands do not load it
 
         saved = save_result(scene, result, args.out)
         print(f"wrote {saved.ply}")

@@ -17,7 +17,7 @@ def add_parser(sub, name, help_):
 
 
 def run(args) -> int:
-    from data_prep.synth import generate_dataset
+    from data_prep.synth import generate_dataset  # lazy: `scene3d --help` and the other commands do not load it
 
     if args.scenes < 1:
         raise SystemExit(f"--scenes must be >= 1, got {args.scenes}")

@@ -7,7 +7,7 @@ import argparse
 
 def experiments() -> list[tuple[str, str]]:
     """``(name, first description line)`` of each ``configs/experiment/*.yaml`` (``experiment=NAME``)."""
-    from scene3d.config import config_dir
+    from scene3d.config import config_dir  # lazy: `scene3d --help` and the other commands do not load it
 
     out = []
     for f in sorted((config_dir() / "experiment").glob("*.yaml")):
@@ -43,6 +43,6 @@ def add_parser(sub, name, help_):
 
 
 def run(args) -> int:
-    from scene3d.train import main
+    from scene3d.train import main  # lazy: `scene3d --help` and the other commands do not load it
 
     return main((["--print-config"] if args.print_config else []) + list(args.overrides))

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from scene3d.data.referring import scene_to_tensors
 from scene3d.data.scene import load_processed_scene
+from scene3d.metrics import evaluate_rows
 from scene3d.structures.points import PointBatch
 
 MASK_SOURCES = ("reconciled", "identifier", "decoder")
@@ -98,8 +99,6 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
     ``model``: a :class:`~scene3d.models.pipeline.Scene3DModel` (anything with ``predict(points, texts)``).
     Returns ``{mask: EvalResult}``. Rows must carry ``dataset``, ``scene_id``, ``ann_id``, ``text``, ``targets``.
     """
-    from scene3d.metrics import evaluate_rows
-
     masks = list(masks)
     bad = [m for m in masks if m not in MASK_SOURCES]
     if bad or not masks:
@@ -175,100 +174,11 @@ class ValidationFn:
         return {k: overall[k] for k in VAL_KEYS}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# `scene3d eval CKPT [overrides]`
+def __getattr__(name: str):
+    # Old home of run_checkpoint_eval, still imported by scene3d/demo.py; delete once it imports
+    # scene3d.evaluate. Upward import on purpose, in-function so the engine never loads it itself.
+    if name == "run_checkpoint_eval":
+        from scene3d.evaluate import run_checkpoint_eval
 
-
-class CheckpointEval(NamedTuple):
-    """What :func:`run_checkpoint_eval` wrote and measured."""
-
-    out_dir: Path
-    predictions: Path  # predictions.jsonl (docs/predictions_format.md)
-    metrics_file: Path  # metrics.json
-    metrics: dict  # summarize() output
-    step: int
-    checkpoint: Path
-
-
-def _jsonable(obj):
-    if isinstance(obj, float) and obj != obj:  # NaN -> null (json has no NaN)
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def text_report(tokenizer, rows: Sequence[Mapping], max_tokens: int) -> dict:
-    """How the model's tokenizer reads the rows' texts: rows with words it maps to its unknown token (and the
-    most frequent such words), rows cut at ``max_tokens``. Warns (one line each) when either is non-zero, so a
-    vocabulary that cannot read the data never passes silently."""
-    import warnings
-    from collections import Counter
-
-    from scene3d.llm.prompt import text_token_ids, unknown_words
-
-    words: Counter = Counter()
-    unknown_rows = cut_rows = 0
-    for r in rows:
-        u = unknown_words(tokenizer, r["text"])
-        if u:
-            unknown_rows += 1
-            words.update(u)
-        cut_rows += text_token_ids(tokenizer, r["text"], max_tokens, warn=False).dropped > 0
-    top = [w for w, _ in words.most_common(10)]
-    if unknown_rows:
-        warnings.warn(f"{unknown_rows} of {len(rows)} referring texts hold words the model's tokenizer reads as "
-                      f"{tokenizer.unk_token} (most frequent: {', '.join(top)}); a pretrained LLM (llm=smollm2) "
-                      "reads every word", stacklevel=2)
-    if cut_rows:
-        warnings.warn(f"{cut_rows} of {len(rows)} referring texts are longer than prompt.max_text_tokens="
-                      f"{max_tokens} and were cut", stacklevel=2)
-    return {"rows_with_unknown_words": unknown_rows, "unknown_words": top, "rows_cut": cut_rows}
-
-
-def run_checkpoint_eval(cfg) -> CheckpointEval:
-    """Load ``cfg.checkpoint`` (a checkpoint dir, its ``checkpoints/`` parent or a run dir), predict every row of
-    the eval split and write ``predictions.jsonl`` + ``metrics.json`` into ``cfg.out_dir`` (default
-    ``<run dir>/eval/<split>_step<step>``). ``cfg``: a composed ``eval`` config (:class:`scene3d.config.EvalConfig`).
-
-    The data come from ``cfg.data`` when a data option was chosen, else from the checkpoint's own ``data``
-    config (the synthetic benchmark is regenerated when its cache is gone).
-    """
-    from omegaconf import OmegaConf
-
-    from scene3d.config import DataSchema, EvalConfig, expand_path, to_objects
-    from scene3d.models.loading import load_model
-    from scene3d.train import prepare_data, split_rows
-    from scene3d.utils.io import write_json_atomic, write_jsonl_atomic
-
-    obj: EvalConfig = cfg if isinstance(cfg, EvalConfig) else to_objects(cfg)
-    device = obj.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(expand_path(obj.checkpoint), device=device)
-    data = obj.data
-    if data is None:
-        saved = loaded.config.get("data")
-        if not isinstance(saved, dict):
-            raise ValueError(f"{loaded.path}/config.yaml has no 'data' section; choose one with data=<option>")
-        data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataSchema), saved))
-    ev = obj.eval
-    if ev.samples is None and ev.processed_dir is None:
-        prepare_data(data)
-    split = split_rows(data, ev.split, ev.samples, ev.processed_dir)
-    rows = spread_rows(split.rows, ev.max_samples)
-    if not rows:
-        raise ValueError(f"no referring rows to evaluate in the {ev.split} split of {data.name}")
-    language = text_report(loaded.model.segmenter.tokenizer, rows, loaded.model.segmenter.config.prompt.max_text_tokens)
-    res = evaluate_model(loaded.model, split.processed_dir, rows, ev.mask, ev.strict, progress=ev.progress)
-    ckpt = Path(loaded.path)
-    name = Path(ev.samples).stem if ev.samples else ev.split
-    out_dir = expand_path(obj.out_dir) if obj.out_dir else ckpt.parent.parent / "eval" / f"{name}_step{loaded.step}"
-    pred_path, metrics_path = out_dir / "predictions.jsonl", out_dir / "metrics.json"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(pred_path, res.predictions)
-    write_json_atomic(metrics_path, _jsonable({
-        "checkpoint": str(ckpt), "step": loaded.step, "data": data.name, "split": name,
-        "processed_dir": str(split.processed_dir), "mask": ev.mask, "strict": ev.strict,
-        "num_samples": len(rows), "text": language, "metrics": res.metrics, "per_sample": res.per_sample}))
-    return CheckpointEval(out_dir, pred_path, metrics_path, res.metrics, loaded.step, ckpt)
+        return run_checkpoint_eval
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

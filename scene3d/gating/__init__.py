@@ -5,12 +5,11 @@ from scene3d.gating.module import (
     TokenGateConfig,
     TokenGateOutput,
     attention_scores,
-    attention_scores_from_model,
     keep_ratio_schedule,
 )
 from scene3d.gating.op import TokenGateResult, has_native_op, token_gate, token_gate_reference
 
 __all__ = [
     "TokenGate", "TokenGateConfig", "TokenGateOutput", "TokenGateResult", "attention_scores",
-    "attention_scores_from_model", "has_native_op", "keep_ratio_schedule", "token_gate", "token_gate_reference",
+    "has_native_op", "keep_ratio_schedule", "token_gate", "token_gate_reference",
 ]

@@ -1,4 +1,7 @@
-"""The token gate as the referring model's gating hook.
+"""The token gate as the referring model's gating hook, and the gating types the model uses.
+
+:class:`GateSelection` is what any gate returns, :data:`GateFn` the hook's signature and :class:`GateConfig`
+the ``model.gate`` config node (``PipelineConfig.gate``).
 
 :class:`~scene3d.models.referring.ReferringSegmenter` calls ``gate(tokens: ObjectTokens, query [B, H])`` and
 expects ``GateSelection(kept_index, feat)``. :class:`LLMTokenGate` scores every object token against the
@@ -11,6 +14,8 @@ run continues the same schedule.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -19,19 +24,42 @@ from scene3d.gating.module import TokenGate, TokenGateConfig
 from scene3d.structures.objects import ObjectTokens
 
 
+class GateSelection(NamedTuple):
+    """What a gate returns: kept global object rows ``[M']`` (sorted) and their gated features ``[M', C]``."""
+
+    kept_index: torch.Tensor
+    feat: torch.Tensor
+
+
+GateFn = Callable[[ObjectTokens, torch.Tensor], GateSelection]
+
+
+@dataclass
+class GateConfig:
+    """Spatial token gating (AdaToken-3D): off by default; see :mod:`scene3d.gating`."""
+
+    enabled: bool = False
+    keep_ratio: float = 0.5
+    min_keep: int = 4
+    threshold: float = 0.0     # drop kept tokens whose gate score is below this (0: off)
+    hidden: int = 64
+    anneal_steps: int = 500    # training anneals the keep ratio from 1.0 down to keep_ratio
+
+    def token_gate_config(self, token_dim: int, query_dim: int) -> TokenGateConfig:
+        """The :class:`TokenGateConfig` of this node for tokens ``[M, token_dim]`` and a query ``[B, query_dim]``."""
+        threshold = self.threshold if self.threshold > 0 else -math.inf  # sigmoid scores: 0 means off
+        return TokenGateConfig(token_dim=token_dim, query_dim=query_dim, hidden_dim=self.hidden,
+                               min_keep=self.min_keep, keep_ratio=self.keep_ratio, threshold=threshold,
+                               anneal_start=1.0, anneal_end=self.keep_ratio, anneal_steps=self.anneal_steps)
+
+
 class LLMTokenGate(nn.Module):
-    def __init__(self, obj_dim: int, query_dim: int, config) -> None:
+    def __init__(self, obj_dim: int, query_dim: int, config: GateConfig) -> None:
         super().__init__()
-        threshold = config.threshold if config.threshold > 0 else -math.inf  # sigmoid scores: 0 means off
-        self.gate = TokenGate(TokenGateConfig(
-            token_dim=obj_dim, query_dim=query_dim, hidden_dim=config.hidden, min_keep=config.min_keep,
-            keep_ratio=config.keep_ratio, threshold=threshold, anneal_start=1.0, anneal_end=config.keep_ratio,
-            anneal_steps=config.anneal_steps))
+        self.gate = TokenGate(config.token_gate_config(obj_dim, query_dim))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def forward(self, tokens: ObjectTokens, query: torch.Tensor):
-        from scene3d.models.referring import GateSelection
-
+    def forward(self, tokens: ObjectTokens, query: torch.Tensor) -> GateSelection:
         step = int(self.step)
         if self.training:
             self.step += 1

@@ -39,7 +39,7 @@ from scene3d.gating.op import token_gate
 
 __all__ = [
     "TokenGateConfig", "TokenGate", "TokenGateOutput", "keep_ratio_schedule", "pool_query",
-    "attention_scores", "attention_scores_from_model",
+    "attention_scores",
 ]
 
 
@@ -239,27 +239,3 @@ def attention_scores(attn_probs: torch.Tensor, obj_positions: torch.Tensor, obj_
         top = torch.zeros(b, dtype=scores.dtype, device=device).scatter_reduce(0, batch, scores, reduce="amax")
         scores = scores / top[batch].clamp(min=torch.finfo(scores.dtype).tiny)
     return scores
-
-
-@torch.no_grad()
-def attention_scores_from_model(model: nn.Module, obj_positions: torch.Tensor, obj_offset: torch.Tensor, *,
-                                input_ids: Optional[torch.Tensor] = None,
-                                inputs_embeds: Optional[torch.Tensor] = None,
-                                attention_mask: Optional[torch.Tensor] = None, layer: int = 1,
-                                query_mask: Optional[torch.Tensor] = None, normalize: str = "max") -> torch.Tensor:
-    """:func:`attention_scores` from layer ``layer`` of a Hugging Face causal LM run with ``output_attentions``.
-
-    The model must return attention probabilities: load it with ``attn_implementation="eager"`` (SDPA and
-    flash kernels do not materialise them). Pass ``inputs_embeds`` when object tokens are spliced embeddings.
-    """
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                output_attentions=True, use_cache=False)
-    attentions = getattr(out, "attentions", None)
-    if not attentions or attentions[0] is None:
-        raise ValueError("the model returned no attention probabilities; load it with attn_implementation='eager'")
-    if not -len(attentions) <= layer < len(attentions):
-        raise ValueError(f"layer {layer} out of range for a model with {len(attentions)} layers")
-    return attention_scores(attentions[layer], obj_positions, obj_offset, query_mask=query_mask,
-                            attention_mask=attention_mask, normalize=normalize)

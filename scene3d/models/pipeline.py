@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from scene3d.gating.adapter import GateConfig, LLMTokenGate
 from scene3d.models.referring import Prediction, ReferringBatch as ModelBatch, ReferringConfig, ReferringSegmenter, \
     SceneInputs
 from scene3d.structures.points import PointBatch
@@ -28,18 +29,6 @@ from scene3d.tokenizer.backbone import BackboneConfig
 from scene3d.tokenizer.model import IN_CHANNELS, ObjectTokenizer, ObjectTokenizerConfig
 from scene3d.tokenizer.proposals import ProposalConfig
 from scene3d.tokenizer.relation import RelationConfig
-
-
-@dataclass
-class GateConfig:
-    """Spatial token gating (AdaToken-3D): off by default; see :mod:`scene3d.gating`."""
-
-    enabled: bool = False
-    keep_ratio: float = 0.5
-    min_keep: int = 4
-    threshold: float = 0.0     # drop kept tokens whose gate score is below this (0: off)
-    hidden: int = 64
-    anneal_steps: int = 500    # training anneals the keep ratio from 1.0 down to keep_ratio
 
 
 @dataclass
@@ -77,8 +66,6 @@ def class_code(label: str) -> int:
 def build_gate(cfg: PipelineConfig, llm_dim: int):
     if not cfg.gate.enabled:
         return None
-    from scene3d.gating.adapter import LLMTokenGate  # the op-backed gate, adapted to the model's hook
-
     return LLMTokenGate(obj_dim=cfg.tokenizer.out_dim, query_dim=llm_dim, config=cfg.gate)
 
 
@@ -121,7 +108,6 @@ class Scene3DModel(nn.Module):
         distractors = [list(r.get("distractors") or []) for r in rows]
         mb = ModelBatch(scene=scene, texts=[r["text"] for r in rows], targets=[list(r["targets"]) for r in rows],
                         distractors=distractors, object_class=object_class,
-                        seeds=[_sample_seed(r) for r in rows] if getattr(batch, "seeded", False) else None,
                         shared=shared, scene_index=index)
         ref = self.segmenter(mb)
         tok = self.tokenizer3d.losses(points, tok_out).total
@@ -191,7 +177,3 @@ def _is_buffer_of_trainable(key: str, trainable: set) -> bool:
     prefix = key.rsplit(".", 1)[0]
     return key.endswith(("running_mean", "running_var", "num_batches_tracked")) and any(
         n.startswith(prefix + ".") for n in trainable)
-
-
-def _sample_seed(row: dict) -> int:
-    return zlib.crc32(str(row.get("ann_id", row.get("text", ""))).encode("utf-8"))

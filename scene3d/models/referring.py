@@ -44,13 +44,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from scene3d.constants import IGNORE_INDEX
+from scene3d.gating.adapter import GateFn, GateSelection  # noqa: F401  (GateSelection: re-exported)
 from scene3d.heads.mask_decoder import DecoderOutput, MaskDecoder, MaskDecoderConfig
 from scene3d.llm.loader import IdentifierLM, LLMConfig, load_llm
 from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, ScenePrompt, build_prefix, build_prompt,
@@ -119,16 +120,6 @@ class ReferringConfig:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-class GateSelection(NamedTuple):
-    """What a gate returns: kept global object rows ``[M']`` (sorted) and their gated features ``[M', C]``."""
-
-    kept_index: torch.Tensor
-    feat: torch.Tensor
-
-
-GateFn = Callable[[ObjectTokens, torch.Tensor], GateSelection]
-
-
 @dataclass
 class SceneInputs:
     """A ragged batch of scenes: object tokens, dense point features ``[N, C_pt]`` and the points."""

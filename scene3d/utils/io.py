@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -99,3 +99,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def expand_path(p: Optional[str]) -> Optional[Path]:
+    """``~`` and environment variables expanded; None stays None."""
+    if p is None:
+        return None
+    return Path(os.path.expandvars(os.path.expanduser(str(p))))
+
+
+def jsonable(obj):
+    """``obj`` with every NaN float (nested in dicts, lists, tuples) turned into None: json has no NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
