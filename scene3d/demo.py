@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from scene3d.llm.registry import DEFAULT_MODEL, default_model_path
+
 
 @dataclass(frozen=True)
 class DemoSettings:
@@ -43,8 +45,6 @@ DEMO_LAYERS = 4
 
 def choose_llm(llm: str = "auto") -> str:
     """``"smollm2"`` or ``"tiny"``: ``auto`` takes the pretrained model wherever set-up converted it."""
-    from scene3d.llm.registry import DEFAULT_MODEL, default_model_path
-
     if llm not in ("auto", "smollm2", "tiny"):
         raise ValueError(f"llm must be auto, smollm2 or tiny, got {llm!r}")
     if llm == "auto":
@@ -81,13 +81,15 @@ def _say(msg: str) -> None:
 
 def run_demo(out_dir="demo_out", quick: bool = False, seed: int = 0, max_steps: Optional[int] = None,
              llm: str = "auto") -> DemoResult:
+    # in-function: the whole stack (torch, spconv, transformers, matplotlib) loads only when the demo runs,
+    # not for `scene3d --help`
+    from data_prep.synthetic import prepare_synthetic
     from scene3d.api import Segmenter
     from scene3d.config import compose
     from scene3d.data.referring import read_jsonl
-    from scene3d.data.synthetic import prepare_synthetic
-    from scene3d.engine.evaluate import run_checkpoint_eval
-    from scene3d.train import run_training
+    from scene3d.evaluate import run_checkpoint_eval
     from scene3d.metrics import mask_iou
+    from scene3d.train import run_training
     from scene3d.viz import save_result
 
     t0 = time.perf_counter()

@@ -172,13 +172,3 @@ class ValidationFn:
         res = evaluate_model(model, self.processed_dir, self.rows, self.mask, self.strict, progress=False)
         overall = res.metrics["overall"]
         return {k: overall[k] for k in VAL_KEYS}
-
-
-def __getattr__(name: str):
-    # Old home of run_checkpoint_eval, still imported by scene3d/demo.py; delete once it imports
-    # scene3d.evaluate. Upward import on purpose, in-function so the engine never loads it itself.
-    if name == "run_checkpoint_eval":
-        from scene3d.evaluate import run_checkpoint_eval
-
-        return run_checkpoint_eval
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
