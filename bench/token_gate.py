@@ -4,6 +4,10 @@ Prints, per configuration, the median time of the op and of the reference and th
 forward only and forward + backward, on CPU and, where a GPU is present, on CUDA. Both sides skip the input
 validation of the public wrappers (one host sync and a NaN scan), so the kernels themselves are compared.
 
+The forward is memory bound at large sizes, so it is also measured against the machine: the bytes it must
+move (read the kept rows and all scores, write the kept rows: ``2 K C + M`` floats) over its time, beside a
+plain copy of the same ``2 K C`` floats (``dst.copy_(src)``, device to device) timed in the same run.
+
     .venv/bin/python bench/token_gate.py [--keep-ratio 0.5] [--min-run-time 0.5] [--threads N]
 """
 
@@ -46,7 +50,8 @@ def time_it(stmt, env, min_run_time):
 
 def bench_device(device, ratio, min_run_time):
     print(f"\n== {device}  (keep_ratio={ratio}, min_keep=1, float32, threads={torch.get_num_threads()})")
-    print(f"{'B x n x C':>16} {'pass':>9} {'op ms':>9} {'ref ms':>9} {'ratio':>7}")
+    print(f"{'B x n x C':>16} {'pass':>9} {'op ms':>9} {'ref ms':>9} {'ratio':>7}   {'op GB/s':>8} "
+          f"{'copy GB/s':>9} {'of copy':>7}")
     for b, n, c in CONFIGS:
         tokens, scores, offset = make_inputs(b, n, c, device)
         # the two sides agree before we time them
@@ -60,10 +65,18 @@ def bench_device(device, ratio, min_run_time):
             ("fwd", "op(tokens, scores, offset, ratio)", "ref(tokens, scores, offset, ratio)"),
             ("fwd+bwd", "op(t, s, offset, ratio).backward(grad)", "ref(t, s, offset, ratio).backward(grad)"),
         ]
+        src = tokens[: a.shape[0]].clone()
+        env.update(src=src, dst=torch.empty_like(src))
+        t_copy = time_it("dst.copy_(src)", env, min_run_time)
+        nbytes = (2 * a.numel() + scores.numel()) * tokens.element_size()
         for name, op_stmt, ref_stmt in rows:
             t_op = time_it(op_stmt, env, min_run_time)
             t_ref = time_it(ref_stmt, env, min_run_time)
-            print(f"{f'{b}x{n}x{c}':>16} {name:>9} {t_op * 1e3:9.3f} {t_ref * 1e3:9.3f} {t_ref / t_op:6.2f}x")
+            bw = ""
+            if name == "fwd":
+                gbs, copy_gbs = nbytes / t_op / 1e9, 2 * src.numel() * src.element_size() / t_copy / 1e9
+                bw = f"   {gbs:8.1f} {copy_gbs:9.1f} {gbs / copy_gbs:6.0%}"
+            print(f"{f'{b}x{n}x{c}':>16} {name:>9} {t_op * 1e3:9.3f} {t_ref * 1e3:9.3f} {t_ref / t_op:6.2f}x{bw}")
 
 
 def main() -> None:
