@@ -1,10 +1,11 @@
 """A small learning check: briefly trained, the tiny model beats trivial predictors by a clear margin.
 
-The bigger benchmark (held-out scenes, a 15-minute budget) is bench/learn_synthetic.py. Here a few synthetic
-scenes are trained on for a few hundred steps through :func:`scene3d.train.run_training` and the model is
-scored with :mod:`scene3d.metrics` on its training sentences against trivial predictors computed
-independently below: the scene's largest object and a random object (asserted: a clear margin), and
-"nothing" (right on zero-target rows; asserted: not worse).
+The bigger benchmark (a 15-minute budget) is bench/learn_synthetic.py. Here 8 synthetic scenes are made,
+6 trained on for 300 steps through :func:`scene3d.train.run_training`, and the model is scored with
+:mod:`scene3d.metrics` on the sentences of the 2 **held-out** scenes (the val split, never seen in training)
+against trivial predictors computed independently below: the scene's largest object, a random object and
+"nothing" (right on zero-target rows), each by a clear margin. Measured here: 0.471 against 0.000 / 0.117 /
+0.233.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from scene3d.metrics import evaluate_rows
 
 pytestmark = pytest.mark.slow
 
-SCENES, STEPS, ROWS = 2, 200, 40
+SCENES, STEPS, ROWS = 8, 300, 60
 #: a short run: higher lr, identity identifiers, light proposal loss (the benchmark keeps the defaults)
 EXTRA = ["trainer.lr=3e-3", "trainer.warmup_steps=10", "model.referring.shuffle_identifiers=false",
          "model.tokenizer_loss_weight=0.1"]
@@ -52,14 +53,14 @@ def test_brief_training_beats_trivial_predictors(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SCENE3D_CACHE", str(tmp_path / "cache"))
     cfg = compose("train", ["experiment=synthetic_cpu", f"data.synthetic.num_scenes={SCENES}",
-                            "data.synthetic.val_fraction=0.0", f"trainer.max_steps={STEPS}", *EXTRA,
+                            "data.synthetic.val_fraction=0.25", f"trainer.max_steps={STEPS}", *EXTRA,
                             f"trainer.ckpt_every={STEPS}", "trainer.progress=false", "eval.in_training=false",
                             f"out_dir={tmp_path / 'run'}"])
     summary = run_training(cfg)
     assert summary.step == STEPS
     from scene3d.config import to_objects
 
-    data = split_rows(to_objects(cfg).data, "train")
+    data = split_rows(to_objects(cfg).data, "val")
     rows = spread_rows(data.rows, ROWS)
     model = load_model(summary.checkpoint).model
     ours = evaluate_model(model, data.processed_dir, rows, progress=False).metrics["overall"]
@@ -67,11 +68,9 @@ def test_brief_training_beats_trivial_predictors(tmp_path, monkeypatch):
                              progress=False).metrics["overall"] for k in ("largest", "random", "empty")}
     report = f"model {ours['miou']:.3f} vs " + ", ".join(f"{k} {b['miou']:.3f}" for k, b in base.items())
     print(report)
-    # beats the object-picking baselines clearly. Known gap (see bench/learn_synthetic.py): after so short a
-    # run the model is not yet reliably better than answering "nothing" (right on the zero-target rows).
-    for k in ("largest", "random"):
+    # beats every trivial predictor on unseen scenes by a clear margin
+    for k in ("largest", "random", "empty"):
         assert ours["miou"] >= base[k]["miou"] + MARGIN, report
-    assert ours["miou"] >= base["empty"]["miou"], report
     # and the training loss fell well below its start
     import csv
 
