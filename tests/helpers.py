@@ -14,3 +14,20 @@ def small_config(**referring) -> PipelineConfig:
     tok = ObjectTokenizerConfig(voxel_size=0.08, out_dim=64, backbone=BackboneConfig(channels=(16, 24)),
                                 relation=RelationConfig(dim=64), geometry_dim=32)
     return PipelineConfig(tokenizer=tok, referring=ReferringConfig(**referring))
+
+
+def assert_merged_lora_exact(lm, ids, tol: float) -> None:
+    """Inside ``lm.merged_lora()`` the logits of ``ids [B, L]`` equal the unmerged ones (to ``tol``), some base
+    weight really is merged, and afterwards every parameter is bit-exactly what it was (adapters unmerged)."""
+    import torch
+
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    with torch.no_grad():
+        ref = lm(lm.embed(ids)).logits
+        with lm.merged_lora():
+            merged = {n: p.detach().clone() for n, p in lm.named_parameters()}
+            out = lm(lm.embed(ids)).logits
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    assert any(not torch.equal(merged[n], before[n]) for n in before if "base_layer" in n), "nothing merged"
+    for n, p in lm.named_parameters():  # bit-exact restore
+        assert torch.equal(p, before[n]), n

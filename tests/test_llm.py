@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import assert_merged_lora_exact
 from scene3d.constants import OBJ_PLACEHOLDER, SEG_TOKEN
 from scene3d.llm.loader import LLMConfig, load_llm, load_tokenizer
 from scene3d.llm.tiny import TinyLLMConfig, build_tiny_llm, save_tiny_llm
@@ -103,17 +104,8 @@ def test_merged_lora_is_exact_and_restores_weights(tiny_dir):
             if "lora_B" in n:
                 p.normal_(0, 0.05)  # non-zero adapters, so merging changes the base weights
     before = {n: p.detach().clone() for n, p in lm.named_parameters()}
-    ids = torch.tensor([[4, 9, lm.obj_token_ids[2], 30, lm.seg_token_id]])
     lm.eval()
-    with torch.no_grad():
-        ref = lm(lm.embed(ids)).logits
-        with lm.merged_lora():
-            merged_w = {n: p.detach().clone() for n, p in lm.named_parameters()}
-            out = lm(lm.embed(ids)).logits
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert any(not torch.equal(merged_w[n], before[n]) for n in before if "base_layer" in n), "nothing merged"
-    for n, p in lm.named_parameters():  # bit-exact restore, adapters unmerged
-        assert torch.equal(p, before[n]), n
+    assert_merged_lora_exact(lm, torch.tensor([[4, 9, lm.obj_token_ids[2], 30, lm.seg_token_id]]), tol=1e-5)
     from peft.tuners.lora import LoraLayer
 
     assert not any(m.merged for m in lm.modules() if isinstance(m, LoraLayer))

@@ -17,10 +17,10 @@ import os
 import pytest
 import torch
 
-from helpers import small_config
+from helpers import assert_merged_lora_exact, small_config
 from scene3d.constants import IGNORE_INDEX
 from scene3d.heads.mask_decoder import MaskDecoderConfig
-from scene3d.llm.loader import LLMConfig, load_llm, weights_fingerprint
+from scene3d.llm.loader import LLMConfig, fingerprint_tensor, load_llm, weights_fingerprint
 from scene3d.llm.registry import DEFAULT_MODEL, ModelNotFound, resolve_model_path
 from scene3d.models.referring import ReferringBatch, ReferringConfig, ReferringSegmenter, synthetic_scene
 from test_scene_cache import _assert_same, _naive_predict
@@ -192,16 +192,8 @@ def test_full_depth_generation_cached_equals_uncached(smollm2, scene):
 
 def test_merged_lora_inference_is_exact(model):
     lm = model.lm
-    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     ids = lm.tokenizer("the chair <OBJ003> [SEG]", return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        ref = lm(lm.embed(ids)).logits
-        with lm.merged_lora():
-            merged = {n: p.detach().clone() for n, p in lm.named_parameters()}
-            out = lm(lm.embed(ids)).logits
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert any(not torch.equal(merged[n], before[n]) for n in before if "base_layer" in n), "nothing merged"
-    assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters())  # bit-exact restore
+    assert_merged_lora_exact(lm, ids, tol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -248,7 +240,7 @@ def test_checkpoint_holds_adapters_new_rows_heads_and_base_fingerprint(smollm2, 
     with torch.no_grad():
         other.segmenter.lm.causal_lm.model.layers[0].mlp.down_proj.base_layer.weight.mul_(1.01)
     refreshed = weights_fingerprint(other.segmenter.lm.causal_lm)  # what a load of such a base would record
-    other.segmenter.lm.base_fingerprint.copy_(torch.tensor(list(bytes.fromhex(refreshed)), dtype=torch.uint8))
+    other.segmenter.lm.base_fingerprint.copy_(fingerprint_tensor(refreshed))
     with pytest.raises(ValueError, match="different base model"):
         other.load_trainable_state_dict(state)
 

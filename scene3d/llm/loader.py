@@ -182,6 +182,16 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def fingerprint_tensor(hexdigest: str) -> torch.Tensor:
+    """The checkpoint form of a fingerprint: its 32 bytes as a uint8 tensor (safetensors holds no strings)."""
+    return torch.tensor(list(bytes.fromhex(hexdigest)), dtype=torch.uint8)
+
+
+def fingerprint_hex(t: torch.Tensor) -> str:
+    """Inverse of :func:`fingerprint_tensor`."""
+    return bytes(t.tolist()).hex()
+
+
 class IdentifierLM(nn.Module):
     """A frozen causal LM + LoRA + trainable tables for the new tokens (see the module docstring)."""
 
@@ -193,7 +203,7 @@ class IdentifierLM(nn.Module):
         #: weights a checkpoint stores whole. Saved in checkpoints as the buffer ``base_fingerprint``.
         self.fingerprint = fingerprint
         if fingerprint is not None:
-            self.register_buffer("base_fingerprint", torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8))
+            self.register_buffer("base_fingerprint", fingerprint_tensor(fingerprint))
         n_base_rows = base.get_input_embeddings().weight.shape[0]
         hidden = base.get_input_embeddings().weight.shape[1]
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from scene3d.gating.adapter import GateConfig, LLMTokenGate
+from scene3d.llm.loader import fingerprint_hex
 from scene3d.models.referring import Prediction, ReferringBatch as ModelBatch, ReferringConfig, ReferringSegmenter, \
     SceneInputs
 from scene3d.structures.points import PointBatch
@@ -149,11 +150,11 @@ class Scene3DModel(nn.Module):
         own = self.state_dict()
         if FINGERPRINT_KEY in own:  # adapters only fit the base they were trained on
             theirs = state.get(FINGERPRINT_KEY)
-            mine = bytes(own[FINGERPRINT_KEY].tolist()).hex()
+            mine = fingerprint_hex(own[FINGERPRINT_KEY])
             if theirs is None:
                 raise ValueError("checkpoint has no base-model fingerprint: it was not trained on "
                                  f"{self.config.referring.llm.path!r}")
-            theirs = bytes(theirs.tolist()).hex()
+            theirs = fingerprint_hex(theirs)
             if theirs != mine:
                 raise ValueError(f"checkpoint was trained on a different base model than "
                                  f"{self.config.referring.llm.path!r} (base weights sha256 {theirs[:12]}... in the "
