@@ -47,6 +47,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from data_prep.refer import read_refer_jsonl
+from scene3d.data.scene import load_scene_arrays
 
 THRESHOLDS = (0.25, 0.5)
 
@@ -162,7 +163,7 @@ def points_box(coord: np.ndarray, mask: np.ndarray) -> Optional[Box]:
     """Axis-aligned box of ``coord[mask]``; None for an empty mask."""
     if not mask.any():
         return None
-    pts = coord[mask]
+    pts = np.asarray(coord[mask], dtype=np.float64)   # float64 boxes whatever the scene's dtype (module doc)
     return Box(pts.min(0), pts.max(0))
 
 
@@ -336,26 +337,6 @@ def read_predictions(path: str | Path) -> dict[tuple, dict]:
     return out
 
 
-class SceneArrays(NamedTuple):
-    coord: np.ndarray     # [N, 3] float
-    instance: np.ndarray  # [N] int, -1 unannotated
-
-
-def load_scene_arrays(processed_dir: str | Path, scene_id: str) -> SceneArrays:
-    d = Path(processed_dir) / scene_id
-    paths = {k: d / f"{k}.npy" for k in ("coord", "instance")}
-    for p in paths.values():
-        if not p.is_file():
-            raise FileNotFoundError(f"processed scene array not found: {p}")
-    coord = np.load(paths["coord"], allow_pickle=False)
-    instance = np.load(paths["instance"], allow_pickle=False)
-    if coord.ndim != 2 or coord.shape[1] != 3 or instance.shape != (coord.shape[0],):
-        raise ValueError(f"{d}: coord {coord.shape} and instance {instance.shape} do not match ([N,3], [N])")
-    if not np.isfinite(coord).all():
-        raise ValueError(f"{paths['coord']}: non-finite coordinates")
-    return SceneArrays(coord, instance)
-
-
 class Evaluation(NamedTuple):
     metrics: dict           # summarize() output
     per_sample: list        # [{"dataset", "scene_id", "ann_id", "iou", "box_iou", "box_f1@k", "mask_f1@k"}]
@@ -386,16 +367,17 @@ def evaluate_rows(predictions: Mapping[tuple, dict], gt_rows: Sequence[Mapping],
         by_scene.setdefault(r["scene_id"], []).append(i)
     scores: list = [None] * len(gt_rows)
     for sid in tqdm(sorted(by_scene), desc="eval scenes", disable=not progress, unit="scene"):
-        arr = load_scene_arrays(processed_dir, sid)
-        n = len(arr.coord)
-        present = set(np.unique(arr.instance).tolist())
+        arr = load_scene_arrays(Path(processed_dir) / sid, ("coord", "instance"))
+        coord, instance = arr["coord"], arr["instance"]
+        n = len(coord)
+        present = set(np.unique(instance).tolist())
         for i in by_scene[sid]:
             r = gt_rows[i]
             unknown = [t for t in r["targets"] if t not in present]
             if unknown:
                 raise ValueError(f"{sid} ann {r['ann_id']}: target objects {unknown} have no points in "
                                  f"{processed_dir}/{sid}/instance.npy")
-            gt = [arr.instance == t for t in r["targets"]]
+            gt = [instance == t for t in r["targets"]]
             p = predictions.get(_key(r))
             if p is None:
                 pred = []
@@ -405,8 +387,8 @@ def evaluate_rows(predictions: Mapping[tuple, dict], gt_rows: Sequence[Mapping],
                 bad = [o for o in p["pred_object_ids"] if not isinstance(o, int) or o not in present]
                 if bad:
                     raise ValueError(f"{p['_where']}: pred_object_ids {bad} are not objects of {sid}")
-                pred = [arr.instance == o for o in p["pred_object_ids"]]
-            scores[i] = score_sample(pred, gt, arr.coord, conventions)
+                pred = [instance == o for o in p["pred_object_ids"]]
+            scores[i] = score_sample(pred, gt, coord, conventions)
     groups = [sample_groups(r) for r in gt_rows]
     per_sample = [{"dataset": r["dataset"], "scene_id": r["scene_id"], "ann_id": r["ann_id"], "iou": s.iou,
                    "box_iou": s.box_iou, **{f"box_f1@{t}": v for t, v in s.box_f1.items()},

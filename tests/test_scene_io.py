@@ -13,6 +13,7 @@ from data_prep import scannet as sn
 from scene3d.data.exports import majority_per_instance, read_mmdet_export
 from scene3d.data.labels import CLASS_LABELS_200, VALID_CLASS_IDS_20
 from scene3d.data import SceneFormatError, load_processed_scene
+from scene3d.data.scene import load_scene_arrays
 
 from tests.test_prep_scannet import MMDET, tiny_scene, write_tsv
 
@@ -114,6 +115,33 @@ def test_pointcept_directory_with_its_dtypes(processed, tmp_path):
     np.save(pc / "color.npy", ours.color.astype(np.float64) + 0.5)
     with pytest.raises(SceneFormatError, match="color.npy.*non-integer"):
         load_processed_scene(pc)
+
+
+def test_load_scene_arrays_reads_what_load_processed_scene_reads(processed, tmp_path):
+    ours = load_processed_scene(processed)
+    got = load_scene_arrays(processed, ("coord", "instance"))
+    assert list(got) == ["coord", "instance"]
+    assert np.array_equal(got["coord"], ours.coord) and np.array_equal(got["instance"], ours.instance)
+    np.save(processed / "instance.npy", ours.instance.astype(np.int64))     # scene3d dirs: exact dtypes
+    with pytest.raises(SceneFormatError, match="instance.npy: dtype int64"):
+        load_scene_arrays(processed)
+    (processed / "meta.json").write_text(json.dumps({"format_version": -1}))
+    with pytest.raises(SceneFormatError, match="format_version"):
+        load_scene_arrays(processed)
+    pc = tmp_path / "pc" / "scene0001_00"        # a Pointcept dir with only the two arrays: cast where lossless
+    pc.mkdir(parents=True)
+    np.save(pc / "coord.npy", ours.coord.astype(np.float64))
+    np.save(pc / "instance.npy", ours.instance.astype(np.int64))
+    got = load_scene_arrays(pc)
+    assert got["instance"].dtype == np.int32 and np.array_equal(got["instance"], ours.instance)
+    np.save(pc / "instance.npy", np.full(len(ours.coord), -2))
+    with pytest.raises(SceneFormatError, match="instance.npy: values in"):
+        load_scene_arrays(pc)
+    (pc / "instance.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="instance.npy"):
+        load_scene_arrays(pc)
+    with pytest.raises(ValueError, match="unknown scene arrays"):
+        load_scene_arrays(pc, ("coords",))
 
 
 def test_majority_per_instance_matches_loop():

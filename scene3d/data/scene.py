@@ -95,13 +95,14 @@ class Scene:
         return {k: getattr(self, k) for k in ARRAY_SPECS if getattr(self, k) is not None}
 
 
-def validate_arrays(arrays: dict, files: dict, exact_dtype: bool = True) -> dict:
+def validate_arrays(arrays: dict, files: dict, exact_dtype: bool = True, required=REQUIRED) -> dict:
     """Check shapes, dtypes, ranges and finiteness; returns the arrays (cast when ``exact_dtype`` is False).
 
-    ``files`` maps each array name to the file it came from (used in error messages).
+    ``files`` maps each array name to the file it came from (used in error messages); ``required`` names the
+    arrays that must be present (``coord`` always is: it gives N).
     """
     out = {}
-    missing = [k for k in REQUIRED if arrays.get(k) is None]
+    missing = [k for k in dict.fromkeys(("coord", *required)) if arrays.get(k) is None]
     if missing:
         raise SceneFormatError(f"{', '.join(str(files.get(k, k)) for k in missing)}: missing required array(s) {missing}")
     n = arrays["coord"].shape[0] if arrays["coord"].ndim >= 1 else -1
@@ -185,7 +186,8 @@ def scene_from_dict(d: dict, source: str, files: Optional[dict] = None, exact_dt
     return Scene(scene_id=d["scene_id"], objects=objects, meta=d.get("meta", {}), source=source, **arrays)
 
 
-def _load_scene3d_dir(path: Path) -> Scene:
+def _read_meta(path: Path) -> dict:
+    """``meta.json`` of a scene3d processed directory, its format version checked."""
     meta_path = path / META_FILE
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -194,6 +196,11 @@ def _load_scene3d_dir(path: Path) -> Scene:
     if not isinstance(meta, dict) or meta.get("format_version") != PROCESSED_FORMAT_VERSION:
         got = meta.get("format_version") if isinstance(meta, dict) else None
         raise SceneFormatError(f"{meta_path}: format_version {got!r}, this code reads {PROCESSED_FORMAT_VERSION}")
+    return meta
+
+
+def _load_scene3d_dir(path: Path) -> Scene:
+    meta = _read_meta(path)
     files = {k: path / f for k, f in SCENE_ARRAYS.items()}
     files["objects"] = path / OBJECTS_FILE
     arrays = {k: load_npy(p) for k, p in files.items() if k != "objects"}
@@ -224,3 +231,32 @@ def load_processed_scene(path) -> Scene:
         d = read_mmdet_export(path)
         return scene_from_dict(d, "mmdet3d", d["meta"]["files"])
     raise FileNotFoundError(f"{path}: no processed scene directory or mmdet3d export (*_vert.npy) found")
+
+
+def load_scene_arrays(path, names=("coord", "instance")) -> dict:
+    """Only the per-point arrays ``names`` of a processed scene, ``{name: array}`` (what the metrics read).
+
+    The same sources, files and checks as :func:`load_processed_scene` (a scene3d directory's format version
+    and exact dtypes; a Pointcept directory's arrays cast where lossless; an mmdet3d export), without reading
+    the other arrays or building the objects. Every name must be present. Raises :class:`SceneFormatError`
+    naming the file, ``FileNotFoundError`` naming the first missing file.
+    """
+    path = Path(path)
+    unknown = [k for k in names if k not in SCENE_ARRAYS]
+    if unknown:
+        raise ValueError(f"unknown scene arrays {unknown}; known: {list(SCENE_ARRAYS)}")
+    if not path.is_dir() and find_mmdet_export(path) is not None:
+        scene = load_processed_scene(path)
+        missing = [k for k in names if getattr(scene, k) is None]
+        if missing:
+            raise SceneFormatError(f"{path}: the mmdet3d export has no {missing}")
+        return {k: getattr(scene, k) for k in names}
+    exact = (path / META_FILE).exists()
+    if exact:
+        _read_meta(path)
+    files = {k: path / SCENE_ARRAYS[k] for k in dict.fromkeys(("coord", *names))}
+    for p in files.values():
+        if not p.is_file():
+            raise FileNotFoundError(f"processed scene array not found: {p}")
+    arrays = validate_arrays({k: load_npy(p) for k, p in files.items()}, files, exact_dtype=exact, required=names)
+    return {k: arrays[k] for k in names}
