@@ -64,6 +64,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from scene3d.utils.io import write_json_atomic, write_text_atomic
+from scene3d.utils.text import plural
 
 DIST_MARGIN = 0.3          # metres between the closest (farthest) and the runner-up
 SIDE_MARGIN = 0.05         # metres of clear separation for left / right / front / behind
@@ -242,14 +243,6 @@ def is_clear(program: dict, objs: list[Obj]) -> bool:
 # ======================================================================================================
 # text
 # ======================================================================================================
-def plural(label: str) -> str:
-    if label.endswith("shelf"):
-        return label[:-1] + "ves"
-    if label.endswith(("s", "x", "ch", "sh")):
-        return label + "es"
-    return label + "s"
-
-
 def noun_phrase(spec: dict) -> str:
     return "the " + " ".join(w for w in (spec.get("color"), spec["label"]) if w)
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from scene3d.data.referring import ReferringDataset, read_jsonl
 from scene3d.data.scene import load_processed_scene
-from scene3d.llm.tiny import plural as _plural
 from scene3d.utils.io import expand_path
+from scene3d.utils.text import plural
 
 #: Dataset name of generated alignment rows (their ``dataset`` field).
 ALIGNMENT_DATASET = "alignment"
@@ -58,12 +58,12 @@ def alignment_rows(processed_dir, scene_ids: Sequence[str], negatives: int = 2,
     for sid, classes in per_scene.items():
         for label in sorted(classes):
             ids = classes[label]
-            add(sid, "all", label, f"all the {_plural(label)}", ids)
+            add(sid, "all", label, f"all the {plural(label)}", ids)
             if len(ids) == 1:
                 add(sid, "the", label, f"the {label}", ids)
         absent = [lab for lab in vocab if lab not in classes]
         for label in rng.permutation(absent)[: max(0, negatives)].tolist() if absent else []:
-            add(sid, "none", label, f"all the {_plural(label)}", [])
+            add(sid, "none", label, f"all the {plural(label)}", [])
     return rows
 
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from scene3d.utils.io import atomic_dir
+from scene3d.utils.text import plural
 
 #: Special tokens of the base vocabulary (ids 0..3).
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "<s>", "</s>"
@@ -53,18 +54,6 @@ _PROMPT = (
 )
 _DIGITS = " ".join(str(i) for i in range(10))
 _VIEWPOINTS = "looking towards toward north south east west viewpoint view seen from"
-
-
-def plural(word: str) -> str:
-    """English plural of a class name's last word, as the vocabulary spells it (``trash can`` -> ``trash cans``)."""
-    head, _, last = word.rpartition(" ")
-    if last.endswith(("s", "x", "ch", "sh")):
-        last += "es"
-    elif last.endswith("f"):
-        last = last[:-1] + "ves"
-    else:
-        last += "s"
-    return f"{head} {last}" if head else last
 
 
 def tiny_vocabulary() -> list[str]:
