@@ -93,7 +93,12 @@ class SceneLoadError(ValueError):
 # ------------------------------------------------------------------------------------------------ scene data
 @dataclass(frozen=True, eq=False)
 class SceneData:
-    """One scene ready for :meth:`Segmenter.segment` (see the module docstring for the fields)."""
+    """One scene ready for :meth:`Segmenter.segment` (see the module docstring for the fields).
+
+    Kept apart from :class:`~scene3d.data.scene.Scene` (a validated processed scene on disk, with objects,
+    segment labels and meta): this is the user's in-memory input from any source (a mesh, a point cloud, bare
+    arrays), so colours and instances may be absent, arrays are read-only, and it records ``path`` / ``labels``.
+    """
 
     coord: np.ndarray
     color: Optional[np.ndarray] = None
