@@ -591,12 +591,13 @@ class Segmenter:
         from scene3d.llm.prompt import text_token_ids, unknown_words  # loads with a model, not on import
 
         cap = self.model.segmenter.config.prompt.max_text_tokens
-        dropped = [text_token_ids(self.model.segmenter.tokenizer, t.strip(), cap, warn=False).dropped for t in texts]
-        unknown = [unknown_words(self.model.segmenter.tokenizer, t) for t in texts]
+        text_tokenizer = self.model.segmenter.tokenizer
+        dropped = [text_token_ids(text_tokenizer, t.strip(), cap, warn=False).dropped for t in texts]
+        unknown = [unknown_words(text_tokenizer, t) for t in texts]
         for t, u in zip(texts, unknown):
             if u:
                 warnings.warn(f"query {t!r}: the model's tokenizer does not know {', '.join(map(repr, u))} "
-                              f"(read as {self.model.segmenter.tokenizer.unk_token}); the answer ignores "
+                              f"(read as {text_tokenizer.unk_token}); the answer ignores "
                               f"{'them' if len(u) > 1 else 'it'}", UnknownWordsWarning, stacklevel=2)
         enc = self.encode(scene, proposals)
         preds = self.model.segmenter.predict(enc.inputs, [t.strip() for t in texts], use_cache=True)

@@ -34,22 +34,22 @@ class CheckpointEval(NamedTuple):
     checkpoint: Path
 
 
-def text_report(tokenizer, rows: Sequence[Mapping], max_tokens: int) -> dict:
+def text_report(text_tokenizer, rows: Sequence[Mapping], max_tokens: int) -> dict:
     """How the model's tokenizer reads the rows' texts: rows with words it maps to its unknown token (and the
     most frequent such words), rows cut at ``max_tokens``. Warns (one line each) when either is non-zero, so a
     vocabulary that cannot read the data never passes silently."""
     words: Counter = Counter()
     unknown_rows = cut_rows = 0
     for r in rows:
-        u = unknown_words(tokenizer, r["text"])
+        u = unknown_words(text_tokenizer, r["text"])
         if u:
             unknown_rows += 1
             words.update(u)
-        cut_rows += text_token_ids(tokenizer, r["text"], max_tokens, warn=False).dropped > 0
+        cut_rows += text_token_ids(text_tokenizer, r["text"], max_tokens, warn=False).dropped > 0
     top = [w for w, _ in words.most_common(10)]
     if unknown_rows:
         warnings.warn(f"{unknown_rows} of {len(rows)} referring texts hold words the model's tokenizer reads as "
-                      f"{tokenizer.unk_token} (most frequent: {', '.join(top)}); a pretrained LLM (llm=smollm2) "
+                      f"{text_tokenizer.unk_token} (most frequent: {', '.join(top)}); a pretrained LLM (llm=smollm2) "
                       "reads every word", stacklevel=2)
     if cut_rows:
         warnings.warn(f"{cut_rows} of {len(rows)} referring texts are longer than prompt.max_text_tokens="

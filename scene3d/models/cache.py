@@ -40,7 +40,7 @@ class SceneCache:
         if scene.batch_size != 1:
             raise ValueError(f"SceneCache takes one scene, got {scene.batch_size}")
         self._lm = model.lm
-        self._tokenizer = model.tokenizer
+        self._text_tokenizer = model.tokenizer
         self._prompt_config = model.config.prompt
         q = model.config.prompt.question_prefix
         self.head_ids = torch.tensor(model.tokenizer(q, add_special_tokens=False)["input_ids"] if q else [],
@@ -58,7 +58,7 @@ class SceneCache:
 
     def query_tail(self, text: str) -> torch.Tensor:
         """Ids of the question ``text`` that follow the cached head (:func:`build_query` minus the head)."""
-        q = build_query(self._tokenizer, text, self._prompt_config)
+        q = build_query(self._text_tokenizer, text, self._prompt_config)
         h = self.head_ids.numel()
         if not torch.equal(q[:h], self.head_ids):
             raise RuntimeError("build_query no longer starts with the tokenized question_prefix; the scene "

@@ -2,6 +2,10 @@
 
 The octree codec lives in :mod:`scene3d.tokenizer.octree`; its encoder (:mod:`scene3d.tokenizer.geometry`)
 is re-exported here.
+
+The package is the 3D *object* tokenizer; the name stays (not ``object_tokenizer``) because the config group
+``tokenizer`` and the checkpoint keys ``tokenizer3d.*`` spell it so. The LLM's text tokenizer is called
+``text_tokenizer`` where both meet.
 """
 
 from scene3d.tokenizer.backbone import BackboneConfig, SparseUNet
