@@ -4,7 +4,7 @@
 the ``model.gate`` config node (``PipelineConfig.gate``).
 
 :class:`~scene3d.models.referring.ReferringSegmenter` calls ``gate(tokens: ObjectTokens, query [B, H])`` and
-expects ``GateSelection(kept_index, feat)``. :class:`LLMTokenGate` scores every object token against the
+expects ``GateSelection(kept_index, feat)``. :class:`ObjectTokenGate` scores every object token against the
 pooled query embedding with :class:`~scene3d.gating.module.TokenGate`, keeps the top ones per scene with the
 ``scene3d::token_gate`` op and returns the kept rows with their gated (score-scaled) features. In training
 the keep ratio is annealed with a step counter that lives in a buffer, so it is checkpointed and a resumed
@@ -53,7 +53,7 @@ class GateConfig:
                                anneal_start=1.0, anneal_end=self.keep_ratio, anneal_steps=self.anneal_steps)
 
 
-class LLMTokenGate(nn.Module):
+class ObjectTokenGate(nn.Module):
     def __init__(self, obj_dim: int, query_dim: int, config: GateConfig) -> None:
         super().__init__()
         self.gate = TokenGate(config.token_gate_config(obj_dim, query_dim))

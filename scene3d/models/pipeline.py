@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from scene3d.gating.adapter import GateConfig, LLMTokenGate
+from scene3d.gating.adapter import GateConfig, ObjectTokenGate
 from scene3d.llm.loader import fingerprint_hex
 from scene3d.models.referring import Prediction, ReferringBatch as ModelBatch, ReferringConfig, ReferringSegmenter, \
     SceneInputs
@@ -67,7 +67,7 @@ def class_code(label: str) -> int:
 def build_gate(cfg: PipelineConfig, llm_dim: int):
     if not cfg.gate.enabled:
         return None
-    return LLMTokenGate(obj_dim=cfg.tokenizer.out_dim, query_dim=llm_dim, config=cfg.gate)
+    return ObjectTokenGate(obj_dim=cfg.tokenizer.out_dim, query_dim=llm_dim, config=cfg.gate)
 
 
 class Scene3DModel(nn.Module):
