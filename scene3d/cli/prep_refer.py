@@ -1,5 +1,8 @@
 """`scene3d prep refer --dataset {scanrefer,multi3drefer,nr3d,sr3d} SRC --out OUT.jsonl [--processed DIR]
-[--labels TSV]`: a referring dataset -> referring-sample jsonl (row format: data_prep/refer.py)."""
+[--labels TSV]`: a referring dataset -> referring-sample jsonl (row format: data_prep/refer.py).
+
+`scene3d prep refer --dataset generated --processed DIR --out OUT.jsonl [--scenes ID ...] [--seed N]
+[--per-op N]`: expressions generated on the annotated scenes of DIR (no SRC; data_prep/real_refer.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +11,17 @@ from pathlib import Path
 
 from data_prep import refer
 from data_prep.refer import DATASETS
+from data_prep.synth_refer import MAX_PER_OP
+
+GENERATED = "generated"
 
 
 def add_parser(sub, name, help_):
     p = sub.add_parser(name, help=help_, description=help_)
-    p.add_argument("src", type=Path, help="ScanRefer / Multi3DRefer json, or Nr3D / Sr3D csv")
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="format of SRC")
+    p.add_argument("src", type=Path, nargs="?", default=None,
+                   help="ScanRefer / Multi3DRefer json, or Nr3D / Sr3D csv (none with --dataset generated)")
+    p.add_argument("--dataset", required=True, choices=DATASETS + (GENERATED,),
+                   help=f"format of SRC; {GENERATED}: expressions generated on the annotated scenes of --processed")
     p.add_argument("--out", required=True, type=Path, help="output jsonl (written atomically)")
     p.add_argument("--processed", type=Path, default=None,
                    help="processed scenes: rows whose scene or objects are missing there are reported and dropped")
@@ -23,6 +31,11 @@ def add_parser(sub, name, help_):
                    help="scanrefer (default): count a target's class among the objects SRC describes, as "
                         "ScanRefer does (exact for the full split files); processed: among all objects of "
                         "the processed scene (approximation for subsets; needs --processed)")
+    p.add_argument("--scenes", nargs="+", metavar="ID", default=None,
+                   help=f"{GENERATED}: only these scenes of --processed (default: all)")
+    p.add_argument("--seed", type=int, default=0, help=f"{GENERATED}: sampling seed (default 0)")
+    p.add_argument("--per-op", type=int, default=None, metavar="N",
+                   help=f"{GENERATED}: expressions per (op, kind) and scene (default {MAX_PER_OP})")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(_accepts_overrides=False)
     return p
@@ -33,6 +46,12 @@ def run(args) -> int:
     progress = not args.no_progress
     if args.processed is not None and not args.processed.is_dir():
         raise SystemExit(f"scene3d prep refer: error: --processed {args.processed}: not a directory")
+    if args.dataset == GENERATED:
+        return _run_generated(args, progress)
+    if args.src is None:
+        raise SystemExit(f"scene3d prep refer: error: SRC (the {args.dataset} file) is required")
+    if args.scenes is not None or args.per_op is not None:
+        raise SystemExit(f"scene3d prep refer: error: --scenes / --per-op are for --dataset {GENERATED} only")
     if args.dataset == "scanrefer":
         if args.labels is None:
             raise SystemExit("scene3d prep refer: error: --labels TSV is required for --dataset scanrefer "
@@ -63,4 +82,28 @@ def run(args) -> int:
             print(f"dropped {len(report.dropped)} rows: {reasons}")
     n = refer.write_refer_jsonl(rows, args.out)
     print(f"wrote {n} {args.dataset} rows to {args.out}")
+    return 0
+
+
+def _run_generated(args, progress: bool) -> int:
+    from data_prep import real_refer  # lazy: only this mode needs it
+
+    if args.src is not None:
+        raise SystemExit(f"scene3d prep refer: error: --dataset {GENERATED} takes no SRC ({args.src}); it reads "
+                         "the scenes of --processed DIR")
+    if args.processed is None:
+        raise SystemExit(f"scene3d prep refer: error: --dataset {GENERATED} needs --processed DIR (annotated scenes)")
+    per_op = MAX_PER_OP if args.per_op is None else args.per_op
+    if per_op < 1:
+        raise SystemExit(f"scene3d prep refer: error: --per-op must be >= 1, got {per_op}")
+    try:
+        rep = real_refer.generate_rows(args.processed, args.scenes, seed=args.seed, max_per_op=per_op,
+                                       progress=progress)
+    except (FileNotFoundError, ValueError) as e:  # RealSceneError is a ValueError naming the scene
+        raise SystemExit(f"scene3d prep refer: error: {e}; {args.out} not written") from None
+    n = refer.write_refer_jsonl(rep.rows, args.out)
+    skipped = sum(rep.skipped_objects.values())
+    note = f"; {skipped} objects without a box or with < {real_refer.MIN_POINTS} points left out" if skipped else ""
+    print(f"wrote {n} {GENERATED} rows of {len(rep.per_scene)} scenes to {args.out} "
+          f"({rep.seconds / len(rep.per_scene):.2f} s per scene{note})")
     return 0
