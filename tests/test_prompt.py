@@ -5,8 +5,8 @@ import torch
 
 from scene3d.constants import IGNORE_INDEX, OBJ_PLACEHOLDER, SEG_TOKEN
 from scene3d.llm.loader import identifier_tokens
-from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, build_prompt, identifier_permutation, parse_answer,
-                                select_objects)
+from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, build_prompt, identifier_permutation,
+                                keep_largest_objects, parse_answer)
 from scene3d.llm.tiny import build_tiny_tokenizer
 
 K = 12
@@ -97,12 +97,12 @@ def test_parse_unknown_and_after_seg(tv):
 def test_overflow_rules(tv):
     tok, v = tv
     with pytest.raises(ValueError, match="identifiers"):
-        select_objects(K + 1, K)
+        keep_largest_objects(K + 1, K)
     with pytest.raises(ValueError):
         build_prompt(tok, v, K + 1, "a chair", targets=[0])
     prio = torch.tensor([5.0, 1.0, 9.0, 1.0, 7.0])
-    assert select_objects(5, 3, prio).tolist() == [0, 2, 4]
-    assert select_objects(5, 4, prio).tolist() == [0, 1, 2, 4]  # tie at 1.0: lower index wins
+    assert keep_largest_objects(5, 3, prio).tolist() == [0, 2, 4]
+    assert keep_largest_objects(5, 4, prio).tolist() == [0, 1, 2, 4]  # tie at 1.0: lower index wins
     # targets outside `keep` are not named
     p = build_prompt(tok, v, 5, "a chair", targets=[1, 2], keep=torch.tensor([0, 2]))
     parsed = parse_answer(p.input_ids[p.answer_start:].tolist(), v, p.slot_of_object)

@@ -15,7 +15,7 @@ same ids whatever question follows — the scene cache relies on it)::
   identifier changes.
 * The answer names the targets' identifiers in increasing order and always ends with ``[SEG]``; zero
   targets answer ``none [SEG]``.
-* More objects than ``K``: :func:`select_objects` raises, or keeps the ``K`` with the highest priority
+* More objects than ``K``: :func:`keep_largest_objects` raises, or keeps the ``K`` with the highest priority
   (documented top-K rule; the model passes point counts).
 
 Only the answer carries labels; the prompt, identifiers and placeholders of the prefix are ``IGNORE_INDEX``.
@@ -183,11 +183,11 @@ def _tok(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def select_objects(num_objects: int, k: int, priority: Optional[torch.Tensor] = None) -> torch.Tensor:
+def keep_largest_objects(num_objects: int, k: int, priority: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Local indices (sorted) of the objects that get identifiers: all when ``num_objects <= k``.
 
-    Above ``k`` the ``k`` objects of highest ``priority [num_objects]`` are kept (ties broken by lower
-    index); without ``priority`` it raises ``ValueError``.
+    Above ``k`` the ``k`` objects of highest ``priority [num_objects]`` (the model passes point counts, so the
+    largest) are kept, ties broken by lower index; without ``priority`` it raises ``ValueError``.
     """
     if num_objects < 0:
         raise ValueError(f"num_objects must be >= 0, got {num_objects}")
@@ -201,6 +201,10 @@ def select_objects(num_objects: int, k: int, priority: Optional[torch.Tensor] = 
     # stable sort on -priority keeps lower indices first among ties
     order = torch.sort(-priority.double(), stable=True).indices[:k]
     return torch.sort(order).values
+
+
+#: Temporary old name, imported by models/referring.py until its owner switches to keep_largest_objects.
+select_objects = keep_largest_objects
 
 
 def identifier_permutation(num_objects: int, k: int, seed: Optional[int] = None) -> torch.Tensor:
@@ -259,7 +263,7 @@ def build_prompt(tokenizer, vocab: IdentifierVocab, num_objects: int, text: str,
     """Tokenize one sample.
 
     ``targets`` are local object indices (``None``: no answer, for inference); ``keep`` the local indices of
-    objects that get identifiers (default all; see :func:`select_objects`); ``seed`` shuffles identifiers
+    objects that get identifiers (default all; see :func:`keep_largest_objects`); ``seed`` shuffles identifiers
     (``None``: identity). Targets not in ``keep`` cannot be named and are left out of the answer.
     """
     keep = torch.arange(num_objects) if keep is None else torch.as_tensor(keep, dtype=torch.long)
