@@ -12,6 +12,9 @@
       synth_layout.json                                          per scene: objects with aligned boxes, colours,
                                                                  support relations (ground truth for the
                                                                  synthetic referring expressions)
+      referring/                                                 synthetic referring expressions
+                                                                 (data_prep.synth_refer) and their val
+                                                                 paraphrase split (data_prep.paraphrase)
 
 Rooms have a floor and walls (split into several wall objects as ScanNet annotates them), a door and a
 window, and furniture groups of real ScanNet raw categories whose relations later become words: chairs
@@ -561,7 +564,11 @@ def generate_dataset(out_dir, num_scenes: int = 4, seed: int = 0, preset: str = 
 
 
 def _write_referring(out_dir: Path, layout: dict, seed: int) -> dict:
-    """Synthetic referring expressions for the scenes (data_prep.synth_refer)."""
+    """Synthetic referring expressions for the scenes (data_prep.synth_refer), then the paraphrase split of
+    the val programs (data_prep.paraphrase; it only reads the regular files)."""
+    from data_prep.paraphrase import write_paraphrase_files
     from data_prep.synth_refer import write_referring_files
 
-    return dict(write_referring_files(out_dir, layout, seed))
+    files = dict(write_referring_files(out_dir, layout, seed))
+    files.update(write_paraphrase_files(out_dir, layout, seed))
+    return files

@@ -8,6 +8,10 @@ preprocessing tools (``scene3d synth`` -> ``scene3d prep scannet`` -> ``scene3d 
     root/processed/      <scene_id>/coord.npy ... (DESIGN.md processed scenes)
     root/refer/          {train,val}.jsonl  -- Multi3DRefer-format rows (zero / one / many targets)
                          scanrefer_{train,val}.jsonl, sr3d.jsonl
+                         val_paraphrase.jsonl, scanrefer_val_paraphrase.jsonl -- the val rows re-worded as
+                         real annotators word them (data_prep.paraphrase; dataset "multi3drefer_paraphrase" /
+                         "scanrefer_paraphrase"; same ann_id, targets and program as their twins in val.jsonl /
+                         scanrefer_val.jsonl); evaluate with ``data.val=<root>/refer/val_paraphrase.jsonl``
     root/READY.json      what was made (written last: a directory without it is incomplete and is redone)
 
 Running it again with the same arguments reuses a complete ``root``. :func:`prepare_data` does this for a data
@@ -43,7 +47,8 @@ def prepare_synthetic(root, num_scenes: int = 8, seed: int = 0, preset: str = "t
     paths = _paths(root)
     if ready.exists():
         try:
-            if json.loads(ready.read_text()).get("args") == want and all(p.exists() for p in paths[1:5]):
+            if json.loads(ready.read_text()).get("args") == want and all(
+                    p.exists() for p in (*paths[1:5], *paths.extra.values())):  # older caches lack paraphrase
                 return paths
         except json.JSONDecodeError:
             pass
@@ -62,6 +67,10 @@ def prepare_synthetic(root, num_scenes: int = 8, seed: int = 0, preset: str = "t
         out[split] = refer.filter_against_processed(rows, processed).kept
         rows = refer.read_scanrefer(files[f"scanrefer_{split}"], raw2nyu)
         out[f"scanrefer_{split}"] = refer.filter_against_processed(rows, processed).kept
+    rows = refer.read_multi3drefer(files["multi3drefer_val_paraphrase"], dataset="multi3drefer_paraphrase")
+    out["val_paraphrase"] = refer.filter_against_processed(rows, processed).kept
+    rows = refer.read_scanrefer(files["scanrefer_val_paraphrase"], raw2nyu, dataset="scanrefer_paraphrase")
+    out["scanrefer_val_paraphrase"] = refer.filter_against_processed(rows, processed).kept
     out["sr3d"] = refer.filter_against_processed(refer.read_sr3d(files["sr3d"]), processed).kept
     for name, rows in out.items():
         refer.write_refer_jsonl(rows, root / "refer" / f"{name}.jsonl")
@@ -74,7 +83,8 @@ def _paths(root: Path) -> SyntheticData:
     refer_dir = root / "refer"
     return SyntheticData(root, root / "processed", refer_dir / "train.jsonl", refer_dir / "val.jsonl",
                          root / "raw" / "scannetv2-labels.combined.tsv",
-                         {n: refer_dir / f"{n}.jsonl" for n in ("scanrefer_train", "scanrefer_val", "sr3d")})
+                         {n: refer_dir / f"{n}.jsonl" for n in ("scanrefer_train", "scanrefer_val", "sr3d",
+                                                                "val_paraphrase", "scanrefer_val_paraphrase")})
 
 
 def prepare_data(data) -> None:

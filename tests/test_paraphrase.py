@@ -1,0 +1,219 @@
+"""data_prep.paraphrase: the val programs re-worded; training never sees the split's words or frames, every
+row keeps its twin's targets and program, the regular files do not change, the wording is counted in the
+real annotations."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from data_prep import paraphrase as P
+from data_prep import synth_refer as S
+from data_prep.synthetic import prepare_synthetic
+from scene3d.data.assembly import alignment_rows
+from scene3d.data.referring import read_jsonl
+from scene3d.llm.prompt import PromptConfig
+
+COMPASS = ("north", "south", "east", "west")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return prepare_synthetic(tmp_path_factory.mktemp("parabench"), num_scenes=6, seed=2, progress=False)
+
+
+def _layout(bench) -> dict:
+    return json.loads((bench.root / "raw" / "synth_layout.json").read_text())
+
+
+def training_texts(bench) -> list[str]:
+    """Every text training reads: the train split of each file, the Sr3D rows of train scenes, the stage-1
+    alignment rows of the train scenes."""
+    layout = _layout(bench)
+    train_scenes = sorted(s for s, v in layout["scenes"].items() if v["split"] == "train")
+    rows = read_jsonl(bench.train) + read_jsonl(bench.extra["scanrefer_train"])
+    rows += [r for r in read_jsonl(bench.extra["sr3d"]) if r["scene_id"] in train_scenes]
+    rows += alignment_rows(bench.processed, train_scenes)
+    assert rows
+    return [r["text"] for r in rows]
+
+
+def words(text: str) -> set[str]:
+    return set(P.wording_words(text))
+
+
+def frame(text: str, layout: dict) -> str:
+    """The text with every class name (and synonym, and plurals), colour and compass word replaced: what is
+    left is the frame (the words around the slots)."""
+    labels = {o["label"] for s in layout["scenes"].values() for o in s["objects"]}
+    colors = {o["color_name"] for s in layout["scenes"].values() for o in s["objects"]}
+    nouns = labels | {w for syn in P.SYNONYMS.values() for w in syn}
+    nouns |= {S.plural(n) for n in nouns}
+    out = " " + " ".join(S.tokenize(text)) + " "
+    for n in sorted(nouns, key=len, reverse=True):
+        out = out.replace(f" {n} ", " <N> ")
+    for w in (*colors, *COMPASS):
+        out = re.sub(rf"\b{w}\b", "<W>", out)
+    return out.strip()
+
+
+def pairs(bench):
+    """(regular row, paraphrase row) twins of both files, matched by (scene, ann_id)."""
+    out = []
+    for reg, para in (("val", "val_paraphrase"), ("scanrefer_val", "scanrefer_val_paraphrase")):
+        regular = {(r["scene_id"], r["ann_id"]): r for r in read_jsonl(getattr(bench, reg, None)
+                                                                        or bench.extra[reg])}
+        rows = read_jsonl(bench.extra[para])
+        assert rows and len(rows) == len(regular)
+        for r in rows:
+            out.append((regular[(r["scene_id"], r["ann_id"])], r))
+    return out
+
+
+def test_twins_keep_targets_and_program_and_differ_in_wording(bench):
+    layout = _layout(bench)
+    for reg, para in pairs(bench):
+        assert para["targets"] == reg["targets"] and para["program"] == reg["program"]
+        assert para["eval_type"] == reg["eval_type"] and para["unique"] == reg["unique"]
+        objs = S.scene_objects(layout["scenes"][para["scene_id"]])
+        assert S.evaluate(para["program"], objs) == para["targets"]
+        assert para["text"] != reg["text"]
+        assert frame(para["text"], layout) != frame(reg["text"], layout)
+        assert para["dataset"] == reg["dataset"] + "_paraphrase"
+        assert layout["scenes"][para["scene_id"]]["split"] == "val"
+
+
+def test_training_never_sees_the_paraphrase_words_or_frames(bench):
+    layout = _layout(bench)
+    texts = training_texts(bench)
+    seen = set().union(*(words(t) for t in texts))
+    joined = [" " + " ".join(S.tokenize(t)) + " " for t in texts]
+    train_frames = {frame(t, layout) for t in texts}
+
+    def in_training(phrase: str) -> bool:
+        p = " " + " ".join(S.tokenize(phrase)) + " "
+        return any(p in t for t in joined)
+
+    # the split's own vocabulary: synonyms, relation phrases, sizes, verbs, openings, the viewpoint words
+    for label, syns in P.SYNONYMS.items():
+        for syn in syns:
+            assert not in_training(syn), (label, syn)
+    for op, phrases in P.RELATIONS.items():
+        for phrase in phrases:
+            assert not in_training(phrase), (op, phrase)
+    for w in (*[s for v in P.SIZES.values() for s in v], *P.VERBS, "facing", "wall", "is", "are", "that",
+              "there", "they", "it", "this"):
+        assert w not in seen, w
+    for opening in P.OPENINGS:
+        assert not in_training(opening)
+    # the verbs are not in the prompt either ("find" is, so the split does not use it)
+    prompt = PromptConfig()
+    assert not set(P.VERBS) & words(" ".join([prompt.system, prompt.question_prefix, prompt.chat_question]))
+    rows = [p for _, p in pairs(bench)]
+    for r in rows:
+        assert words(r["text"]) - seen, r["text"]  # every row holds a word training never saw
+        assert frame(r["text"], layout) not in train_frames, r["text"]
+    # a label with synonyms is always written as one of them
+    for r in rows:
+        text = " " + " ".join(S.tokenize(r["text"])) + " "
+        for label, syns in P.SYNONYMS.items():
+            for syn in sorted(syns, key=len, reverse=True):
+                text = text.replace(f" {syn} ", " _ ").replace(f" {S.plural(syn)} ", " _ ")
+            assert f" {label} " not in text and f" {S.plural(label)} " not in text, r["text"]
+
+
+def test_split_covers_every_op_and_synonyms(bench):
+    rows = [p for _, p in pairs(bench)]
+    ops = {r["program"]["op"] for r in rows}
+    assert {"attr", "closest", "farthest", "near"} <= ops
+    used = " ".join(r["text"] for r in rows)
+    assert sum(any(re.search(rf"\b{s}\b", used) for s in syns) for syns in P.SYNONYMS.values()) >= 3
+    assert {0, 1} <= {min(len(r["targets"]), 2) for r in rows}
+
+
+def test_same_program_same_text_in_both_files(bench):
+    multi = {(r["scene_id"], json.dumps(r["program"], sort_keys=True)): r["text"]
+             for r in read_jsonl(bench.extra["val_paraphrase"])}
+    sr = read_jsonl(bench.extra["scanrefer_val_paraphrase"])
+    assert sr
+    for r in sr:
+        assert multi[(r["scene_id"], json.dumps(r["program"], sort_keys=True))] == r["text"]
+
+
+def test_raw_files_marked_and_regular_files_unchanged(bench, tmp_path):
+    raw = bench.root / "raw"
+    ref = raw / "referring"
+    layout = _layout(bench)
+    for name in P.PARAPHRASE_FILES.values():
+        rows = json.loads((ref / name).read_text())
+        assert rows and all(r["wording"] == "paraphrase" for r in rows)
+        regular = json.loads((ref / name.replace("_paraphrase", "")).read_text())
+        assert all("wording" not in r for r in regular)
+        if "token" in rows[0]:
+            assert all(r["token"] == S.tokenize(r["description"]) for r in rows)
+    # the regular files written alone (no paraphrase writer) have the same bytes
+    alone = S.write_referring_files(tmp_path / "alone", layout, layout["seed"])
+    for path in alone.values():
+        assert path.read_bytes() == (ref / path.name).read_bytes(), path.name
+    # and writing the split again gives the same bytes
+    again = P.write_paraphrase_files(tmp_path / "alone", layout)
+    for path in again.values():
+        assert path.read_bytes() == (ref / path.name).read_bytes(), path.name
+
+
+def test_wrong_targets_and_missing_files_are_errors(bench, tmp_path):
+    layout = _layout(bench)
+    with pytest.raises(ValueError, match="regular val file missing"):
+        P.write_paraphrase_files(tmp_path / "empty", layout)
+    shutil.copytree(bench.root / "raw" / "referring", tmp_path / "r" / "referring")
+    path = tmp_path / "r" / "referring" / "synth_multi3drefer_val.json"
+    rows = json.loads(path.read_text())
+    i = next(i for i, r in enumerate(rows) if r["object_ids"])
+    rows[i]["object_ids"] = [9999]
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=rf"synth_multi3drefer_val.json row {i} .*9999"):
+        P.write_paraphrase_files(tmp_path / "r", layout)
+
+
+def test_render_paraphrase_per_op():
+    rng = P.program_rng(0, "scene5000_00", {"op": "attr"})
+    anchor = {"label": "sofa", "color": None}
+    progs = [{"op": "attr", "label": "trash can", "color": "red", "size": "large", "all": False},
+             {"op": "attr", "label": "chair", "color": "red", "size": None, "all": True},
+             {"op": "closest", "label": "chair", "anchor": anchor},
+             {"op": "farthest", "label": "chair", "anchor": anchor},
+             {"op": "left", "label": "chair", "anchor": anchor, "view": "north"},
+             {"op": "between", "label": "chair", "anchors": [anchor, {"label": "desk", "color": "brown"}]},
+             {"op": "on", "label": "pillow", "anchor": {"label": "bed", "color": None}},
+             {"op": "near", "label": "chair", "anchor": anchor, "all": True}]
+    for p in progs:
+        for _ in range(8):
+            text = P.render_paraphrase(p, rng)
+            assert text != S.render(p)
+            toks = S.tokenize(text)
+            assert "sofa" not in toks and "closest" not in toks and "farthest" not in toks
+            if p["op"] == "left":
+                assert "facing the north wall, " in text and "left" in toks
+            if p.get("all"):
+                assert "chairs" in toks
+            if p["op"] == "between":
+                assert "brown desk" in text and "couch" in toks
+    assert P.render_paraphrase(progs[0], P.program_rng(1, "s", progs[0])) == \
+        P.render_paraphrase(progs[0], P.program_rng(1, "s", progs[0]))
+
+
+def test_wording_counted_in_the_real_annotations(real_data):
+    """The counts in the module doc are what the real files hold, and every phrase the split uses occurs there."""
+    counts = P.count_real_wordings(real_data)
+    assert counts == P.REAL_COUNTS
+    for label, syns in P.SYNONYMS.items():
+        assert all(counts["synonyms"][label][s] >= 1 for s in syns), label
+    found = {phrase: n for group in ("scanrefer", "nr3d") for phrase, n in counts[group].items()}
+    found.update({phrase: n for per_op in counts["sr3d"].values() for phrase, n in per_op.items()})
+    for phrase in [p for v in P.RELATIONS.values() for p in v] + [f"the {s}" for v in P.SIZES.values() for s in v]:
+        assert any(phrase.startswith(q) and n >= 1 for q, n in found.items()), phrase
+    for opening in P.OPENINGS:
+        assert found[opening + " a"] >= 1
