@@ -84,7 +84,10 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     language = text_report(loaded.model.segmenter.tokenizer, rows, loaded.model.segmenter.config.prompt.max_text_tokens)
     res = evaluate_model(loaded.model, split.processed_dir, rows, ev.mask, ev.strict, progress=ev.progress)
     ckpt = Path(loaded.path)
-    name = Path(ev.samples).stem if ev.samples else ev.split
+    src = ev.samples or (data.val if ev.split == "val" else data.train)
+    # the paraphrase split (data.val=<synthetic root>/refer/val_paraphrase.jsonl) is named after its file, so
+    # its default out_dir and metrics.json "split" never collide with the template split's
+    name = Path(str(src)).stem if ev.samples or Path(str(src)).stem.endswith("_paraphrase") else ev.split
     out_dir = expand_path(obj.out_dir) if obj.out_dir else ckpt.parent.parent / "eval" / f"{name}_step{loaded.step}"
     pred_path, metrics_path = out_dir / "predictions.jsonl", out_dir / "metrics.json"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -204,3 +204,26 @@ def test_python_m_scene3d_train_from_another_directory(cache, tmp_path):
     (run,) = list((tmp_path / "runs" / "synthetic_cpu").iterdir())
     assert (run / "checkpoints" / "step_00000001" / "model.safetensors").exists()
     assert f"trained to step 1: {Path('runs') / 'synthetic_cpu' / run.name}" in res.stdout
+
+
+def test_eval_checkpoint_on_the_paraphrase_split(run4, cache, tmp_path):
+    """`scene3d eval CKPT data=synthetic ... data.val=<root>/refer/val_paraphrase.jsonl` (README) scores the
+    paraphrase twins of the val rows: the same rows, targets and programs, other words."""
+    out = tmp_path / "para"
+    syn = [f"data.synthetic.num_scenes={SYN['num_scenes']}", f"data.synthetic.val_fraction={SYN['val_fraction']}"]
+    assert cli(["eval", str(run4), "data=synthetic", *syn, "data.val=${data.synthetic.root}/refer/val_paraphrase.jsonl",
+                f"out_dir={out}", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    _, refer = data_paths(cache)
+    val = [json.loads(x) for x in (refer / "val.jsonl").read_text().splitlines() if x.strip()]
+    para = [json.loads(x) for x in (refer / "val_paraphrase.jsonl").read_text().splitlines() if x.strip()]
+    assert metrics["num_samples"] == len(para) == len(val) > 0
+    assert {p["dataset"] for p in metrics["per_sample"]} == {"multi3drefer_paraphrase"}
+    assert [(r["scene_id"], r["ann_id"], r["targets"]) for r in para] == [
+        (r["scene_id"], r["ann_id"], r["targets"]) for r in val]
+    assert all(a["text"] != b["text"] for a, b in zip(para, val))
+    assert metrics["split"] == "val_paraphrase"
+    # the default output dir is named after the split's file, not "val" (no clash with the template split)
+    assert cli(["eval", str(run4), "data=synthetic", *syn, "data.val=${data.synthetic.root}/refer/val_paraphrase.jsonl",
+                "eval.max_samples=2", "--no-progress"]) == 0
+    assert (run4 / "eval" / "val_paraphrase_step4" / "metrics.json").is_file()
