@@ -52,8 +52,14 @@ def test_only_trainable_parts_are_saved_and_restore_predictions(data):
     a = model.predict(pts, ["the chair"])[0]
     b = other.predict(pts, ["the chair"])[0]
     assert torch.equal(a.point_mask, b.point_mask) and torch.allclose(a.obj_scores, b.obj_scores)
-    with pytest.raises(ValueError, match="does not"):
+    with pytest.raises(ValueError, match=r"unexpected \['bogus.weight'\]"):
         other.load_trainable_state_dict({**state, "bogus.weight": torch.zeros(1)})
+    fresh = Scene3DModel(small_config())
+    before = {k: v.clone() for k, v in fresh.trainable_state_dict().items()}
+    key = next(k for k in state if k.startswith("segmenter.decoder."))
+    with pytest.raises(ValueError, match=f"missing \\['{key}'\\]"):       # nothing is loaded then
+        fresh.load_trainable_state_dict({k: v for k, v in state.items() if k != key})
+    assert all(torch.equal(v, fresh.trainable_state_dict()[k]) for k, v in before.items())
 
 
 def test_predict_shapes_and_one_scene_only(data):

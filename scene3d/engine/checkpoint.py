@@ -37,7 +37,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -222,36 +222,52 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model.trainable_state_dict()`` if defined, else parameters with ``requires_grad`` + persistent buffers."""
-    model = _unwrap(model)
-    if hasattr(model, "trainable_state_dict"):
-        return dict(model.trainable_state_dict())
+def select_trainable(model: torch.nn.Module, buffer: Callable[[str, set], bool] | None = None,
+                     also: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The one rule for what a checkpoint stores: every parameter with ``requires_grad``, the persistent
+    buffers that ``buffer(key, trainable_names)`` accepts (default: all of them) and the keys ``also`` accepts.
+    A model's ``trainable_state_dict()`` hook calls it with its own ``buffer`` / ``also``."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n for n, _ in model.named_buffers()}
-    return {k: v for k, v in model.state_dict().items() if k in trainable or k in buffers}
+    return {k: v for k, v in model.state_dict().items()
+            if k in trainable or (k in buffers and (buffer is None or buffer(k, trainable)))
+            or (also is not None and also(k))}
 
 
-def load_trainable_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "") -> None:
-    """Load weights saved by :func:`trainable_state_dict`; every expected key must be present, none extra."""
-    model = _unwrap(model)
+def load_selected(model: torch.nn.Module, state: Mapping[str, torch.Tensor], expected: set, source: str = "") -> None:
+    """Load ``state`` into ``model`` after checking it: every ``expected`` key present, none the model lacks,
+    every shape the model's. Nothing is loaded when a check fails (:class:`CheckpointError`)."""
     where = f" from {source}" if source else ""
-    if hasattr(model, "load_trainable_state_dict"):
-        model.load_trainable_state_dict(dict(state))
-        return
-    expected = set(trainable_state_dict(model))
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
+    own = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(
             f"weights{where} do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    own = model.state_dict()
     for k, v in state.items():
         if tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"weights{where}: {k!r} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
     model.load_state_dict(dict(state), strict=False)
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.trainable_state_dict()`` if defined, else :func:`select_trainable` with its defaults."""
+    model = _unwrap(model)
+    if hasattr(model, "trainable_state_dict"):
+        return dict(model.trainable_state_dict())
+    return select_trainable(model)
+
+
+def load_trainable_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "") -> None:
+    """Load weights saved by :func:`trainable_state_dict` (the model's ``load_trainable_state_dict`` hook if
+    defined, else :func:`load_selected`); every expected key must be present, none extra."""
+    model = _unwrap(model)
+    if hasattr(model, "load_trainable_state_dict"):
+        model.load_trainable_state_dict(dict(state))
+        return
+    load_selected(model, state, set(trainable_state_dict(model)), source)
 
 
 def _dedup_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

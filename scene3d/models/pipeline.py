@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from scene3d.engine.checkpoint import load_selected, select_trainable
 from scene3d.gating.adapter import GateConfig, ObjectTokenGate
 from scene3d.llm.loader import fingerprint_hex
 from scene3d.models.referring import Prediction, ReferringBatch as ModelBatch, ReferringConfig, ReferringSegmenter, \
@@ -140,11 +141,9 @@ class Scene3DModel(nn.Module):
         """What a checkpoint stores: every trainable tensor (and the buffers of trainable modules). A
         tiny in-memory LLM (``llm.path`` unset) is stored whole, so a checkpoint never depends on
         re-creating random weights; a real LLM's frozen base is reloaded from its local directory."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
         whole_llm = self.config.referring.llm.path is None
-        return {k: v for k, v in self.state_dict().items()
-                if k in names or _is_buffer_of_trainable(k, names) or k == FINGERPRINT_KEY
-                or (whole_llm and k.startswith("segmenter.lm."))}
+        return select_trainable(self, buffer=_is_buffer_of_trainable,
+                                also=lambda k: k == FINGERPRINT_KEY or (whole_llm and k.startswith("segmenter.lm.")))
 
     def load_trainable_state_dict(self, state: dict) -> None:
         own = self.state_dict()
@@ -159,14 +158,7 @@ class Scene3DModel(nn.Module):
                 raise ValueError(f"checkpoint was trained on a different base model than "
                                  f"{self.config.referring.llm.path!r} (base weights sha256 {theirs[:12]}... in the "
                                  f"checkpoint, {mine[:12]}... here; num_layers and the model files must match)")
-        unknown = sorted(set(state) - set(own))
-        if unknown:
-            raise ValueError(f"checkpoint has tensors this model does not: {unknown[:5]}")
-        missing, _ = self.load_state_dict(state, strict=False)
-        expected = set(self.trainable_state_dict())
-        lacking = sorted(expected - set(state))
-        if lacking:
-            raise ValueError(f"checkpoint lacks trainable tensors: {lacking[:5]}")
+        load_selected(self, state, set(self.trainable_state_dict()))
 
 
 #: Where the base LLM's weight fingerprint sits in a checkpoint (:func:`scene3d.llm.loader.weights_fingerprint`).
