@@ -15,7 +15,8 @@ data is made: the trainer plans its step count from its own pace and moves the c
 (:class:`scene3d.engine.trainer.StepBudget`). Then every held-out (val) row is predicted once and scored with
 :mod:`scene3d.metrics` for the reconciled result, the identifier-only path (``Prediction.identifier_mask``)
 and the decoder-only path (``Prediction.decoder_mask``), next to two trivial baselines (the largest object;
-a random object). Gating: the trained model is fine-tuned for ``--gate-minutes`` more with
+a random object), on the template split and on the paraphrase split (the same val programs worded as real
+annotators word them, data_prep/paraphrase.py; :func:`score_split` scores one split, all paths). Gating: the trained model is fine-tuned for ``--gate-minutes`` more with
 ``model.gate.enabled=true model.gate.keep_ratio=0.3`` (the new gate scorer trains, the keep ratio anneals
 from 1 to 0.3) and scored again; reported as unavailable when scene3d.gating cannot be built.
 Goal (issue 8): mIoU >= 0.80 within 15 CPU-minutes.
@@ -73,8 +74,36 @@ def breakdown(res, rows) -> str:
     return "  ".join(f"{g} {np.mean(v):.2f} (n={len(v)})" for g, v in sorted(groups.items()))
 
 
+PATHS = ("reconciled", "identifier", "decoder")
+
+
+def paraphrase_rows(data) -> list:
+    """The paraphrase split's rows of a synthetic data config: ``val_paraphrase.jsonl`` beside ``data.val``."""
+    from scene3d.data.referring import read_jsonl
+    from scene3d.utils.io import expand_path
+
+    path = expand_path(data.val).with_name("val_paraphrase.jsonl")
+    if not path.is_file():
+        raise FileNotFoundError(f"paraphrase split not found: {path} (made by data_prep.synthetic.prepare_synthetic)")
+    return read_jsonl(path)
+
+
+def score_split(model, processed_dir, rows, name: str, paths=PATHS) -> dict:
+    """Predict every row of one split once and score each mask path; prints one line per path and the
+    reconciled breakdown by kind. Returns {path: EvalResult}."""
+    from scene3d.engine.evaluate import evaluate_model_masks
+
+    res = evaluate_model_masks(model, processed_dir, rows, tuple(paths), progress=False)
+    label = {"reconciled": "model (reconciled)", "identifier": "identifier-only path", "decoder": "decoder-only path"}
+    for path in paths:
+        print(line(f"{name}: {label.get(path, path)}", res[path].metrics["overall"]))
+    if "reconciled" in res:
+        print(f"{name}: reconciled by kind: " + breakdown(res["reconciled"], rows))
+    return res
+
+
 def line(name: str, m: dict) -> str:
-    return f"{name:<28s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
+    return f"{name:<36s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
 
 
 def main(argv=None) -> int:
@@ -112,12 +141,13 @@ def main(argv=None) -> int:
         print(f"\n===== LLM: {which} ({minutes:g} CPU-minutes{'' if which == 'tiny' else ', ' + ' '.join(extra)})",
               flush=True)
         table.append((which, minutes, learn(args, extra, minutes, out / which)))
-    print("\nside by side (held-out mIoU):")
+    print("\nside by side (held-out mIoU; template split | paraphrase split):")
     print(f"{'LLM':10s} {'minutes':>8s} {'steps':>6s} {'reconciled':>11s} {'identifier':>11s} {'decoder':>8s} "
-          f"{'largest':>8s} {'random':>7s}")
+          f"{'largest':>8s} {'random':>7s} | {'reconciled':>11s} {'identifier':>11s} {'decoder':>8s}")
     for which, minutes, r in table:
         print(f"{which:10s} {r['minutes']:8.2f} {r['steps']:6d} {r['reconciled']:11.4f} {r['identifier']:11.4f} "
-              f"{r['decoder']:8.4f} {r['largest']:8.4f} {r['random']:7.4f}")
+              f"{r['decoder']:8.4f} {r['largest']:8.4f} {r['random']:7.4f} | {r['para_reconciled']:11.4f} "
+              f"{r['para_identifier']:11.4f} {r['para_decoder']:8.4f}")
     print(f"total minutes: {(time.perf_counter() - t0) / 60:.2f}")
     return 0
 
@@ -126,7 +156,6 @@ def learn(args, extra: list, minutes: float, out: Path) -> dict:
     """Train one LLM choice for ``minutes`` (data included), score the held-out rows; returns the overall
     mIoU of each path and of the baselines."""
     from scene3d.config import compose, to_objects
-    from scene3d.engine.evaluate import evaluate_model_masks
     from scene3d.models.loading import load_model
     from scene3d.train import prepare_data, run_training, split_rows
 
@@ -149,14 +178,12 @@ def learn(args, extra: list, minutes: float, out: Path) -> dict:
 
     val = split_rows(obj.data, "val")
     model = load_model(summary.checkpoint).model
-    res = evaluate_model_masks(model, val.processed_dir, val.rows, ("reconciled", "identifier", "decoder"),
-                               progress=False)
     print(f"\nheld-out: {len(val.rows)} rows of {len({r['scene_id'] for r in val.rows})} unseen scenes "
           f"(synthetic, {obj.data.synthetic.num_scenes} scenes, val_fraction {obj.data.synthetic.val_fraction})")
-    print(line("model (reconciled)", res["reconciled"].metrics["overall"]))
-    print(line("identifier-only path", res["identifier"].metrics["overall"]))
-    print(line("decoder-only path", res["decoder"].metrics["overall"]))
-    print("model (reconciled) by kind: " + breakdown(res["reconciled"], val.rows))
+    res = score_split(model, val.processed_dir, val.rows, "template")
+    para_rows = paraphrase_rows(obj.data)
+    print(f"paraphrase split: the same {len(para_rows)} programs, worded as real annotators word them")
+    para = score_split(model, val.processed_dir, para_rows, "paraphrase")
     largest = score(baseline_rows(val.rows, val.processed_dir, "largest"), val.rows, val.processed_dir)
     rand = score(baseline_rows(val.rows, val.processed_dir, "random"), val.rows, val.processed_dir)
     print(line("baseline: largest object", largest))
@@ -168,7 +195,8 @@ def learn(args, extra: list, minutes: float, out: Path) -> dict:
     return {"minutes": train_min, "steps": int(summary.step),
             "reconciled": res["reconciled"].metrics["overall"]["miou"],
             "identifier": res["identifier"].metrics["overall"]["miou"],
-            "decoder": res["decoder"].metrics["overall"]["miou"], "largest": largest["miou"], "random": rand["miou"]}
+            "decoder": res["decoder"].metrics["overall"]["miou"], "largest": largest["miou"], "random": rand["miou"],
+            **{f"para_{p}": para[p].metrics["overall"]["miou"] for p in PATHS}}
 
 
 def gated(args, base, out: Path, checkpoint, val, sps: float) -> None:
