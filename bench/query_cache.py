@@ -35,7 +35,9 @@ from scene3d.heads.mask_decoder import MaskDecoderConfig  # noqa: E402
 from scene3d.llm.loader import LLMConfig  # noqa: E402
 from scene3d.llm.tiny import TinyLLMConfig  # noqa: E402
 from scene3d.models.cache import SceneCache  # noqa: E402
-from scene3d.models.referring import ReferringConfig, ReferringSegmenter, synthetic_scene  # noqa: E402
+from scene3d.models import generation  # noqa: E402
+from scene3d.models.referring import ReferringConfig, ReferringSegmenter  # noqa: E402
+from scene3d.structures.scene_inputs import synthetic_scene  # noqa: E402
 
 TEXTS = ["the brown chair left of the desk", "the table near the window", "all the lamps on the desk",
          "the white cabinet behind the bed", "the trash can next to the door", "the pillow on the couch",
@@ -72,7 +74,7 @@ def _model(which: str, args) -> ReferringSegmenter:
                         lora_r=args.lora_r, lora_alpha=2 * args.lora_r, dtype=args.dtype)
     model = ReferringSegmenter(ReferringConfig(
         llm=llm, decoder=MaskDecoderConfig(dim=64, num_queries=2, num_layers=1, num_heads=4,
-                                           relation_layers=args.relation_layers),
+                                           relation_layers=args.relation_layers, rank_pairs=args.relation_layers > 0),
         max_new_tokens=args.max_new_tokens, predict_batch_size=max(16, args.queries))).eval()
     with torch.no_grad():  # trained-like adapters: LoRA is merged at inference, so this costs nothing there
         for n, p in model.named_parameters():
@@ -137,16 +139,18 @@ def run(model: ReferringSegmenter, args) -> dict:
 
     with torch.inference_mode(), model.lm.merged_lora():  # where the batched cached path spends its time
         # (10 questions), in the same mode as predict
-        steps_fn = lambda: model._start_packed(sc, texts)  # noqa: E731
+        start_fn = lambda: generation.start_packed(model, sc, texts)  # noqa: E731
+        steps_fn = lambda: start_fn().steps  # noqa: E731
         parts = {"encode the shared prefix": _median_ms(lambda: SceneCache(model, scene), r),
                  "questions' own tokens": _median_ms(steps_fn, r)}
-        parts["greedy steps"] = _median_ms(lambda: model._generate(steps_fn()), r) - parts["questions' own tokens"]
+        parts["greedy steps"] = _median_ms(lambda: generation.greedy(model, steps_fn()), r) - parts["questions' own tokens"]
         # the LLM half alone, both paths (what the cache changes; the mask decoder after it is the same work)
-        llm_cached = _median_ms(lambda: model._generate(model._start_packed(SceneCache(model, scene), texts)), r)
-        llm_plain = _median_ms(lambda: model._generate(model._start_uncached(scene, texts)[0]), r)
-        h = model._generate(steps_fn())[1]
+        llm_cached = _median_ms(lambda: generation.greedy(model, generation.start_packed(
+            model, SceneCache(model, scene), texts).steps), r)
+        llm_plain = _median_ms(lambda: generation.greedy(model, generation.start_uncached(model, scene, texts).steps), r)
+        started = start_fn()
+        q, w, wm = generation.greedy(model, started.steps)[1], started.words, started.word_mask
         d = model.decoder
-        q, w, wm = model._decoder_query(h, texts)
         parts["mask decoder"] = _median_ms(lambda: d.decode(q, d.encode_scene(
             scene.point_feat, scene.points.coord, scene.tokens, scene.points.superpoint), w, wm), r)
 

@@ -1,13 +1,15 @@
-"""MaskDecoder: shapes on ragged batches, superpoint pooling against a deduplicated reference, invariances."""
+"""MaskDecoder (grounding head + mask head): shapes on ragged batches, superpoint pooling against a deduplicated
+reference, invariances, padding, and that the LLM states it is given (words and [SEG]) steer the result."""
 
 import pytest
 import torch
 
-from scene3d.heads.mask_decoder import MaskDecoder, MaskDecoderConfig, superlative_rank
+from scene3d.heads.grounding import superlative_rank
+from scene3d.heads.mask_decoder import MaskDecoder, MaskDecoderConfig
 from scene3d.structures.objects import ObjectTokens
 
 CFG = MaskDecoderConfig(llm_dim=24, point_dim=8, obj_dim=6, dim=32, num_queries=3, num_layers=2, num_heads=4,
-                        null_object=True)
+                        relation_layers=1, pair_hidden=8, null_object=True, rank_pairs=False)
 
 
 def _scene(n_pts=(30, 17), n_obj=(4, 0), seed=0):
@@ -24,7 +26,10 @@ def _scene(n_pts=(30, 17), n_obj=(4, 0), seed=0):
         row += no
     tokens = ObjectTokens(torch.randn(m, 6, generator=g), torch.rand(m, 3, generator=g) * 5,
                           torch.rand(m, 3, generator=g), torch.cumsum(torch.tensor(n_obj), 0), torch.cat(p2o))
-    return dict(seg_hidden=torch.randn(len(n_pts), 24, generator=g), point_feat=torch.randn(n, 8, generator=g),
+    lens = torch.arange(len(n_pts)) % 3 + 2  # 2, 3, 4, 2, ... words per question
+    words = torch.randn(len(n_pts), int(lens.max()), 24, generator=g)
+    return dict(seg=torch.randn(len(n_pts), 24, generator=g), words=words,
+                word_mask=torch.arange(words.shape[1]) < lens[:, None], point_feat=torch.randn(n, 8, generator=g),
                 coord=torch.rand(n, 3, generator=g) * 5, point_offset=torch.cumsum(torch.tensor(n_pts), 0),
                 tokens=tokens)
 
@@ -49,7 +54,8 @@ def test_samples_are_independent(dec):
     s = _scene()
     both = dec(**s)
     t = s["tokens"]
-    one = dec(s["seg_hidden"][:1], s["point_feat"][:30], s["coord"][:30], torch.tensor([30]),
+    one = dec(s["seg"][:1], s["words"][:1, :2], s["word_mask"][:1, :2], s["point_feat"][:30], s["coord"][:30],
+              torch.tensor([30]),
               ObjectTokens(t.feat, t.center, t.size, torch.tensor([4]), t.point2obj[:30]))
     torch.testing.assert_close(both.point_logits[:30], one.point_logits)
     torch.testing.assert_close(both.obj_logits, one.obj_logits)
@@ -63,15 +69,18 @@ def test_batched_questions_on_one_scene_equal_one_by_one(dec, superpoints):
     s = _scene(n_pts=(40,), n_obj=(5,), seed=3)
     sp = torch.arange(40) // 3 if superpoints else None
     hidden = torch.randn(6, 24, generator=torch.Generator().manual_seed(1))
+    words, mask = _words([3, 1, 4, 2, 2, 5])
     enc = dec.encode_scene(s["point_feat"], s["coord"], s["tokens"], sp)
-    batched = dec.decode(hidden, enc)
+    batched = dec.decode(hidden, enc, words, mask)
     assert len(batched) == 6
     for i, (pl, ol, qm, nl) in enumerate(batched):
-        one = dec(hidden[i : i + 1], s["point_feat"], s["coord"], s["point_offset"], s["tokens"], sp)
-        torch.testing.assert_close(nl, one.null_logits[0])
-        torch.testing.assert_close(pl, one.point_logits)
-        torch.testing.assert_close(ol, one.obj_logits)
-        torch.testing.assert_close(qm, one.query_point_logits[0])
+        n = int(mask[i].sum())
+        one = dec(hidden[i : i + 1], words[i : i + 1, :n], mask[i : i + 1, :n], s["point_feat"], s["coord"],
+                  s["point_offset"], s["tokens"], sp)
+        torch.testing.assert_close(nl, one.null_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pl, one.point_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ol, one.obj_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(qm, one.query_point_logits[0], atol=1e-5, rtol=1e-5)
     # a different question gives a different mask: the batch did not collapse onto one query
     assert not torch.allclose(batched[0][0], batched[1][0])
 
@@ -104,11 +113,13 @@ def test_superpoints_equal_deduplicated_points(dec):
 
 def test_gradients_reach_inputs_and_weights(dec):
     s = _scene()
-    s["seg_hidden"].requires_grad_(True)
+    s["seg"].requires_grad_(True)
+    s["words"].requires_grad_(True)
     out = dec(**s)
     assert out.null_logits.shape == (2,)  # one per question, the object-free scene included
     (out.point_logits.sum() + out.obj_logits.sum() + out.null_logits.sum()).backward()
-    assert s["seg_hidden"].grad.abs().sum() > 0
+    assert s["seg"].grad.abs().sum() > 0
+    assert s["words"].grad[0, :2].abs().sum() > 0 and s["words"].grad[0, 2:].abs().sum() == 0  # padding: nothing
     assert all(p.grad is not None for p in dec.parameters())
     dec.zero_grad(set_to_none=True)
 
@@ -117,15 +128,16 @@ def test_bad_inputs(dec):
     s = _scene()
     with pytest.raises(ValueError, match="NaN"):
         dec(**dict(s, coord=s["coord"].clone().index_fill_(0, torch.tensor([3]), float("nan"))))
-    with pytest.raises(ValueError, match="samples"):
-        dec(**dict(s, seg_hidden=s["seg_hidden"][:1]))
+    with pytest.raises(ValueError, match="questions"):
+        dec(**dict(s, seg=s["seg"][:1], words=s["words"][:1], word_mask=s["word_mask"][:1]))
+    with pytest.raises(ValueError, match="word state"):
+        dec(**dict(s, word_mask=torch.zeros_like(s["word_mask"])))
     with pytest.raises(ValueError):
         MaskDecoderConfig(dim=30, num_heads=4)
 
 
 REL = MaskDecoderConfig(llm_dim=24, point_dim=8, obj_dim=6, dim=32, num_queries=3, num_layers=1, num_heads=4,
-                        relation_layers=2, pair_hidden=8, text_layers=1, max_words=12, null_object=True,
-                        rank_pairs=True)
+                        relation_layers=2, pair_hidden=8, null_object=True, rank_pairs=True)
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +160,12 @@ def test_relation_layers_batched_padded_questions_equal_one_by_one(rel_dec):
     words, mask = _words(lens)
     hidden = torch.randn(3, 24, generator=torch.Generator().manual_seed(1))
     enc = rel_dec.encode_scene(s["point_feat"], s["coord"], s["tokens"])
-    assert enc.pair.shape == (6, 6, REL.pair_hidden)
+    assert enc.objects.pair.shape == (6, 6, REL.pair_hidden)
     batched = rel_dec.decode(hidden, enc, words, mask)
     for i, (pl, ol, qm, nl) in enumerate(batched):
         n = lens[i]
-        one = rel_dec(hidden[i : i + 1], s["point_feat"], s["coord"], s["point_offset"], s["tokens"],
-                      words=words[i : i + 1, :n], word_mask=mask[i : i + 1, :n])
+        one = rel_dec(hidden[i : i + 1], words[i : i + 1, :n], mask[i : i + 1, :n], s["point_feat"], s["coord"],
+                      s["point_offset"], s["tokens"])
         assert nl.shape == () and one.null_logits.shape == (1,)
         torch.testing.assert_close(nl, one.null_logits[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ol, one.obj_logits, atol=1e-5, rtol=1e-5)
@@ -161,6 +173,11 @@ def test_relation_layers_batched_padded_questions_equal_one_by_one(rel_dec):
     # the words matter: the same [SEG] state with other words scores the objects differently
     other = rel_dec.decode(hidden, enc, _words(lens, seed=5)[0], mask)
     assert not torch.allclose(other[0].obj_logits, batched[0].obj_logits)
+    # and so does the [SEG] state, with the same words: objects, null and mask all read it
+    moved = rel_dec.decode(hidden.flip(0), enc, words, mask)
+    assert not torch.allclose(moved[0].obj_logits, batched[0].obj_logits)
+    assert not torch.allclose(moved[0].null_logits, batched[0].null_logits)
+    assert not torch.allclose(moved[0].point_logits, batched[0].point_logits)
 
 
 def test_relation_layers_are_translation_invariant_and_see_geometry(rel_dec):
@@ -168,25 +185,20 @@ def test_relation_layers_are_translation_invariant_and_see_geometry(rel_dec):
     words, mask = _words([4])
     t = s["tokens"]
     shift = torch.tensor([3.0, -2.0, 1.5])
-    a = rel_dec(**s, words=words, word_mask=mask)
-    b = rel_dec(**dict(s, coord=s["coord"] + shift, tokens=t.replace(center=t.center + shift)), words=words,
-                word_mask=mask)
+    s = dict(s, words=words, word_mask=mask)
+    a = rel_dec(**s)
+    b = rel_dec(**dict(s, coord=s["coord"] + shift, tokens=t.replace(center=t.center + shift)))
     torch.testing.assert_close(a.obj_logits, b.obj_logits, atol=1e-4, rtol=1e-4)
     # moving one object relative to the others changes the scores (the pairwise geometry is read)
-    c = rel_dec(**dict(s, tokens=t.replace(center=t.center.index_add(0, torch.tensor([0]), shift[None]))),
-                words=words, word_mask=mask)
+    c = rel_dec(**dict(s, tokens=t.replace(center=t.center.index_add(0, torch.tensor([0]), shift[None]))))
     assert not torch.allclose(a.obj_logits, c.obj_logits, atol=1e-4)
 
 
-def test_relation_layers_need_words_and_gradients_reach_everything(rel_dec):
+def test_relation_layers_gradients_reach_everything(rel_dec):
     s = _scene()
-    with pytest.raises(ValueError, match="relation layers"):
-        rel_dec(**s)
-    with pytest.raises(ValueError, match="max_words"):
-        rel_dec(**s, words=torch.randn(2, 13, 24), word_mask=torch.ones(2, 13, dtype=torch.bool))
     words, mask = _words([3, 7])
     words.requires_grad_(True)
-    out = rel_dec(**s, words=words, word_mask=mask)
+    out = rel_dec(**dict(s, words=words, word_mask=mask))
     assert out.null_logits.shape == (2,)  # one per question, the object-free scene included
     (out.point_logits.sum() + out.obj_logits.sum() + out.null_logits.sum()).backward()
     assert words.grad[0, :3].abs().sum() > 0 and words.grad[0, 3:].abs().sum() == 0  # padding gets nothing
@@ -200,7 +212,7 @@ def test_relation_layers_learn_a_view_of_left_and_right():
     which objects are targets depends on a word and on each object's position relative to another object
     (the anchor, named by a class word), which no single object token carries."""
     cfg = MaskDecoderConfig(llm_dim=24, point_dim=8, obj_dim=6, dim=32, num_queries=2, num_layers=1, num_heads=4,
-                            relation_layers=1, pair_hidden=8, text_layers=1, max_words=12)
+                            relation_layers=1, pair_hidden=8, rank_pairs=False)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     vocab = torch.randn(3, 24, generator=g)  # "left", "right", the anchor's class word
@@ -219,8 +231,8 @@ def test_relation_layers_learn_a_view_of_left_and_right():
         tokens = ObjectTokens(feat.flatten(0, 1), center.flatten(0, 1), torch.full((n * m, 3), 0.3),
                               torch.arange(1, n + 1) * m, torch.arange(n * m))
         words = torch.stack([vocab[rel], vocab[2].expand(n, -1)], 1)
-        out = dec(torch.zeros(n, 24), torch.randn(n * m, 8, generator=g), center.flatten(0, 1),
-                  torch.arange(1, n + 1) * m, tokens, words=words, word_mask=torch.ones(n, 2, dtype=torch.bool))
+        out = dec(torch.zeros(n, 24), words, torch.ones(n, 2, dtype=torch.bool), torch.randn(n * m, 8, generator=g),
+                  center.flatten(0, 1), torch.arange(1, n + 1) * m, tokens)
         return out.obj_logits, target.flatten()
 
     for _ in range(200):
@@ -250,4 +262,17 @@ def test_superlative_rank_orders_objects_of_a_kind_by_distance():
     # seen from chair 3 instead, chair 2 is now the nearest of the other chairs (height z does not count)
     assert float(r[2, 3, 0]) < 0.01 and float(r[1, 3, 0]) > 0.99
     with pytest.raises(ValueError, match="relation_layers"):
-        MaskDecoderConfig(rank_pairs=True)
+        MaskDecoderConfig(relation_layers=0, rank_pairs=True)
+
+
+def test_code_defaults_are_the_shipped_head_config():
+    """A newcomer reading the dataclass learns the model that ships (configs/head/mask_decoder.yaml)."""
+    from pathlib import Path
+
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/head/mask_decoder.yaml").read_text())
+    code = MaskDecoderConfig()
+    assert shipped, "empty head config"
+    for k, v in shipped.items():
+        assert getattr(code, k) == v, f"{k}: code default {getattr(code, k)!r}, shipped {v!r}"

@@ -22,7 +22,8 @@ from scene3d.constants import IGNORE_INDEX
 from scene3d.heads.mask_decoder import MaskDecoderConfig
 from scene3d.llm.loader import LLMConfig, fingerprint_tensor, load_llm, weights_fingerprint
 from scene3d.llm.registry import DEFAULT_MODEL, ModelNotFound, resolve_model_path
-from scene3d.models.referring import ReferringBatch, ReferringConfig, ReferringSegmenter, synthetic_scene
+from scene3d.models.referring import QueryBatch, ReferringConfig, ReferringSegmenter
+from scene3d.structures.scene_inputs import synthetic_scene
 from test_scene_cache import _assert_same, _naive_predict
 
 TEXTS = ["the brown chair left of the desk", "all the lamps", "the couch", "a sofa by the window",
@@ -44,7 +45,7 @@ def _config(num_layers=2, dtype="float32", **kw):
     return ReferringConfig(llm=LLMConfig(path=DEFAULT_MODEL, num_layers=num_layers, num_obj_tokens=32, lora_r=16,
                                          lora_alpha=32, dtype=dtype),
                            decoder=MaskDecoderConfig(dim=32, num_queries=2, num_layers=1, num_heads=4,
-                                                     relation_layers=1, pair_hidden=8, text_layers=1),
+                                                     relation_layers=1, pair_hidden=8, rank_pairs=False),
                            obj_dim=8, point_dim=8, projector_hidden=32, max_new_tokens=4, **kw)
 
 
@@ -119,10 +120,10 @@ def test_identifier_tokens_are_added_and_distinct(model):
 
 
 def test_splice_positions_and_ignored_labels(model, scene):
-    batch = ReferringBatch(scene, ["the chair by the window"], [[20, 40]], seeds=[5])
+    batch = QueryBatch(scene, ["the chair by the window"], [[20, 40]], seeds=[5])
     for training in (False, True):
         model.train(training)
-        inp = model.build_inputs(batch)
+        inp = model.pack(batch)
         model.eval()
         p = inp.prompts[0]
         emb = inp.inputs_embeds[0]
@@ -176,7 +177,7 @@ def test_generation_with_kv_cache_equals_reencoding(model, scene, reference):
 
 
 def test_scene_cache_rows_layout_equals_packed(model, scene, reference, monkeypatch):
-    monkeypatch.setattr(type(model), "_cached_layout", lambda self: "rows")
+    monkeypatch.setattr(type(model), "cached_layout", lambda self: "rows")
     _assert_same(model.predict(scene, TEXTS, use_cache=True), reference)
 
 
@@ -270,8 +271,8 @@ def test_train_step_and_predict_in_each_dtype(smollm2, scene, dtype):
     assert m.lm.causal_lm.get_input_embeddings().weight.dtype == getattr(torch, dtype)
     assert m.lm.new_embed.weight.dtype == getattr(torch, dtype)
     m.train()
-    batch = ReferringBatch(scene.take([0, 0]), ["the chair by the window", "all the lamps"], [[20], [30, 50]],
-                           seeds=[1, 2])
+    batch = QueryBatch(scene.take([0, 0]), ["the chair by the window", "all the lamps"], [[20], [30, 50]],
+                       seeds=[1, 2], shared=scene, scene_index=[0, 0])
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     loss = m(batch)
     loss.total.backward()

@@ -1,4 +1,5 @@
-"""ReferringSegmenter: splicing, labels, trainable parameters, losses, hard negatives, prediction, checkpoints."""
+"""ReferringSegmenter: splicing, the shared scene prefix, labels, trainable parameters, losses, hard negatives,
+prediction, checkpoints, and that the words reach the decoder only through the LLM."""
 
 import dataclasses
 import pytest
@@ -10,8 +11,11 @@ from scene3d.llm.loader import LLMConfig
 from scene3d.llm.tiny import TinyLLMConfig
 from scene3d.engine.checkpoint import (MODEL_FILE, CheckpointError, load_checkpoint, load_model_weights,
                                       save_checkpoint, trainable_state_dict)
-from scene3d.models.referring import (GateSelection, ReferringBatch, ReferringConfig, ReferringSegmenter,
-                                      SceneInputs, synthetic_scene)
+from scene3d.gating.adapter import GateSelection
+from scene3d.models.generation import decoder_objects, reconcile
+from scene3d.models.losses import object_targets, rank_loss, similarity_loss
+from scene3d.models.referring import QueryBatch, ReferringConfig, ReferringSegmenter
+from scene3d.structures.scene_inputs import SceneInputs, synthetic_scene
 
 TINY = TinyLLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2)
@@ -19,7 +23,8 @@ TINY = TinyLLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
 
 def _config(**kw):
     return ReferringConfig(llm=LLMConfig(tiny=TINY, num_obj_tokens=16, lora_r=4),
-                           decoder=MaskDecoderConfig(dim=32, num_queries=2, num_layers=1, num_heads=4),
+                           decoder=MaskDecoderConfig(dim=32, num_queries=2, num_layers=1, num_heads=4, relation_layers=1,
+                                                     pair_hidden=8, rank_pairs=False),
                            obj_dim=8, point_dim=8, projector_hidden=32, **kw)
 
 
@@ -35,15 +40,16 @@ def scene():
 
 
 def _batch(scene, **kw):
-    return ReferringBatch(scene, ["the brown chair left of the desk", "the two tables"], [[20], [10, 30]],
+    return QueryBatch(scene, ["the brown chair left of the desk", "the two tables"], [[20], [10, 30]],
                           seeds=[3, 4], **kw)
 
 
 def test_splice_positions_and_ignored_labels(model, scene):
     for training in (False, True):
         model.train(training)
-        inp = model.build_inputs(_batch(scene))
+        inp = model.pack(_batch(scene))
         model.eval()
+        assert inp.shared and inp.rows.tolist() == [0, 1]  # one question per scene: one row each
         base = model.lm.get_input_embeddings().weight
         t = scene.tokens
         for b, p in enumerate(inp.prompts):
@@ -64,7 +70,8 @@ def test_splice_positions_and_ignored_labels(model, scene):
                 k = model.vocab.obj_token_ids.index(int(p.input_ids[pos - 1]))
                 assert k == int(p.slot_of_object[obj])
             assert (inp.labels[b, : p.answer_start] == IGNORE_INDEX).all()
-            assert (inp.labels[b, L:] == IGNORE_INDEX).all() and (inp.attention_mask[b, L:] == 0).all()
+            assert (inp.labels[b, L:] == IGNORE_INDEX).all()
+            assert (inp.attention_mask[b, 0, :L, L:] < -1e30).all()  # nothing attends to the padding
             assert torch.equal(inp.labels[b, p.answer_start : L], p.input_ids[p.answer_start:])
             assert int(p.input_ids[p.seg_pos]) == model.vocab.seg_token_id == int(inp.labels[b, L - 1])
         slots = [p.slot_of_object for p in inp.prompts]
@@ -80,7 +87,7 @@ def test_gradients_only_to_trainable(model, scene):
     model(_batch(scene)).total.backward()
     model.eval()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(n.startswith(("projector.", "decoder.", "text_proj.", "lm.new_embed", "lm.new_head")) or "lora_" in n
+    assert all(n.startswith(("projector.", "decoder.", "lm.new_embed", "lm.new_head")) or "lora_" in n
                for n in names)
     assert any(n.startswith("projector.") for n in names) and any(n.startswith("decoder.") for n in names)
     for n, p in model.named_parameters():
@@ -95,20 +102,19 @@ def test_gradients_only_to_trainable(model, scene):
 def test_hard_negative_weights(model):
     scene = synthetic_scene((4,), points_per_object=3, obj_dim=8, point_dim=8)
     cls = torch.tensor([1, 2, 1, 3])
-    batch = ReferringBatch(scene, ["the chair"], [[10]], distractors=[[40]], object_class=cls)
-    gt_point, label, weight = model._targets(batch)
-    assert label.tolist() == [1, 0, 0, 0]
     hw = model.config.hard_negative_weight
+    gt_point, label, weight = object_targets(scene.tokens, [[10]], [[40]], cls, hw)
+    assert label.tolist() == [1, 0, 0, 0]
     assert weight.tolist() == [1, 1, hw, hw]  # object 2: same class; object 3: Sr3D distractor
     assert torch.equal(gt_point.bool(), scene.tokens.point2obj == 0)
     with pytest.raises(ValueError, match="target object id 99"):
-        model._targets(ReferringBatch(scene, ["the chair"], [[99]]))
+        object_targets(scene.tokens, [[99]], None, None, hw)
 
 
 def test_loss_decreases_and_zero_targets(scene):
     torch.manual_seed(0)
     m = ReferringSegmenter(_config())
-    batch = ReferringBatch(scene, ["the brown chair", "the piano"], [[20, 40], []], seeds=[3, 4],
+    batch = QueryBatch(scene, ["the brown chair", "the piano"], [[20, 40], []], seeds=[3, 4],
                            distractors=[[30], []])
     m.train()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
@@ -140,27 +146,27 @@ def test_predict_and_reconcile(model, scene):
     ident = torch.arange(7)
     p2o = one.tokens.point2obj
     # identifiers named -> those objects, exact instance points
-    r = model._reconcile(one, [v.obj_token_ids[2], v.obj_token_ids[5], v.seg_token_id], ident, dec)
+    r = reconcile(model, one, [v.obj_token_ids[2], v.obj_token_ids[5], v.seg_token_id], ident, dec)
     assert r.source == "identifiers" and r.objects.tolist() == [2, 5] and r.object_ids.tolist() == [30, 60]
     assert torch.equal(r.point_mask, (p2o == 2) | (p2o == 5)) and torch.equal(r.identifier_mask, r.point_mask)
     # none named -> decoder objects above threshold
-    r = model._reconcile(one, [v.seg_token_id], ident, dec)
+    r = reconcile(model, one, [v.seg_token_id], ident, dec)
     assert r.source == "decoder" and r.objects.tolist() == [1, 3]
     assert torch.equal(r.point_mask, (p2o == 1) | (p2o == 3))
     # reconcile="decoder": the decoder's objects lead, the named identifiers are the fallback
     named = [v.obj_token_ids[2], v.seg_token_id]
     model.config = dataclasses.replace(model.config, reconcile="decoder")
     try:
-        r = model._reconcile(one, named, ident, dec)
+        r = reconcile(model, one, named, ident, dec)
         assert r.source == "decoder" and r.objects.tolist() == [1, 3]
         assert torch.equal(r.identifier_mask, p2o == 2)  # the identifier path is still reported beside it
         dec.obj_logits = torch.full((7,), -5.0)
-        r = model._reconcile(one, named, ident, dec)
+        r = reconcile(model, one, named, ident, dec)
         assert r.source == "identifiers" and r.objects.tolist() == [2]
     finally:
         model.config = dataclasses.replace(model.config, reconcile="identifiers")
     # none anywhere -> zero targets
-    r = model._reconcile(one, [v.seg_token_id], ident, dec)
+    r = reconcile(model, one, [v.seg_token_id], ident, dec)
     assert r.source == "none" and r.objects.numel() == 0 and not r.point_mask.any()
     with pytest.raises(ValueError, match="reconcile"):
         ReferringConfig(reconcile="both")
@@ -174,28 +180,28 @@ def test_null_logit_decides_none_or_the_best_object(model, scene):
     v = model.vocab
     p2o = one.tokens.point2obj
     logits = torch.tensor([-3.0, -1.0, -4.0, 2.0, -5.0, -2.0, -6.0])  # sigmoid >= 0.5 only at object 3
-    assert model.select_objects(logits).tolist() == [3]
-    assert model.select_objects(logits, torch.tensor(0.0)).tolist() == [3]
-    assert model.select_objects(logits, torch.tensor(2.5)).tolist() == []  # the null wins
+    assert decoder_objects(logits, None, 0.5).tolist() == [3]
+    assert decoder_objects(logits, torch.tensor(0.0), 0.5).tolist() == [3]
+    assert decoder_objects(logits, torch.tensor(2.5), 0.5).tolist() == []  # the null wins
     low = logits - 3.0  # nothing over the threshold: the best object still wins against a lower null
-    assert model.select_objects(low).tolist() == []
-    assert model.select_objects(low, torch.tensor(-3.0)).tolist() == [3]
-    assert model.select_objects(torch.zeros(0), torch.tensor(0.0)).tolist() == []
+    assert decoder_objects(low, None, 0.5).tolist() == []
+    assert decoder_objects(low, torch.tensor(-3.0), 0.5).tolist() == [3]
+    assert decoder_objects(torch.zeros(0), torch.tensor(0.0), 0.5).tolist() == []
     dec = type("D", (), {})()
     dec.obj_logits, dec.null_logits = low, torch.tensor(1.0)
     dec.point_logits = torch.full((one.points.coord.shape[0],), -5.0)
     named = [v.obj_token_ids[2], v.seg_token_id]
     model.config = dataclasses.replace(model.config, reconcile="decoder")
     try:
-        r = model._reconcile(one, named, torch.arange(7), dec)
+        r = reconcile(model, one, named, torch.arange(7), dec)
         assert r.source == "none" and r.objects.numel() == 0 and not r.point_mask.any()
         dec.null_logits = torch.tensor(-3.0)
-        r = model._reconcile(one, named, torch.arange(7), dec)
+        r = reconcile(model, one, named, torch.arange(7), dec)
         assert r.source == "decoder" and r.objects.tolist() == [3] and torch.equal(r.point_mask, p2o == 3)
     finally:
         model.config = dataclasses.replace(model.config, reconcile="identifiers")
     # the identifiers lead by default: the named object, whatever the decoder decided
-    r = model._reconcile(one, named, torch.arange(7), dec)
+    r = reconcile(model, one, named, torch.arange(7), dec)
     assert r.source == "identifiers" and r.objects.tolist() == [2]
 
 
@@ -203,9 +209,9 @@ def test_rank_loss_only_on_single_target_samples():
     logits = torch.tensor([0.5, 2.0, -1.0, 0.3, 0.1, 0.0, 1.0])
     offset = torch.tensor([3, 5, 7])  # three samples: 3, 2 and 2 objects
     label = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0])  # one target, two targets, zero targets
-    loss = ReferringSegmenter._rank_loss(logits, label, offset)
+    loss = rank_loss(logits, label, offset)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[None, :3], torch.tensor([1])))
-    zero = ReferringSegmenter._rank_loss(logits[3:], label[3:], torch.tensor([2, 4]))
+    zero = rank_loss(logits[3:], label[3:], torch.tensor([2, 4]))
     assert float(zero) == 0.0
 
 
@@ -216,7 +222,7 @@ def test_rank_loss_with_null_covers_every_sample():
     null = torch.tensor([0.2, -0.4, 0.7], requires_grad=True)
     offset = torch.tensor([3, 5, 7])
     label = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
-    loss = ReferringSegmenter._rank_loss(logits, label, offset, null)
+    loss = rank_loss(logits, label, offset, null)
     ce = torch.nn.functional.cross_entropy
     z1 = torch.cat([logits[:3], null[:1]])
     z2 = torch.cat([logits[3:5], null[1:2]])
@@ -226,21 +232,21 @@ def test_rank_loss_with_null_covers_every_sample():
     loss.backward()
     assert null.grad[2] < 0 and null.grad[0] > 0 and null.grad[1] > 0  # the null rises only where nothing is meant
     # a scene without objects: the null is the only choice, no loss
-    torch.testing.assert_close(ReferringSegmenter._rank_loss(torch.zeros(0), torch.zeros(0), torch.tensor([0]),
+    torch.testing.assert_close(rank_loss(torch.zeros(0), torch.zeros(0), torch.tensor([0]),
                                                              torch.tensor([0.3])), torch.tensor(0.0))
 
 
 def test_overflow_error_and_topk(model):
     big = synthetic_scene((20,), points_per_object=2, obj_dim=8, point_dim=8)
     with pytest.raises(ValueError, match="identifiers"):
-        model.build_inputs(ReferringBatch(big, ["a chair"], [[10]]))
+        model.pack(QueryBatch(big, ["a chair"], [[10]]))
     # top-K keeps the objects with the most points: the 5 unassigned points go to objects 15..19
     t = big.tokens
     p2o = t.point2obj.clone()
     p2o[-5:] = torch.tensor([15, 16, 17, 18, 19])
     big2 = type(big)(t.replace(point2obj=p2o), big.point_feat, big.points)
     m2 = ReferringSegmenter(_config(overflow="topk"), lm=model.lm)
-    inp = m2.build_inputs(ReferringBatch(big2, ["a chair"], [[10]]))
+    inp = m2.pack(QueryBatch(big2, ["a chair"], [[10]]))
     kept = (inp.prompts[0].slot_of_object >= 0).nonzero().flatten().tolist()
     assert kept == sorted(set(range(15, 20)) | set(range(11)))  # ties among the rest: lower index first
 
@@ -254,7 +260,8 @@ def test_pluggable_gate(model, scene):
     m = ReferringSegmenter(_config(), gate=gate, lm=model.lm)
     m.projector.load_state_dict(model.projector.state_dict())
     m.eval()
-    inp = m.build_inputs(_batch(scene))
+    inp = m.pack(_batch(scene))
+    assert not inp.shared  # a query-conditioned gate: every question its own prefix
     p0, p1 = inp.prompts
     assert p0.placeholder_obj.tolist() == [0, 2, 4] and p1.placeholder_obj.tolist() == [1, 3, 5]  # rows 6, 8, 10
     t = scene.tokens
@@ -299,12 +306,10 @@ def test_checkpoint_round_trip(tmp_path, scene):
 
 def test_take_spreads_scenes_and_shared_decoding_equals_expanded():
     """Several questions on one scene: ``take`` builds the per-sample layout from shared rows (gradients flow
-    back into them), and decoding each scene once for all its questions gives the same losses as decoding
-    the expanded batch sample by sample."""
+    back into them), and reading each scene's prefix once and decoding each scene once for all its questions
+    gives the same losses as the expanded batch, sample by sample."""
     torch.manual_seed(0)
-    m = ReferringSegmenter(dataclasses.replace(_config(), decoder=MaskDecoderConfig(
-        dim=32, num_queries=2, num_layers=1, num_heads=4, relation_layers=1, pair_hidden=8, text_layers=1,
-        null_object=True)))
+    m = ReferringSegmenter(_config(shuffle_identifiers=False))  # a shared prefix shuffles once per scene
     m.train()
     shared = synthetic_scene((5, 7), points_per_object=6, obj_dim=8, point_dim=8, seed=1)
     feat = shared.tokens.feat.clone().requires_grad_(True)
@@ -320,15 +325,15 @@ def test_take_spreads_scenes_and_shared_decoding_equals_expanded():
     targets = [[20], [10], [], [10, 30]]
     kw = dict(seeds=[1, 2, 3, 4])
     with torch.random.fork_rng():
-        expanded = m(ReferringBatch(taken, texts, targets, **kw))
+        expanded = m(QueryBatch(taken, texts, targets, **kw))
     with torch.random.fork_rng():
-        grouped = m(ReferringBatch(taken, texts, targets, shared=shared, scene_index=index, **kw))
+        grouped = m(QueryBatch(taken, texts, targets, shared=shared, scene_index=index, **kw))
     for x, y in zip(expanded, grouped):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     grouped.total.backward()
     assert feat.grad[:5].abs().sum() > 0 and feat.grad[5:].abs().sum() > 0
     with pytest.raises(ValueError, match="together"):
-        ReferringBatch(taken, texts, targets, scene_index=index)
+        QueryBatch(taken, texts, targets, scene_index=index)
     with pytest.raises(ValueError, match="out of range"):
         shared.take([0, 2])
 
@@ -338,25 +343,25 @@ def test_similarity_loss_trains_the_decoder_to_tell_classes_apart():
     known; a few steps on that loss alone separate the classes (objects of one class share a feature direction)."""
     torch.manual_seed(0)
     m = ReferringSegmenter(dataclasses.replace(_config(), decoder=MaskDecoderConfig(
-        dim=32, num_queries=2, num_layers=1, num_heads=4, relation_layers=1, pair_hidden=8, text_layers=1,
-        rank_pairs=True)))
+        dim=32, num_queries=2, num_layers=1, num_heads=4, relation_layers=1, pair_hidden=8, rank_pairs=True)))
     sc = synthetic_scene((6, 5), points_per_object=4, obj_dim=8, point_dim=8, seed=2)
     cls = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 1, 2])
     proto = torch.randn(3, 8)
     sc = SceneInputs(sc.tokens.replace(feat=proto[cls] + 0.1 * torch.randn(11, 8)), sc.point_feat, sc.points)
-    batch = ReferringBatch(sc, ["the chair", "the lamp"], [[10], []], object_class=cls)
-    assert float(m._similarity_loss(ReferringBatch(sc, ["a", "b"], [[10], []]))) == 0.0  # no classes: no loss
+    batch = QueryBatch(sc, ["the chair", "the lamp"], [[10], []], object_class=cls)
+    g = m.decoder.grounding
+    assert float(similarity_loss(g, sc.tokens, None)) == 0.0  # no classes: no loss
     opt = torch.optim.Adam(m.decoder.parameters(), lr=1e-2)
     first = None
     for _ in range(30):
-        loss = m._similarity_loss(batch)
+        loss = similarity_loss(g, sc.tokens, cls)
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert float(loss) < 0.3 * first
     with torch.no_grad():
-        p = torch.sigmoid(m.decoder.similarity_logits(m.decoder.obj_proj(sc.tokens.feat[:6])))
+        p = torch.sigmoid(g.similarity_logits(g.obj_proj(sc.tokens.feat[:6])))
     same = cls[:6, None] == cls[None, :6]
     assert p[same].min() > p[~same].max()
     assert torch.isfinite(m(batch).obj_sim)
@@ -370,8 +375,8 @@ def test_lm_loss_on_answer_positions_equals_the_full_shifted_loss(model, scene):
     batch = _batch(scene)
     with torch.no_grad():
         got = model(batch).lm
-        inp = model.build_inputs(batch)
-        full = model.lm(inp.inputs_embeds, attention_mask=inp.attention_mask).logits
+        inp = model.pack(batch)
+        full = model.lm(inp.inputs_embeds, attention_mask=inp.attention_mask, position_ids=inp.position_ids).logits
         ref = F.cross_entropy(full[:, :-1].flatten(0, 1).float(), inp.labels[:, 1:].flatten(),
                               ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
@@ -383,9 +388,7 @@ def test_training_and_predict_cut_a_300_token_text_the_same_way(scene):
     from scene3d.llm.prompt import TextTruncatedWarning, build_query
 
     torch.manual_seed(0)
-    cfg = dataclasses.replace(_config(), decoder=MaskDecoderConfig(dim=32, num_queries=2, num_layers=1, num_heads=4,
-                                                                   relation_layers=1, pair_hidden=8, text_layers=1))
-    m = ReferringSegmenter(cfg)
+    m = ReferringSegmenter(_config())
     long = "the brown chair left of the desk and near the window , " * 30
     cap = m.config.prompt.max_text_tokens
     assert len(m.tokenizer(long, add_special_tokens=False)["input_ids"]) >= 300
@@ -396,10 +399,98 @@ def test_training_and_predict_cut_a_300_token_text_the_same_way(scene):
     assert q.numel() == head + cap + tail
     m.train()
     with pytest.warns(TextTruncatedWarning):
-        loss = m(ReferringBatch(scene, [long, "the two tables"], [[20], [10, 30]], seeds=[3, 4])).total
+        batch = QueryBatch(scene, [long, "the two tables"], [[20], [10, 30]], seeds=[3, 4])
+        loss = m(batch).total
     assert torch.isfinite(loss)
     m.eval()
-    _, words, mask = m._decoder_query(torch.zeros(1, m.lm.hidden_size), [long])
-    assert int(mask.sum()) == cap
+    with pytest.warns(TextTruncatedWarning):
+        assert int(m.pack(batch).word_mask[0].sum()) == cap  # the decoder reads the words the prompt kept
     with pytest.warns(TextTruncatedWarning):
         assert len(m.predict(scene.scene(0), [long])) == 1
+
+
+def test_shared_scene_prefix_equals_one_row_per_question(monkeypatch):
+    """Training packs a scene's questions behind one encoding of its prefix (4D mask, positions continuing
+    from the prefix): every loss and every gradient equals encoding each question with its own copy of the
+    prefix, in fp32, and the gradients of all questions reach the shared object tokens."""
+    torch.manual_seed(0)
+    m = ReferringSegmenter(_config(shuffle_identifiers=False))
+    m.train()
+    shared = synthetic_scene((5, 7), points_per_object=6, obj_dim=8, point_dim=8, seed=1)
+    index = [1, 0, 1, 1]
+    texts = ["the table", "the chair", "the lamp left of the desk", "all the chairs"]
+    targets = [[20], [10], [], [10, 30]]
+
+    def run():
+        feat = shared.tokens.feat.clone().requires_grad_(True)
+        sh = SceneInputs(shared.tokens.replace(feat=feat), shared.point_feat, shared.points)
+        batch = QueryBatch(sh.take(index), texts, targets, shared=sh, scene_index=index)
+        seq = m.pack(batch)
+        m.zero_grad(set_to_none=True)
+        loss = m(batch)
+        loss.total.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        return seq, loss, feat.grad.clone(), grads
+
+    seq, packed, feat_grad, grads = run()
+    assert seq.shared and seq.inputs_embeds.shape[0] == 2  # two scenes: two rows
+    assert seq.rows.tolist() == [0, 1, 0, 0]
+    monkeypatch.setattr(m, "shares_prefix", lambda: False)
+    seq1, rows, feat_grad1, grads1 = run()
+    assert not seq1.shared and seq1.inputs_embeds.shape[0] == 4
+    for x, y in zip(packed, rows):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(feat_grad, feat_grad1, atol=2e-5, rtol=1e-4)
+    assert feat_grad[:5].abs().sum() > 0 and feat_grad[5:].abs().sum() > 0
+    assert grads.keys() == grads1.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads1[n], atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_words_reach_the_decoder_only_through_the_llm(scene):
+    """The decoder reads the LLM's states at the question's tokens and at [SEG]: changing the LLM's last
+    transformer layer changes the decoder's object and null scores (it did not when the decoder read the words
+    through its own encoder over input embeddings). In the ablation (``decoder_states="embeddings"``) the same
+    change leaves the decoder untouched, and the words it reads are the input embeddings of the question's own
+    tokens. There is no side text encoder."""
+    from scene3d.llm.prompt import text_token_ids
+
+    torch.manual_seed(0)
+    m = ReferringSegmenter(_config(shuffle_identifiers=False))
+    assert not any("text_encoder" in n or "text_proj" in n for n, _ in m.named_parameters())
+    m.eval()
+    one = scene.scene(1)
+    texts = ["the table", "the brown chair left of the desk"]
+
+    def scores(model):
+        return torch.stack([p.obj_scores for p in model.predict(one, texts)])
+
+    layer = m.lm.causal_lm.get_decoder().layers[-1].mlp.down_proj
+    weight = layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
+    before = scores(m)
+    with torch.no_grad():
+        saved = weight.clone()
+        weight.add_(torch.randn_like(weight) * 0.5)
+    try:
+        assert not torch.allclose(before, scores(m), atol=1e-4)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    abl = ReferringSegmenter(_config(shuffle_identifiers=False, decoder_states="embeddings"), lm=m.lm)
+    abl.eval()
+    a0 = scores(abl)
+    with torch.no_grad():
+        weight.add_(torch.randn_like(weight) * 0.5)
+    try:
+        torch.testing.assert_close(a0, scores(abl))
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    batch = QueryBatch(scene, texts, [[20], [10, 30]])
+    seq = abl.pack(batch)
+    words, _ = abl.decoder_inputs(seq.inputs_embeds, seq)
+    for b, t in enumerate(texts):
+        ids = torch.tensor(text_token_ids(abl.tokenizer, t, 128).ids)
+        n = ids.numel()
+        assert int(seq.word_mask[b].sum()) == n
+        torch.testing.assert_close(words[b, :n], abl.lm.embed(ids[None])[0])

@@ -17,7 +17,11 @@ from scene3d.llm.loader import LLMConfig
 from scene3d.llm.prompt import build_prompt, build_query
 from scene3d.llm.tiny import TinyLLMConfig
 from scene3d.models.cache import SceneCache
-from scene3d.models.referring import GateSelection, ReferringConfig, ReferringSegmenter, synthetic_scene
+from scene3d.gating.adapter import GateSelection
+from scene3d.models import generation
+from scene3d.models.referring import ReferringConfig, ReferringSegmenter
+from scene3d.models.sequence import query_layout
+from scene3d.structures.scene_inputs import synthetic_scene
 
 TINY = TinyLLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2)
@@ -28,15 +32,18 @@ TEXTS = ["the brown chair", "the table near the window", "two lamps", "the piano
 def _config(**kw):
     return ReferringConfig(llm=LLMConfig(tiny=TINY, num_obj_tokens=32, lora_r=4),
                            decoder=MaskDecoderConfig(dim=32, num_queries=2, num_layers=1, num_heads=4,
-                                                             relation_layers=1, pair_hidden=8, text_layers=1),
+                                                             relation_layers=1, pair_hidden=8, rank_pairs=False),
                            obj_dim=8, point_dim=8, projector_hidden=32, max_new_tokens=5, **kw)
 
 
 def _full_embeds(model, scene, text, kept=None, feat=None):
-    """Prompt embeddings [L, H] of one question (prefix + question), as training builds them."""
+    """Prompt embeddings [L, H] of one question (prefix + question), as training builds them, its identifiers
+    and the positions of the question's own text tokens."""
     p = build_prompt(model.tokenizer, model.vocab, scene.tokens.num_objects, text, None,
-                     keep=model._keep(scene, 0, kept), config=model.config.prompt)
-    return model._embed_prompt(scene, 0, p, scene.tokens.feat if feat is None else feat), p.slot_of_object
+                     keep=model.keep_objects(scene, 0, kept), config=model.config.prompt)
+    lay = query_layout(model.tokenizer, text, model.config.prompt)
+    words = p.prefix_len + lay.word_start + torch.arange(lay.num_words)
+    return model.embed_prompt(scene, 0, p, scene.tokens.feat if feat is None else feat), p.slot_of_object, words
 
 
 @torch.no_grad()
@@ -60,13 +67,13 @@ def _naive_answer(model, emb):
 def _naive_predict(model, scene, texts):
     out = []
     for text in texts:
-        kept, feat = model._gate(scene, [text])
-        emb, slots = _full_embeds(model, scene, text, kept, feat)
+        kept, feat = model.gate_objects(scene, [text])
+        emb, slots, cols = _full_embeds(model, scene, text, kept, feat)
+        words = model.lm(emb[None]).hidden[:, cols]  # (1, T, H): the LLM's states at the question's words
         answer, h = _naive_answer(model, emb)
-        query, words, word_mask = model._decoder_query(h[None], [text])
-        dec = model.decoder(query, scene.point_feat, scene.points.coord, scene.points.offset, scene.tokens,
-                            scene.points.superpoint, words, word_mask)
-        out.append(model._reconcile(scene, answer, slots, dec))
+        dec = model.decoder(h[None], words, torch.ones(words.shape[:2], dtype=torch.bool), scene.point_feat,
+                            scene.points.coord, scene.points.offset, scene.tokens, scene.points.superpoint)
+        out.append(generation.reconcile(model, scene, answer, slots, dec))
     return out
 
 
@@ -117,7 +124,7 @@ def test_reference_has_early_and_late_finishers(reference, model):
 def test_prefix_matches_prompt(model, scene):
     emb, slots = model.prefix_embeds(scene)
     p = build_prompt(model.tokenizer, model.vocab, 20, "the chair", [3], keep=torch.arange(20))
-    full = model._embed_prompt(scene, 0, p, scene.tokens.feat)
+    full = model.embed_prompt(scene, 0, p, scene.tokens.feat)
     assert p.prefix_len == emb.shape[0]
     torch.testing.assert_close(full[: p.prefix_len], emb, atol=0, rtol=0)
     assert torch.equal(slots, p.slot_of_object)
@@ -136,7 +143,7 @@ def test_query_tail_completes_the_cached_head(model, scene):
 def test_cached_logits_equal_uncached(model, scene, text, targets):
     p = build_prompt(model.tokenizer, model.vocab, 20, text, targets)
     with torch.no_grad():
-        full = model._embed_prompt(scene, 0, p, scene.tokens.feat)
+        full = model.embed_prompt(scene, 0, p, scene.tokens.feat)
         ref = model.lm(full[None])
         sc = SceneCache(model, scene)
         lc = sc.cached_len
@@ -176,21 +183,30 @@ def test_expand_copies_the_cache_into_every_row(model, scene):
 # ------------------------------------------------------------------------------------------ batched starts
 @pytest.mark.parametrize("start", ["packed", "rows", "uncached"])
 def test_batched_start_logits_equal_single_sequences(model, scene, start):
-    """Logits after each question's last token, per layout, against each whole prompt encoded alone."""
+    """Logits after each question's last token and the LLM states at its words, per layout, against each whole
+    prompt encoded alone."""
     texts = TEXTS[:4]  # questions of different lengths (padding / packing exercised)
     with torch.no_grad():
-        refs = torch.stack([model.lm(_full_embeds(model, scene, t)[0][None]).logits[0, -1] for t in texts])
+        full = [_full_embeds(model, scene, t) for t in texts]
+        outs = [model.lm(f[0][None]) for f in full]
+        refs = torch.stack([o.logits[0, -1] for o in outs])
         if start == "uncached":
-            steps, _ = model._start_uncached(scene, texts)
+            started = generation.start_uncached(model, scene, texts)
         else:
             sc = SceneCache(model, scene)
-            steps = model._start_packed(sc, texts) if start == "packed" else model._start_cached_rows(sc, texts)
+            fn = generation.start_packed if start == "packed" else generation.start_cached_rows
+            started = fn(model, sc, texts)
+        steps = started.steps
         torch.testing.assert_close(steps.logits, refs, atol=1e-5, rtol=1e-5)
+        for b, (o, f) in enumerate(zip(outs, full)):
+            n = f[2].numel()
+            assert int(started.word_mask[b].sum()) == n
+            torch.testing.assert_close(started.words[b, :n], o.hidden[0, f[2]], atol=1e-5, rtol=1e-5)
         # one more token for rows 0 and 2 only (rows 1 and 3 finished): the next logits match the reference
         tok = torch.tensor([model.vocab.obj_token_ids[3], model.vocab.obj_token_ids[5]])
         logits, hidden = steps.step(torch.tensor([0, 2]), tok)
         for j, (row, t) in enumerate(zip((0, 2), tok.tolist())):
-            emb = _full_embeds(model, scene, texts[row])[0]
+            emb = full[row][0]
             emb = torch.cat([emb, model.lm.embed(torch.tensor([[t]]))[0]])
             ref = model.lm(emb[None])
             torch.testing.assert_close(logits[j], ref.logits[0, -1], atol=1e-5, rtol=1e-5)
@@ -199,7 +215,7 @@ def test_batched_start_logits_equal_single_sequences(model, scene, start):
 
 # ------------------------------------------------------------------------------------------ predict
 def test_predict_cached_equals_naive_reference(model, scene, reference):
-    assert model._cached_layout() == "packed"
+    assert model.cached_layout() == "packed"
     _assert_same(model.predict(scene, TEXTS, use_cache=True), reference)
 
 
@@ -211,7 +227,7 @@ def test_predict_rows_layout_and_small_batches(model, scene, reference, monkeypa
     m = copy.copy(model)  # shares the modules; the config copy changes the batch size only
     m.config = copy.copy(model.config)
     m.config.predict_batch_size = 4  # 6 texts: batches of 4 and 2
-    monkeypatch.setattr(m, "_cached_layout", lambda: "rows")
+    monkeypatch.setattr(m, "cached_layout", lambda: "rows")
     _assert_same(m.predict(scene, TEXTS, use_cache=True), reference)
     _assert_same(m.predict(scene, TEXTS[::-1], use_cache=False), reference[::-1])
 
@@ -221,7 +237,7 @@ def test_packed_layout_with_eager_attention(model, scene, reference):
     the scores, not a boolean)."""
     m = copy.deepcopy(model)
     m.lm.causal_lm.set_attn_implementation("eager")
-    assert m.lm.causal_lm.config._attn_implementation == "eager" and m._cached_layout() == "packed"
+    assert m.lm.causal_lm.config._attn_implementation == "eager" and m.cached_layout() == "packed"
     _assert_same(m.predict(scene, TEXTS, use_cache=True), reference)
 
 
@@ -284,7 +300,7 @@ def test_generate_rules_on_a_script(model):
     script = [[seg] * 9, [o1] * 9, [o1] * 9, [seg] * 9]
     steps = _Scripted(script, vs, first=[o1, eos, o1, v.placeholder_id])
     steps.logits[3, o2] = 0.5  # row 3: placeholder 1.0 > <OBJ002> 0.5 > the rest 0
-    answers, hidden = model._generate(steps)
+    answers, hidden = generation.greedy(model, steps)
     assert answers[0] == [o1, seg] and answers[1] == [seg] and answers[2] == [o1] * n + [seg]
     assert answers[3] == [o2, seg]
     assert steps.fed == answers  # finished rows are not fed again

@@ -1,5 +1,6 @@
-"""Output heads: the mask decoder that turns the LLM's [SEG] state into point masks and object scores."""
+"""Output heads: the grounding head (which objects, from the LLM's states) and the mask head (which points)."""
 
-from scene3d.heads.mask_decoder import DecoderOutput, FourierEncoding, MaskDecoder, MaskDecoderConfig
+from scene3d.heads.grounding import FourierEncoding, GroundingHead
+from scene3d.heads.mask_decoder import DecoderOutput, MaskDecoder, MaskDecoderConfig
 
-__all__ = ["DecoderOutput", "FourierEncoding", "MaskDecoder", "MaskDecoderConfig"]
+__all__ = ["DecoderOutput", "FourierEncoding", "GroundingHead", "MaskDecoder", "MaskDecoderConfig"]

@@ -14,6 +14,7 @@ import torch
 
 from scene3d.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from scene3d.models.pipeline import PipelineConfig, Scene3DModel
+from scene3d.models.referring import ARCHITECTURE
 
 
 class LoadedModel(NamedTuple):
@@ -31,6 +32,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     model_cfg = ckpt.config.get("model")
     if not isinstance(model_cfg, dict):
         raise CheckpointError(f"{ckpt.path / 'config.yaml'}: no 'model' section to build the model from")
+    referring = model_cfg.get("referring") or {}
+    arch = referring.get("architecture", 1) if isinstance(referring, dict) else None
+    if arch != ARCHITECTURE:
+        raise CheckpointError(f"{ckpt.path / 'config.yaml'}: model architecture {arch} (1: the decoder read the words "
+                              f"through its own text encoder); this scene3d builds architecture {ARCHITECTURE}, in "
+                              "which the words reach the decoder only through the LLM: retrain")
     try:
         config = PipelineConfig.from_dict(model_cfg)
     except TypeError as e:

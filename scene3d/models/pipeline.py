@@ -24,8 +24,8 @@ from torch import nn
 from scene3d.engine.checkpoint import load_selected, select_trainable
 from scene3d.gating.adapter import GateConfig, ObjectTokenGate
 from scene3d.llm.loader import fingerprint_hex
-from scene3d.models.referring import Prediction, ReferringBatch as ModelBatch, ReferringConfig, ReferringSegmenter, \
-    SceneInputs
+from scene3d.models.referring import Prediction, QueryBatch, ReferringConfig, ReferringSegmenter
+from scene3d.structures.scene_inputs import SceneInputs
 from scene3d.structures.points import PointBatch
 from scene3d.tokenizer.backbone import BackboneConfig
 from scene3d.tokenizer.model import IN_CHANNELS, ObjectTokenizer, ObjectTokenizerConfig
@@ -108,7 +108,7 @@ class Scene3DModel(nn.Module):
                 for b, oid in zip(obj_batch, scene.tokens.object_ids.tolist())
             ], dtype=torch.long)
         distractors = [list(r.get("distractors") or []) for r in rows]
-        mb = ModelBatch(scene=scene, texts=[r["text"] for r in rows], targets=[list(r["targets"]) for r in rows],
+        mb = QueryBatch(scene=scene, texts=[r["text"] for r in rows], targets=[list(r["targets"]) for r in rows],
                         distractors=distractors, object_class=object_class,
                         shared=shared, scene_index=index)
         ref = self.segmenter(mb)

@@ -1,0 +1,145 @@
+"""Losses of the referring segmenter (:class:`scene3d.models.referring.ReferringSegmenter.forward`).
+
+* ``lm``: cross-entropy over the answer's tokens only (identifiers and ``[SEG]``), from logits computed at
+  the positions before them (:func:`loss_positions`);
+* ``mask_bce`` (mean over points) + ``mask_dice`` (per question, smoothed so zero-target questions push the
+  mask to empty: :func:`dice_loss`);
+* ``obj``: per-object target BCE where *hard negatives* — objects of a target's class that are not targets
+  (when classes are known) and Sr3D ``distractors`` — weigh ``hard_negative_weight`` instead of 1
+  (:func:`object_targets`);
+* ``obj_rank``: softmax cross-entropy over a question's objects and the "no target" logit (:func:`rank_loss`);
+* ``obj_sim``: BCE of the grounding head's object similarity against "same class" (:func:`similarity_loss`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from scene3d.constants import IGNORE_INDEX
+from scene3d.structures.ragged import counts_from_offset
+
+
+class ReferringLoss(NamedTuple):
+    total: torch.Tensor
+    lm: torch.Tensor
+    mask_bce: torch.Tensor
+    mask_dice: torch.Tensor
+    obj: torch.Tensor
+    obj_rank: torch.Tensor
+    obj_sim: torch.Tensor
+
+
+def loss_positions(labels: torch.Tensor):
+    """Positions ``[R, K]`` whose next token carries a label, and those labels ``[R, K]`` (``IGNORE_INDEX``
+    where a row has fewer than ``K``; such slots point at position 0). Cross-entropy over the logits at these
+    positions equals the usual shifted loss over all positions (with a 49k vocabulary the head over every
+    position would cost more than the layers)."""
+    nxt = labels[:, 1:]  # (R, L-1)
+    has = nxt != IGNORE_INDEX
+    k = max(int(has.sum(1).max()), 1) if labels.numel() else 1
+    r = labels.shape[0]
+    at = labels.new_zeros(r, k)
+    target = labels.new_full((r, k), IGNORE_INDEX)
+    for i in range(r):
+        pos = has[i].nonzero().flatten()
+        at[i, : pos.numel()] = pos
+        target[i, : pos.numel()] = nxt[i, pos]
+    return at, target
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Mean over scenes of ``1 - (2|p g| + 1) / (|p| + |g| + 1)`` (smoothing 1: an empty target asks for an
+    empty prediction)."""
+    p = torch.sigmoid(logits)
+    counts = counts_from_offset(offset).to(logits.device)
+    batch = torch.repeat_interleave(torch.arange(len(counts), device=logits.device), counts)
+    inter = torch.zeros(len(counts), device=logits.device).index_add(0, batch, p * target)
+    ps = torch.zeros(len(counts), device=logits.device).index_add(0, batch, p)
+    gs = torch.zeros(len(counts), device=logits.device).index_add(0, batch, target)
+    return (1 - (2 * inter + 1) / (ps + gs + 1)).mean()
+
+
+def rank_loss(obj_logits: torch.Tensor, obj_label: torch.Tensor, obj_offset: torch.Tensor,
+              null_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax cross-entropy over a question's objects (the grounding loss of ReferIt3D-style models), mean
+    over the questions it covers; 0 when there are none. Per-object BCE alone must put each score above or
+    below a fixed threshold; "the chair closest to the desk" is a comparison among the chairs, which a
+    softmax over the objects expresses directly.
+
+    Without ``null_logits`` it covers questions with exactly one target. With them (``[B]``, the "no target"
+    logit, ``MaskDecoderConfig.null_object``) the softmax runs over the objects and the null and covers every
+    question: zero targets -> the null; one or more -> ``-log`` of the probability mass on the targets (the
+    marginal likelihood of "one of the targets is the pick")."""
+    counts = counts_from_offset(obj_offset).tolist()
+    terms = []
+    for b, (logits, label) in enumerate(zip(obj_logits.split(counts), obj_label.split(counts))):
+        n = int(label.sum()) if label.numel() else 0
+        if null_logits is None:
+            if n == 1:
+                terms.append(F.cross_entropy(logits[None], label.argmax()[None]))
+            continue
+        z = torch.cat([logits, null_logits[b].reshape(1)])
+        pick = torch.cat([label > 0.5, torch.tensor([n == 0], device=label.device)])
+        terms.append(torch.logsumexp(z, 0) - torch.logsumexp(z[pick], 0))
+    return torch.stack(terms).mean() if terms else obj_logits.sum() * 0.0
+
+
+def similarity_loss(grounding, tokens, object_class: Optional[torch.Tensor]) -> torch.Tensor:
+    """BCE of the grounding head's object-similarity logits against "same class" over the ordered pairs of
+    distinct objects of each question's scene, mean over questions with >= 2 objects; 0 without
+    ``rank_pairs`` or without ``object_class [M]``."""
+    if grounding.sim_embed is None or object_class is None:
+        return tokens.feat.sum() * 0.0
+    obj = grounding.obj_proj(tokens.feat)
+    cls = object_class.to(obj.device)
+    terms = []
+    for b, m in enumerate(tokens.obj_counts.tolist()):
+        o0 = int(tokens.obj_offset[b - 1]) if b else 0
+        if m < 2:
+            continue
+        off = ~torch.eye(m, dtype=torch.bool, device=obj.device)
+        same = (cls[o0 : o0 + m, None] == cls[None, o0 : o0 + m]).float()
+        terms.append(F.binary_cross_entropy_with_logits(grounding.similarity_logits(obj[o0 : o0 + m])[off],
+                                                        same[off]))
+    return torch.stack(terms).mean() if terms else obj.sum() * 0.0
+
+
+def local_rows(tokens, b: int, ids: Sequence[int], what: str) -> torch.Tensor:
+    """Local object rows (sorted, distinct) of scene ``b`` holding the source object ``ids``."""
+    if tokens.object_ids is None:
+        raise ValueError("tokens.object_ids is needed to match target / distractor object ids")
+    o0 = int(tokens.obj_offset[b - 1]) if b else 0
+    scene_ids = tokens.object_ids[o0 : o0 + int(tokens.obj_counts[b])].tolist()
+    out = []
+    for i in ids:
+        if int(i) not in scene_ids:
+            raise ValueError(f"sample {b}: {what} object id {i} is not among the scene's object ids")
+        out.append(scene_ids.index(int(i)))
+    return torch.tensor(sorted(set(out)), dtype=torch.long)
+
+
+def object_targets(tokens, targets: Sequence, distractors: Optional[Sequence], object_class: Optional[torch.Tensor],
+                   hard_negative_weight: float):
+    """Point targets ``[N]``, object labels ``[M]`` and object weights ``[M]`` (hard negatives weigh more) of
+    question ``b`` on scene ``b`` of ``tokens``."""
+    dev = tokens.feat.device
+    label = torch.zeros(tokens.num_objects, device=dev)
+    weight = torch.ones(tokens.num_objects, device=dev)
+    for b in range(tokens.batch_size):
+        o0 = int(tokens.obj_offset[b - 1]) if b else 0
+        rows = local_rows(tokens, b, targets[b], "target").to(dev) + o0
+        hard = torch.zeros(tokens.num_objects, dtype=torch.bool, device=dev)
+        if object_class is not None and rows.numel():
+            m = int(tokens.obj_counts[b])
+            cls = object_class.to(dev)
+            hard[o0 : o0 + m] = torch.isin(cls[o0 : o0 + m], cls[rows])
+        if distractors is not None and distractors[b]:
+            hard[local_rows(tokens, b, distractors[b], "distractor").to(dev) + o0] = True
+        weight[hard] = hard_negative_weight
+        label[rows] = 1.0
+        weight[rows] = 1.0
+    gt_point = (label[tokens.point2obj.clamp_min(0)] * (tokens.point2obj >= 0)).float()
+    return gt_point, label, weight
