@@ -34,7 +34,7 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from scene3d.engine.evaluate import MASK_SOURCES
+from scene3d.engine.evaluate import MASK_SOURCES, OBJECT_SOURCES
 from scene3d.engine.trainer import TrainerConfig
 from scene3d.llm.loader import LLMConfig
 from scene3d.models.pipeline import PipelineConfig
@@ -98,6 +98,22 @@ class SyntheticDataSchema:
 
 
 @dataclass
+class ExtraTrainSchema:
+    """Another set of training rows on another processed directory, trained together with ``data.train``
+    (e.g. a real scan and its generated expressions beside the synthetic benchmark; see
+    :func:`scene3d.data.assembly.training_dataset`)."""
+
+    name: str = MISSING
+    processed_dir: str = MISSING  # scene dirs or mmdetection3d exports (what load_processed_scene reads)
+    train: str = MISSING  # referring jsonl of rows on those scenes
+    repeat: int = 1  # the rows' items appear this many times per epoch (a small real set beside many scenes)
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1:
+            raise ValueError(f"data.extra_train[{self.name}].repeat must be >= 1, got {self.repeat}")
+
+
+@dataclass
 class DataSchema:
     """Processed scenes + referring samples (``scene3d prep scannet`` / ``scene3d prep refer`` outputs).
 
@@ -120,6 +136,9 @@ class DataSchema:
     questions_per_scene: int = 1
     alignment_negatives: int = 2  # alignment: absent classes per scene asked about (zero-target rows)
     alignment_skip_labels: List[str] = field(default_factory=lambda: ["wall", "floor", "ceiling"])
+    #: more training rows on other processed directories, mixed into every epoch (task=alignment: alignment
+    #: rows of their scenes)
+    extra_train: List[ExtraTrainSchema] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -138,12 +157,16 @@ class EvalSchema:
     strict: bool = False  # IoU > k instead of >= k
     mask: str = "reconciled"  # reconciled | identifier | decoder: which mask of a Prediction is scored
     progress: bool = True
+    #: gt: objects are the scene's instances; proposals: geometric proposals, masks scored against GT points
+    objects: str = "gt"
 
     def __post_init__(self) -> None:
         if self.split not in ("val", "train"):
             raise ValueError(f"eval.split must be 'val' or 'train', got {self.split!r}")
         if self.mask not in MASK_SOURCES:
             raise ValueError(f"eval.mask must be one of {MASK_SOURCES}, got {self.mask!r}")
+        if self.objects not in OBJECT_SOURCES:
+            raise ValueError(f"eval.objects must be one of {OBJECT_SOURCES}, got {self.objects!r}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"eval.max_samples must be >= 1 or null, got {self.max_samples}")
 

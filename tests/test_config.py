@@ -45,7 +45,7 @@ def test_every_group_has_options_and_the_config_dir_is_the_repos():
     for g in GROUPS:
         assert options(g), f"configs/{g}/ is empty"
     assert set(options("experiment")) == {"synthetic_cpu", "overfit_one_scene", "scanrefer", "multi3drefer",
-                                          "nr3d", "sr3d"}
+                                          "nr3d", "sr3d", "real_rescan"}
     assert set(options("data")) == {"synthetic"} | REAL
     for exp in options("experiment"):  # lightning-hydra-template habit: experiments override groups globally
         text = (CONFIGS / "experiment" / f"{exp}.yaml").read_text()

@@ -3,7 +3,8 @@ the synthetic benchmark is generated beforehand by :func:`data_prep.synthetic.pr
 
 ==========================  ==================================================================================
 :func:`split_rows`          the referring rows of a split (or alignment rows of its scenes) + the scenes dir
-:func:`training_dataset`    the training :class:`~scene3d.data.referring.ReferringDataset`
+:func:`training_dataset`    the training :class:`~scene3d.data.referring.ReferringDataset` (a
+                            ``ConcatDataset`` of several with ``data.extra_train``)
 :func:`alignment_rows`      stage-1 rows binding object tokens to identifiers and class text
 ==========================  ==================================================================================
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+from torch.utils.data import ConcatDataset
 
 from scene3d.data.referring import ReferringDataset, read_jsonl
 from scene3d.data.scene import load_processed_scene
@@ -95,10 +97,38 @@ def split_rows(data, split: str, samples: Optional[str] = None, processed_dir: O
 
 
 def training_dataset(data, seed: int):
-    """The training :class:`~scene3d.data.referring.ReferringDataset` of ``data`` (a
-    :class:`~scene3d.config.DataSchema`): its train split with the configured subsampling, augmentation and
-    grouping of questions per scene; ``seed`` (the trainer's) drives the augmentation."""
+    """The training dataset of ``data`` (a :class:`~scene3d.config.DataSchema`): a
+    :class:`~scene3d.data.referring.ReferringDataset` of its train split with the configured subsampling,
+    augmentation and grouping of questions per scene; ``seed`` (the trainer's) drives the augmentation.
+
+    With ``data.extra_train`` (other processed directories and their rows, e.g. a real scan beside the
+    synthetic scenes) the result is a ``ConcatDataset`` of one ReferringDataset per source, each listed
+    ``repeat`` times per epoch; the same subsampling and augmentation apply to all (``max_train_samples``
+    cuts the main split only). Scene ids must not repeat across sources (a row names its scene by id only).
+    """
     train = split_rows(data, "train")
-    return ReferringDataset(train.processed_dir, data.train, max_points=data.max_points, jitter=data.jitter,
+    main = ReferringDataset(train.processed_dir, data.train, max_points=data.max_points, jitter=data.jitter,
                             scale_range=data.scale_range, max_samples=data.max_train_samples, seed=seed,
                             rows=train.rows, questions_per_scene=data.questions_per_scene)
+    extra = list(getattr(data, "extra_train", None) or [])
+    if not extra:
+        return main
+    parts, owner = [main], {r["scene_id"]: "data.train" for r in main.rows}
+    for k, src in enumerate(extra):
+        proc, path = expand_path(src.processed_dir), expand_path(src.train)
+        if not proc.is_dir():
+            raise FileNotFoundError(f"processed scenes directory not found: {proc} (data.extra_train[{k}] "
+                                    f"{src.name}.processed_dir)")
+        rows = read_jsonl(path)
+        if data.task == "alignment":
+            rows = alignment_rows(proc, [r["scene_id"] for r in rows], data.alignment_negatives,
+                                  data.alignment_skip_labels, seed=0)
+        for sid in sorted({r["scene_id"] for r in rows}):
+            if sid in owner:
+                raise ValueError(f"scene {sid} is in both {owner[sid]} and data.extra_train[{k}] ({src.name}): "
+                                 "scene ids must not repeat across training sources")
+            owner[sid] = f"data.extra_train[{k}]"
+        parts.append(ReferringDataset(proc, path, max_points=data.max_points, jitter=data.jitter,
+                                      scale_range=data.scale_range, seed=seed + 1 + k, rows=rows,
+                                      questions_per_scene=data.questions_per_scene, repeat=src.repeat))
+    return ConcatDataset(parts)

@@ -14,6 +14,10 @@ key                 type              meaning
 ``labels``          dict              object id -> class label of the scene (same-class hard negatives)
 ==================  ================  ===========================================================
 
+Scenes are directories of ``processed_dir`` or mmdetection3d exports in it (``<scene_id>_vert[_all].npy``).
+A training subsample keeps a few points of every object (:func:`keep_every_object`).
+``repeat = R`` lists every item ``R`` times per epoch (a small set trained beside a large one).
+
 With ``questions_per_scene = Q > 1`` an item is up to ``Q`` rows *of one scene* (the rows grouped by scene in
 file order, then cut into runs of ``Q``; ``sample`` is the first): the scene is loaded, subsampled and
 jittered once and the model tokenizes it once for all of them (:meth:`SceneInputs.take` spreads the
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scene3d.data.exports import find_mmdet_export
 from scene3d.data.scene import Scene, load_processed_scene
 from scene3d.structures import PointBatch
 
@@ -74,12 +79,12 @@ class ReferringDataConfig:
 class ReferringDataset(Dataset):
     def __init__(self, processed_dir, samples, max_points: Optional[int] = None, jitter: float = 0.0,
                  scale_range: float = 0.0, max_samples: Optional[int] = None, seed: int = 0,
-                 rows: Optional[Sequence[dict]] = None, questions_per_scene: int = 1):
+                 rows: Optional[Sequence[dict]] = None, questions_per_scene: int = 1, repeat: int = 1):
         self.processed_dir = Path(processed_dir)
         if not self.processed_dir.is_dir():
             raise FileNotFoundError(f"processed scenes directory not found: {self.processed_dir}")
         self.rows = list(rows) if rows is not None else read_jsonl(samples)
-        missing = sorted({r["scene_id"] for r in self.rows if not (self.processed_dir / r["scene_id"]).is_dir()})
+        missing = sorted({r["scene_id"] for r in self.rows if not _scene_exists(self.processed_dir / r["scene_id"])})
         if missing:
             raise ValueError(f"{len(missing)} scenes of {samples} are not in {self.processed_dir}: {missing[:5]}")
         if max_samples is not None:
@@ -95,6 +100,10 @@ class ReferringDataset(Dataset):
         q = questions_per_scene
         self.groups = ([[i] for i in range(len(self.rows))] if q == 1 else
                        [idx[j : j + q] for idx in by_scene.values() for j in range(0, len(idx), q)])
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        # each repetition is its own item index, so it draws its own subsample and jitter
+        self.groups = self.groups * repeat
         self.epoch = 0
         self._load = lru_cache(maxsize=64)(self._load_scene)
 
@@ -128,6 +137,7 @@ class ReferringDataset(Dataset):
         keep = None
         if self.max_points is not None and scene.num_points > self.max_points:
             keep = np.sort(rng.choice(scene.num_points, self.max_points, replace=False))
+            keep = keep_every_object(scene.instance, keep, rng)
         points = scene_to_tensors(scene, keep)
         if self.scale_range > 0:
             points["coord"] = points["coord"] * float(rng.uniform(1 - self.scale_range, 1 + self.scale_range))
@@ -136,6 +146,33 @@ class ReferringDataset(Dataset):
             points["coord"] = points["coord"] + torch.from_numpy(noise)
         return {"scene_id": row["scene_id"], "points": points, "sample": row, "samples": rows,
                 "labels": {int(o.id): o.label for o in scene.objects}}
+
+
+#: points of each object a training subsample keeps at least (all of them for smaller objects)
+MIN_OBJECT_POINTS = 8
+
+
+def keep_every_object(instance: np.ndarray, keep: np.ndarray, rng: np.random.Generator,
+                      min_points: int = MIN_OBJECT_POINTS) -> np.ndarray:
+    """``keep`` (sorted point indices of a subsample) plus random points of every object left with fewer than
+    ``min(min_points, its size)``, so no object (a target, anchor or distractor of a row) vanishes from a
+    subsampled scene: on an 80k-point real scan cut to a few thousand points a 40-point object often would.
+    The subsample grows by at most ``min_points`` per such object; where none is short it is unchanged."""
+    inst = instance[keep]
+    ids, total = np.unique(instance[instance >= 0], return_counts=True)
+    kept = dict(zip(*np.unique(inst[inst >= 0], return_counts=True)))
+    extra = []
+    for i, n in zip(ids.tolist(), total.tolist()):
+        need = min(min_points, n) - int(kept.get(i, 0))
+        if need > 0:
+            pool = np.setdiff1d(np.flatnonzero(instance == i), keep, assume_unique=True)
+            extra.append(rng.choice(pool, need, replace=False))
+    return np.sort(np.concatenate([keep, *extra])) if extra else keep
+
+
+def _scene_exists(path: Path) -> bool:
+    """A scene directory, or an mmdetection3d export ``<dir>/<scene_id>_vert[_all].npy``."""
+    return path.is_dir() or find_mmdet_export(path) is not None
 
 
 def scene_to_tensors(scene: Scene, keep: Optional[np.ndarray] = None) -> dict:
