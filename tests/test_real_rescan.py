@@ -62,7 +62,7 @@ def test_config_mixes_synthetic_and_real_rows(env):
     assert "scene0000_01" not in {r["scene_id"] for r in synth.rows}
     assert len(scan) == obj.data.extra_train[0].repeat * len({tuple(g) for g in scan.groups})
     item = ds[len(synth)]  # the first real item: a subsample of the real scan, rows of that scan
-    assert item["scene_id"] == "scene0000_01" and 1500 <= item["points"]["coord"].shape[0] < 1500 + 8 * 72
+    assert item["scene_id"] == "scene0000_01" and item["points"]["coord"].shape[0] == 1500
     # every object keeps points in the subsample (a 41-point object is 0.05 % of the scan)
     scene = scan.scene("scene0000_01")
     kept = set(item["points"]["instance"].tolist())
@@ -70,8 +70,7 @@ def test_config_mixes_synthetic_and_real_rows(env):
     assert all(r["dataset"] == "generated" for r in item["samples"])
     # two repetitions of one item draw different subsamples
     again = ds[len(synth) + len(scan) // obj.data.extra_train[0].repeat]
-    a, b = again["points"]["coord"], item["points"]["coord"]
-    assert again["samples"] == item["samples"] and (a.shape != b.shape or not (a == b).all())
+    assert again["samples"] == item["samples"] and not again["points"]["coord"].equal(item["points"]["coord"])
 
 
 def test_a_scene_in_two_sources_is_an_error(env, tmp_path):
@@ -97,3 +96,21 @@ def test_smoke_train_and_evaluate_on_the_other_rescan(env, tmp_path):
     assert metrics["step"] == 3 and metrics["num_samples"] == 6 == len(preds)
     assert {p["scene_id"] for p in preds} == {"scene0000_02"}
     assert 0.0 <= metrics["metrics"]["overall"]["miou"] <= 1.0
+
+
+def test_keep_every_object_swaps_points_in_and_keeps_the_size():
+    import numpy as np
+
+    from scene3d.data.referring import keep_every_object
+
+    rng = np.random.default_rng(0)
+    instance = np.concatenate([np.full(900, -1), np.full(90, 0), np.full(5, 1), np.full(30, 2)]).astype(np.int32)
+    keep = np.sort(rng.choice(len(instance), 100, replace=False))
+    keep[np.isin(instance[keep], [1, 2])] = 0  # objects 1 and 2 lost by the draw
+    keep = np.unique(keep)
+    out = keep_every_object(instance, keep, rng, min_points=8)
+    assert len(out) == len(keep) and len(np.unique(out)) == len(out)
+    counts = {i: int((instance[out] == i).sum()) for i in (0, 1, 2)}
+    assert counts[1] == 5 and counts[2] == 8 and counts[0] >= 8  # all of a small object, min_points of the others
+    full = np.arange(len(instance))
+    assert keep_every_object(instance, full, rng) is full  # nothing short: unchanged

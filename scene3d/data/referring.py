@@ -154,10 +154,12 @@ MIN_OBJECT_POINTS = 8
 
 def keep_every_object(instance: np.ndarray, keep: np.ndarray, rng: np.random.Generator,
                       min_points: int = MIN_OBJECT_POINTS) -> np.ndarray:
-    """``keep`` (sorted point indices of a subsample) plus random points of every object left with fewer than
-    ``min(min_points, its size)``, so no object (a target, anchor or distractor of a row) vanishes from a
-    subsampled scene: on an 80k-point real scan cut to a few thousand points a 40-point object often would.
-    The subsample grows by at most ``min_points`` per such object; where none is short it is unchanged."""
+    """``keep`` (sorted point indices of a subsample) with random points of every object left with fewer than
+    ``min(min_points, its size)`` swapped in, so no object (a target, anchor or distractor of a row) vanishes
+    from a subsampled scene: on an 80k-point real scan cut to a few thousand points a 40-point object often
+    would. As many points leave, drawn from the unannotated points and the objects' surplus above the
+    minimum, so the size stays ``len(keep)`` (it grows only when there is not enough surplus). Where no
+    object is short, ``keep`` is returned unchanged (the same subsample as before this rule)."""
     inst = instance[keep]
     ids, total = np.unique(instance[instance >= 0], return_counts=True)
     kept = dict(zip(*np.unique(inst[inst >= 0], return_counts=True)))
@@ -167,7 +169,17 @@ def keep_every_object(instance: np.ndarray, keep: np.ndarray, rng: np.random.Gen
         if need > 0:
             pool = np.setdiff1d(np.flatnonzero(instance == i), keep, assume_unique=True)
             extra.append(rng.choice(pool, need, replace=False))
-    return np.sort(np.concatenate([keep, *extra])) if extra else keep
+    if not extra:
+        return keep
+    extra = np.concatenate(extra)
+    # removable: every kept unannotated point, and each object's kept points beyond min_points
+    removable = [np.flatnonzero(inst < 0)]
+    for i, n in kept.items():
+        if n > min_points:
+            removable.append(rng.choice(np.flatnonzero(inst == i), n - min_points, replace=False))
+    removable = np.concatenate(removable)
+    drop = rng.choice(removable, min(len(extra), len(removable)), replace=False)
+    return np.sort(np.concatenate([np.delete(keep, drop), extra]))
 
 
 def _scene_exists(path: Path) -> bool:
