@@ -43,6 +43,8 @@ import numpy as np
 import trimesh
 from tqdm.auto import tqdm
 
+from data_prep.paraphrase import write_paraphrase_files
+from data_prep.synth_refer import write_referring_files
 from scene3d.utils.io import atomic_dir, write_json_atomic, write_text_atomic
 
 # --------------------------------------------------------------------------------------------------
@@ -566,9 +568,6 @@ def generate_dataset(out_dir, num_scenes: int = 4, seed: int = 0, preset: str = 
 def _write_referring(out_dir: Path, layout: dict, seed: int) -> dict:
     """Synthetic referring expressions for the scenes (data_prep.synth_refer), then the paraphrase split of
     the val programs (data_prep.paraphrase; it only reads the regular files)."""
-    from data_prep.paraphrase import write_paraphrase_files
-    from data_prep.synth_refer import write_referring_files
-
     files = dict(write_referring_files(out_dir, layout, seed))
     files.update(write_paraphrase_files(out_dir, layout, seed))
     return files

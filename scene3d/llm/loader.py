@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from scene3d.constants import DEFAULT_NUM_OBJ_TOKENS, OBJ_PLACEHOLDER, OBJ_TOKEN_TEMPLATE, SEG_TOKEN
+from scene3d.llm.registry import resolve_model_path
 from scene3d.llm.tiny import TinyLLMConfig, build_tiny_llm
 
 #: Tokenizer classes that mean "the tokenizer.json as it is"; loaded as PreTrainedTokenizerFast.
@@ -123,8 +124,6 @@ def _load_base(config: LLMConfig):
     """(base causal LM, tokenizer, fingerprint of the base weights or None for the tiny model)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from scene3d.llm.registry import resolve_model_path
 
     if config.path is None:
         tiny = build_tiny_llm(config.tiny)

@@ -27,6 +27,8 @@ from scene3d.sparse.spconv_compat import sparse_tensor
 from scene3d.structures.objects import ObjectTokens
 from scene3d.structures.points import PointBatch
 from scene3d.tokenizer.backbone import BackboneConfig, SparseUNet
+from scene3d.tokenizer.geometry import GeometryEncoder, GeometryEncoderConfig
+from scene3d.tokenizer.octree import encode_objects, voxelize_objects
 from scene3d.tokenizer.pooling import pool_objects, token_dim
 from scene3d.tokenizer.proposals import OffsetLoss, ProposalConfig, ProposalHead, cluster_proposals, offset_loss
 from scene3d.tokenizer.relation import RelationConfig, RelationContext
@@ -87,8 +89,6 @@ class ObjectTokenizer(nn.Module):
         self.geometry = None
         geo_dim = 0
         if cfg.use_geometry:
-            from scene3d.tokenizer.geometry import GeometryEncoder, GeometryEncoderConfig
-
             self.geometry = GeometryEncoder(GeometryEncoderConfig(out_dim=cfg.geometry_dim))
             geo_dim = cfg.geometry_dim
         d_in = token_dim(c) + geo_dim
@@ -106,8 +106,6 @@ class ObjectTokenizer(nn.Module):
 
     def geometry_code(self, points: PointBatch, point2obj: torch.Tensor, num_objects: int) -> torch.Tensor:
         """Octree geometry vector per object ``[M, geometry_dim]`` from each object's points."""
-        from scene3d.tokenizer.octree import encode_objects, voxelize_objects
-
         sel = point2obj >= 0
         vox = voxelize_objects(points.coord[sel].float(), point2obj[sel], self.cfg.geometry_voxel_size,
                                num_objects=num_objects, on_overflow="coarsen")

@@ -36,7 +36,7 @@ from torch import nn
 
 from scene3d.structures.points import PointBatch
 from scene3d.tokenizer.pooling import object_rows
-from scene3d.tokenizer.voxelize import scatter_pool
+from scene3d.tokenizer.voxelize import scatter_pool, voxelize
 
 
 @dataclass
@@ -109,8 +109,6 @@ def _groups(points: PointBatch, fallback_voxel: float) -> torch.Tensor:
         if (local < 0).any():
             raise ValueError("superpoint ids must be >= 0")
     else:  # voxel connectivity stand-in
-        from scene3d.tokenizer.voxelize import voxelize
-
         return voxelize(points, fallback_voxel).inverse
     span = int(local.max()) + 1 if local.numel() else 1
     return torch.unique(batch * span + local, return_inverse=True)[1]
