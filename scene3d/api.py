@@ -24,11 +24,17 @@ mesh / point cloud file         trimesh (``.ply .obj .off .stl .glb`` ...; verti
 arrays                          ``coord=`` [N, 3] (+ ``color``, ``normal``, ``instance``, ``superpoint``)
 ==============================  ==============================================================================
 
-A scene without instances (a mesh, arrays without ``instance``, an unannotated scan) gets its objects from
-the tokenizer's proposal head (class-agnostic clustering of centre votes); their ``object_ids`` are -1 and
-results name them by their row (``objects``). A proposal that holds most of the scene (the head did not
-separate the objects, as an out-of-domain head does on real scans) is named in ``SegmentResult.oversized``
-and ``warnings`` and raises a :class:`DegradedSceneWarning`.
+**Where the objects come from** (``segment(..., objects=)``): ``"auto"`` (default) takes the scene's instances
+when it has any, else proposals of the default kind, :data:`DEFAULT_PROPOSALS`; ``"instances"`` insists on
+instances; ``"proposals"`` takes geometric proposals even when the scene has instances
+(:func:`scene3d.tokenizer.geometric_proposals.proposal_objects`: plane removal + normal / colour / convexity
+graph merging, nothing learned); ``"learned"`` the tokenizer's proposal head (class-agnostic clustering of
+centre votes). The geometric proposals are the default for scans without instances because they measured
+better on a real scan the head was not trained on (README, "Proposals on real scans": the head, trained on
+synthetic boxes, returns one proposal of most of the room). Proposals' ``object_ids`` are -1 and results
+name them by their row (``objects``); ``SegmentResult.object_source`` / ``num_proposals`` say where the
+objects came from and how many there were. A proposal that holds most of the scene is named in
+``SegmentResult.oversized`` and ``warnings`` and raises a :class:`DegradedSceneWarning`.
 
 **Large scenes and the memory bound.** The model costs about 3.3 KB per point it sees (1 M points: 3.5 GiB
 without a cap). A scene of more than ``Segmenter.max_points`` points (default :data:`DEFAULT_MAX_POINTS` =
@@ -82,6 +88,10 @@ OPEN3D_SUFFIXES = (".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts")
 LABEL_TSV = "scannetv2-labels.combined.tsv"
 #: scenes with more points are voxel-downsampled before the model sees them (module docstring)
 DEFAULT_MAX_POINTS = 200_000
+#: ``segment(objects=...)`` values; "auto": instances when the scene has them, else DEFAULT_PROPOSALS
+OBJECT_CHOICES = ("auto", "instances", "proposals", "learned")
+#: the proposals a scene without instances gets under objects="auto" (measured better than "learned")
+DEFAULT_PROPOSALS = "proposals"
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 _NO_ROWS.setflags(write=False)
 
@@ -400,7 +410,10 @@ class SegmentResult(NamedTuple):
     ``identifiers``      list[str]       identifiers named in the answer
     ``source``           str             ``identifiers`` (named by the answer), ``decoder`` (scores >=
                                          threshold) or ``none`` (zero targets)
-    ``proposals``        bool            objects came from the proposal head (no instances)
+    ``proposals``        bool            objects came from proposals (geometric or learned), not instances
+    ``object_source``    str             ``instances``, ``geometric`` or ``learned`` (proposal head)
+    ``num_proposals``    int             proposals the model was given (0 with instances)
+    ``num_candidates``   int             geometric: overlapping proposals before they were made disjoint
     ``unknown_words``    list[str]       words of the query the model's tokenizer reads as its unknown
                                          token (also warned about); the answer cannot use them
     ``left_out_ids``     [L] int64       source ids (or proposal rows) of the objects that got no identifier
@@ -441,6 +454,9 @@ class SegmentResult(NamedTuple):
     all_below_threshold: bool = False
     oversized: np.ndarray = _NO_ROWS
     warnings: tuple = ()
+    object_source: str = "instances"
+    num_proposals: int = 0
+    num_candidates: int = 0
 
     @property
     def num_points(self) -> int:
@@ -460,6 +476,9 @@ class EncodedScene(NamedTuple):
     downsample: Optional[Downsampled] = None
     oversized: np.ndarray = _NO_ROWS
     warnings: tuple = ()
+    object_source: str = "instances"  # instances | geometric | learned
+    num_proposals: int = 0
+    num_candidates: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ segmenter
@@ -481,7 +500,7 @@ class Segmenter:
         self.checkpoint = checkpoint
         self.step = step
         self.max_points = max_points
-        self._cached: Optional[tuple] = None  # (scene, proposals, max_points, encoding)
+        self._cached: Optional[tuple] = None  # (scene, object mode, max_points, encoding)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device: Union[str, torch.device] = "cpu") -> "Segmenter":
@@ -516,16 +535,35 @@ class Segmenter:
                            source=scene.source, path=scene.path, labels=scene.labels)
         return small, d
 
+    @staticmethod
+    def object_mode(scene: SceneData, objects: Optional[str] = "auto", proposals: bool = False) -> str:
+        """Where ``scene``'s objects come from: ``instances``, ``proposals`` (geometric) or ``learned``, from
+        ``objects`` (:data:`OBJECT_CHOICES`) and the older flag ``proposals`` (= ``objects="proposals"``)."""
+        objects = "auto" if objects is None else objects
+        if objects not in OBJECT_CHOICES:
+            raise ValueError(f"objects: expected one of {', '.join(OBJECT_CHOICES)}, got {objects!r}")
+        if proposals:
+            if objects not in ("auto", "proposals"):
+                raise ValueError(f"proposals=True contradicts objects={objects!r}")
+            return "proposals"
+        if objects == "instances" and not scene.has_instances:
+            raise ValueError(f"scene {scene.scene_id!r} has no instance ids (objects='instances'); use "
+                             "objects='proposals' or 'auto'")
+        if objects == "auto":
+            return "instances" if scene.has_instances else DEFAULT_PROPOSALS
+        return objects
+
     @torch.no_grad()
-    def encode(self, scene: SceneData, proposals: bool = False) -> EncodedScene:
-        """Tokenize ``scene`` (cached for the last scene). Objects are the scene's instances when it has any
-        (unless ``proposals``), else the proposal head's clusters (as :meth:`Scene3DModel.predict` does).
-        Scenes over ``max_points`` are downsampled first (:meth:`downsample`)."""
-        c = self._cached
-        if c is not None and c[0] is scene and c[1] == proposals and c[2] == self.max_points:
-            return c[3]
+    def encode(self, scene: SceneData, proposals: bool = False, objects: Optional[str] = "auto") -> EncodedScene:
+        """Tokenize ``scene`` (cached for the last scene). Objects per :meth:`object_mode` (module docstring,
+        "Where the objects come from"). Scenes over ``max_points`` are downsampled first (:meth:`downsample`);
+        geometric proposals are made on the whole scene and carried to its representatives."""
         if not isinstance(scene, SceneData):
             raise TypeError(f"scene must be a SceneData (from load_scene), got {type(scene).__name__}")
+        mode = self.object_mode(scene, objects, proposals)
+        c = self._cached
+        if c is not None and c[0] is scene and c[1] == mode and c[2] == self.max_points:
+            return c[3]
         full = scene
         scene, down = self.downsample(full)
         notes = []
@@ -536,14 +574,34 @@ class Segmenter:
         points = scene.to_points(self.device)
         if down is not None:  # proposal sizes count the input points each representative stands for
             points = points.replace(weight=torch.from_numpy(down.counts).to(self.device, torch.float64))
-        objects = points.instance if scene.has_instances and not proposals else None
+        num_proposals = num_candidates = 0
+        if mode == "instances":
+            objects = points.instance
+        elif mode == "proposals":
+            # open3d / scipy proposals load with a model, not on `import scene3d.api`
+            from scene3d.tokenizer.geometric_proposals import proposal_objects
+
+            prop = proposal_objects(full.coord, full.color)
+            labels = prop.labels
+            if down is not None:  # each representative takes the proposal of (one of) its input points
+                small = np.full(down.num_points, -1, np.int64)
+                small[down.inverse] = labels
+                labels = small
+            num_candidates = prop.num_candidates
+            objects = torch.from_numpy(labels).to(self.device)
+        else:
+            objects = None  # the tokenizer's proposal head
         self.model.eval()
         inputs, _ = self.model.encode(points, objects)
         m = inputs.tokens.num_objects
         if m == 0:
-            how = ("the proposal head found no object (ProposalConfig.min_points="
-                   f"{self.model.config.tokenizer.proposal.min_points})" if objects is None else "no instances")
+            how = {"instances": "no instances",
+                   "proposals": "the geometric proposals found no object of at least 100 points",
+                   "learned": "the proposal head found no object (ProposalConfig.min_points="
+                              f"{self.model.config.tokenizer.proposal.min_points})"}[mode]
             raise ValueError(f"scene {scene.scene_id!r} ({scene.num_points} points) has no objects: {how}")
+        if mode != "instances":
+            num_proposals = m
         k = self.model.segmenter.vocab.num_identifiers
         if m > k and self.model.segmenter.config.overflow == "error":
             raise ValueError(f"scene {scene.scene_id!r} has {m} objects but the model has {k} identifiers; "
@@ -554,7 +612,7 @@ class Segmenter:
                           "result's left_out_ids; the decoder still scores them). Real ScanNet scenes reach ~150 "
                           "objects: llm=smollm2 has 200 identifiers", ObjectsOverflowWarning, stacklevel=3)
         oversized = _NO_ROWS
-        if objects is None:
+        if mode != "instances":
             # the tokenizer (spconv) loads with a model, not on `import scene3d.api`
             from scene3d.tokenizer.proposals import OVERSIZED_FRACTION, oversized_proposals
 
@@ -564,21 +622,25 @@ class Segmenter:
                 p2o = inputs.tokens.point2obj.cpu().numpy()
                 w = np.ones(len(p2o)) if down is None else down.counts
                 share = ", ".join(f"{int(r)} ({w[p2o == r].sum() / w.sum():.0%})" for r in oversized)
+                who = ("the proposal head did not separate the objects (a head trained on other kinds of scenes)"
+                       if mode == "learned" else "the geometric proposals did not separate the objects")
                 notes.append(f"proposal {share} of scene {full.scene_id!r} holds more than "
-                             f"{OVERSIZED_FRACTION:.0%} of its points: the proposal head did not separate the "
-                             "objects (a head trained on other kinds of scenes), so answers here are unreliable; "
+                             f"{OVERSIZED_FRACTION:.0%} of its points: {who}, so answers here are unreliable; "
                              "give instance ids if you have them")
         for note in notes:
             warnings.warn(note, DegradedSceneWarning, stacklevel=3)
-        enc = EncodedScene(inputs, objects is None, down, oversized, tuple(notes))
-        self._cached = (full, proposals, self.max_points, enc)
+        source = {"instances": "instances", "proposals": "geometric", "learned": "learned"}[mode]
+        enc = EncodedScene(inputs, mode != "instances", down, oversized, tuple(notes), source, num_proposals,
+                           num_candidates)
+        self._cached = (full, mode, self.max_points, enc)
         return enc
 
-    def segment(self, scene: SceneData, text: Union[str, Sequence[str]], proposals: bool = False):
+    def segment(self, scene: SceneData, text: Union[str, Sequence[str]], proposals: bool = False,
+                objects: Optional[str] = "auto"):
         """Answer one query (``str`` -> :class:`SegmentResult`) or several (list -> list, one encoded scene).
 
-        ``proposals``: take objects from the proposal head even when the scene has instances (as on an
-        unannotated scan)."""
+        ``objects``: ``auto`` | ``instances`` | ``proposals`` | ``learned`` (module docstring, "Where the
+        objects come from"); ``proposals=True`` is the older spelling of ``objects="proposals"``."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if not single and not texts:
@@ -599,7 +661,7 @@ class Segmenter:
                 warnings.warn(f"query {t!r}: the model's tokenizer does not know {', '.join(map(repr, u))} "
                               f"(read as {text_tokenizer.unk_token}); the answer ignores "
                               f"{'them' if len(u) > 1 else 'it'}", UnknownWordsWarning, stacklevel=2)
-        enc = self.encode(scene, proposals)
+        enc = self.encode(scene, proposals, objects)
         preds = self.model.segmenter.predict(enc.inputs, [t.strip() for t in texts], use_cache=True)
         results = [self._result(enc, t, p, scene)._replace(unknown_words=u, text_tokens_dropped=d)
                    for t, p, u, d in zip(texts, preds, unknown, dropped)]
@@ -645,14 +707,16 @@ class Segmenter:
                          "other kinds of scenes, e.g. the synthetic demo on a real scan; see the README)")
         return SegmentResult(
             text=text, point_mask=point_mask, object_masks=masks,
-            objects=rows.cpu().numpy(), object_ids=pred.object_ids.long().cpu().numpy(),
+            objects=rows.cpu().numpy(),
+            object_ids=(np.full(len(rows), -1, np.int64) if enc.proposals else pred.object_ids.long().cpu().numpy()),
             scores=scores[rows.cpu()].numpy(), boxes=boxes, all_scores=scores.numpy(),
             decoder_mask=decoder_mask, answer=answer, identifiers=list(pred.identifiers),
             source=pred.source, proposals=enc.proposals, left_out_ids=self._ids_of(tokens, pred.left_out),
             model_points=int(tokens.point2obj.shape[0]),
             downsample_voxel=None if d is None else d.voxel_size, all_below_threshold=below,
-            oversized=enc.oversized, warnings=tuple(notes))
+            oversized=enc.oversized, warnings=tuple(notes), object_source=enc.object_source,
+            num_proposals=enc.num_proposals, num_candidates=enc.num_candidates)
 
 
-__all__ = ["DEFAULT_MAX_POINTS", "DegradedSceneWarning", "Downsampled", "EncodedScene", "SceneData", "SceneLoadError",
+__all__ = ["DEFAULT_MAX_POINTS", "DEFAULT_PROPOSALS", "OBJECT_CHOICES", "DegradedSceneWarning", "Downsampled", "EncodedScene", "SceneData", "SceneLoadError",
            "SegmentResult", "ObjectsOverflowWarning", "UnknownWordsWarning", "Segmenter", "load_scene", "make_scene"]

@@ -32,6 +32,7 @@ class CheckpointEval(NamedTuple):
     metrics: dict  # summarize() output
     step: int
     checkpoint: Path
+    objects: dict = {}  # {scene_id: {"source", "num_objects", ...}} (scene3d.engine.evaluate.EvalResult)
 
 
 def text_report(text_tokenizer, rows: Sequence[Mapping], max_tokens: int) -> dict:
@@ -82,7 +83,8 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     if not rows:
         raise ValueError(f"no referring rows to evaluate in the {ev.split} split of {data.name}")
     language = text_report(loaded.model.segmenter.tokenizer, rows, loaded.model.segmenter.config.prompt.max_text_tokens)
-    res = evaluate_model(loaded.model, split.processed_dir, rows, ev.mask, ev.strict, progress=ev.progress)
+    res = evaluate_model(loaded.model, split.processed_dir, rows, ev.mask, ev.strict, progress=ev.progress,
+                         objects=ev.objects)
     ckpt = Path(loaded.path)
     src = ev.samples or (data.val if ev.split == "val" else data.train)
     # the paraphrase split (data.val=<synthetic root>/refer/val_paraphrase.jsonl) is named after its file, so
@@ -95,5 +97,6 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     write_json_atomic(metrics_path, jsonable({
         "checkpoint": str(ckpt), "step": loaded.step, "data": data.name, "split": name,
         "processed_dir": str(split.processed_dir), "mask": ev.mask, "strict": ev.strict,
+        "objects": ev.objects, "objects_per_scene": res.objects,
         "num_samples": len(rows), "text": language, "metrics": res.metrics, "per_sample": res.per_sample}))
-    return CheckpointEval(out_dir, pred_path, metrics_path, res.metrics, loaded.step, ckpt)
+    return CheckpointEval(out_dir, pred_path, metrics_path, res.metrics, loaded.step, ckpt, res.objects)

@@ -4,6 +4,7 @@ proposals), and the errors of bad input."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -232,6 +233,8 @@ def test_segment_without_instances_uses_proposals(seg, scene, forced):
     r = seg.segment(bare, "the sofa", proposals=forced)
     enc = seg.encode(bare, proposals=forced)
     assert r.proposals and enc.proposals and enc.inputs.tokens.num_objects > 0
+    assert r.object_source == "geometric" and r.num_proposals == enc.inputs.tokens.num_objects
+    assert r.num_candidates >= r.num_proposals
     assert (r.object_ids == -1).all() and r.point_mask.shape == (bare.num_points,)
     p2o = enc.inputs.tokens.point2obj.numpy()
     assert np.array_equal(r.point_mask, np.isin(p2o, r.objects))
@@ -464,18 +467,19 @@ def test_oversized_proposals_are_reported(trained, scene, monkeypatch):
     model, _ = trained
     seg_ = Segmenter(model)
     bare = load_scene(coord=scene.coord, color=scene.color, scene_id="bare")
-    enc = seg_.encode(bare)  # an untrained proposal head: its clusters are whatever they are ...
+    enc = seg_.encode(bare, objects="learned")  # an untrained proposal head: its clusters are whatever they are
     p2o = enc.inputs.tokens.point2obj.numpy()
     share = np.bincount(p2o[p2o >= 0], minlength=enc.inputs.tokens.num_objects) / bare.num_points
     expect = np.flatnonzero(share > 0.5)
-    r = seg_.segment(bare, "the sofa")
+    r = seg_.segment(bare, "the sofa", objects="learned")
+    assert r.object_source == "learned" and r.num_proposals == enc.inputs.tokens.num_objects
     assert r.oversized.tolist() == expect.tolist()  # ... and the report says which of them swallow the scene
     assert any("did not separate the objects" in w for w in r.warnings) == bool(expect.size)
     # a proposal that is the whole scene: every point one object
     one = Segmenter(model)
     monkeypatch.setattr(model.tokenizer3d.cfg.proposal, "radius", 100.0)  # every voted centre joins one cluster
     with pytest.warns(DegradedSceneWarning, match="holds more than 50% of its points"):
-        r = one.segment(bare, "the sofa")
+        r = one.segment(bare, "the sofa", objects="learned")
     assert r.oversized.tolist() == [0] and any("proposal 0 (100%)" in w for w in r.warnings)
     assert not Segmenter(model).segment(scene, "the sofa").oversized.size  # instances are never "oversized"
 
@@ -490,7 +494,35 @@ def test_real_scan_without_instances_reports_the_swallowing_proposal(real_data, 
     seg_ = Segmenter(trained[0])
     bare = seg_.load_scene(coord=vert[:, :3], color=vert[:, 3:6].astype(np.uint8), scene_id="scene0000_01")
     with pytest.warns(DegradedSceneWarning, match="did not separate the objects"):
-        r = seg_.segment(bare, "the bed")
-    p2o = seg_.encode(bare).inputs.tokens.point2obj.numpy()
+        r = seg_.segment(bare, "the bed", objects="learned")
+    p2o = seg_.encode(bare, objects="learned").inputs.tokens.point2obj.numpy()
     (row,) = r.oversized
     assert (p2o == row).sum() > 0.5 * bare.num_points
+    # the default for a scan without instances, the geometric proposals, separate it into many objects
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegradedSceneWarning)
+        g = seg_.segment(bare, "the bed")
+    assert g.object_source == "geometric" and g.num_proposals > 30 and not g.oversized.size
+
+
+def test_objects_argument(seg, scene):
+    """objects= chooses where the objects come from; a bad value or an impossible choice is a one-line error."""
+    inst = seg.segment(scene, "the sofa", objects="instances")
+    assert inst.object_source == "instances" and inst.num_proposals == 0 and not inst.proposals
+    auto = seg.segment(scene, "the sofa")  # instances when the scene has them
+    assert auto.object_source == "instances" and np.array_equal(auto.all_scores, inst.all_scores)
+    prop = seg.segment(scene, "the sofa", objects="proposals")
+    enc = seg.encode(scene, objects="proposals")
+    assert prop.proposals and prop.object_source == "geometric" and prop.num_proposals == enc.inputs.tokens.num_objects
+    # the proposals are the geometric ones of the scene's own points, not its instances
+    from scene3d.tokenizer.geometric_proposals import proposal_objects
+
+    labels = proposal_objects(scene.coord, scene.color).labels
+    assert np.array_equal(enc.inputs.tokens.point2obj.numpy(), labels)
+    with pytest.raises(ValueError, match="objects: expected one of auto, instances, proposals, learned, got 'gt'"):
+        seg.segment(scene, "the sofa", objects="gt")
+    bare = load_scene(coord=scene.coord, scene_id="bare")
+    with pytest.raises(ValueError, match="scene 'bare' has no instance ids"):
+        seg.segment(bare, "the sofa", objects="instances")
+    with pytest.raises(ValueError, match="contradicts"):
+        seg.segment(scene, "the sofa", proposals=True, objects="learned")

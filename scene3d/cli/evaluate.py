@@ -6,7 +6,9 @@
 * checkpoint mode: ``scene3d eval CKPT [hydra overrides]`` where CKPT is a checkpoint directory, its
   ``checkpoints/`` parent or a run directory: runs the model over a referring split (configs/eval.yaml, e.g.
   ``eval.split=val eval.max_samples=100 data=scanrefer data.processed_dir=...``) and writes
-  ``predictions.jsonl`` + ``metrics.json`` (scene3d.evaluate.run_checkpoint_eval).
+  ``predictions.jsonl`` + ``metrics.json`` (scene3d.evaluate.run_checkpoint_eval). ``--objects proposals``
+  takes the objects from geometric proposals instead of the ground-truth instances; masks are still scored
+  against the ground-truth target points (scene3d.engine.evaluate).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def add_parser(sub, name, help_):
                    help="score referring rows without a prediction as empty predictions instead of failing")
     p.add_argument("--out", type=Path, default=None, help="write metrics (+ per-sample scores) as json")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--objects", metavar="gt|proposals", default=None,
+                   help="checkpoint mode: where the objects come from: the scene's ground-truth instances (gt, "
+                        "default) or geometric proposals (proposals; predicted masks are scored against the "
+                        "ground-truth target points, as Chat-Scene on Mask3D proposals)")
     p.set_defaults(_accepts_overrides=True)  # checkpoint mode only; predictions mode rejects them in run()
     return p
 
@@ -123,6 +129,12 @@ def evaluate_checkpoint(args) -> int:
         raise SystemExit(f"scene3d eval: {', '.join(given + (['--allow-missing'] if args.allow_missing else []))} "
                          "belong to the predictions-file mode; in checkpoint mode use overrides such as "
                          "eval.samples=FILE.jsonl eval.processed_dir=DIR out_dir=DIR")
+    if args.objects is not None:
+        from scene3d.engine.evaluate import OBJECT_SOURCES  # lazy, as above
+
+        if args.objects not in OBJECT_SOURCES:
+            raise SystemExit(f"scene3d eval: --objects: expected one of {', '.join(OBJECT_SOURCES)}, "
+                             f"got {args.objects!r}")
     flags = [flag for flag, field in CONVENTION_FLAGS if getattr(args, field) is not None]
     if flags:
         raise SystemExit(f"scene3d eval: {', '.join(flags)} belong to the predictions-file mode; checkpoint mode "
@@ -142,6 +154,8 @@ def evaluate_checkpoint(args) -> int:
         overrides.append("eval.strict=true")
     if args.no_progress:
         overrides.append("eval.progress=false")
+    if args.objects is not None:
+        overrides.append(f"eval.objects={args.objects}")
     try:
         cfg = to_objects(compose("eval", overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
@@ -149,6 +163,11 @@ def evaluate_checkpoint(args) -> int:
         return 2
     res = run_checkpoint_eval(cfg)
     print(f"checkpoint {res.checkpoint} (step {res.step}); conventions: {Conventions().describe()}")
+    if cfg.eval.objects == "proposals":
+        per = list(res.objects.values())
+        counts = [o["num_objects"] for o in per]
+        print(f"objects: geometric proposals ({min(counts)}-{max(counts)} per scene over {len(per)} scenes); "
+              "masks scored against the ground-truth target points")
     print(format_metrics(res.metrics))
     print(TABLE_LEGEND)
     print(f"wrote {res.predictions}\nwrote {res.metrics_file}")
@@ -164,6 +183,9 @@ def run(args) -> int:
     if target.is_dir():
         raise SystemExit(f"scene3d eval: {target} is a directory without a checkpoint (expected "
                          "model.safetensors + meta.json, a checkpoints/ dir or a run dir)")
+    if args.objects is not None:
+        raise SystemExit("scene3d eval: --objects belongs to the checkpoint mode (a predictions file already "
+                         "holds its masks)")
     if args.overrides:
         raise SystemExit(f"scene3d eval: unrecognized arguments: {' '.join(args.overrides)} (hydra overrides "
                          "only apply to the checkpoint mode)")

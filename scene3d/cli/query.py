@@ -81,7 +81,7 @@ def run(args) -> int:
         if args.max_points is not None:
             seg.max_points = args.max_points or None
         scene = seg.load_scene(args.scene)
-        kind = "instances" if scene.has_instances else "proposals"
+        kind = "instances" if scene.has_instances else "proposals (geometric)"
         print(f"scene {scene.scene_id} ({scene.source}): {scene.num_points} points, objects from {kind}")
         with warnings.catch_warnings():  # printed below as the result's own "warning:" lines
             warnings.simplefilter("ignore", DegradedSceneWarning)

@@ -14,8 +14,15 @@ Masks (``mask=``): ``reconciled`` is :attr:`Prediction.point_mask` (the objects 
 decoder's object scores when it names none), written as one mask per chosen object; ``identifier`` is
 :attr:`Prediction.identifier_mask` and ``decoder`` the dense :attr:`Prediction.decoder_mask`, each written
 as one mask. Scenes are evaluated whole (every point of ``coord.npy``, no subsampling) so mask indices are
-indices into the processed scene. Objects are the scene's annotated instances (``instance.npy``), as in
-training: the numbers measure grounding and segmentation given instance proposals.
+indices into the processed scene.
+
+Objects (``objects=``): ``gt`` takes the scene's annotated instances (``instance.npy``), as in training: the
+numbers measure grounding and segmentation given ground-truth instances. ``proposals`` takes the geometric
+proposals of :func:`scene3d.tokenizer.geometric_proposals.proposal_objects` instead (computed from
+``coord`` / ``color`` alone; object tokens are pooled from the proposal masks): a predicted mask is then the
+points of the proposals the model chose, and it is still scored against the ground-truth target points (as
+Chat-Scene evaluates on Mask3D proposals), so a proposal that cuts or swells the target costs IoU.
+``EvalResult.objects`` says per scene where the objects came from and how many there were.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from scene3d.metrics import evaluate_rows
 from scene3d.structures.points import PointBatch
 
 MASK_SOURCES = ("reconciled", "identifier", "decoder")
+#: where evaluation takes the objects from (module docstring)
+OBJECT_SOURCES = ("gt", "proposals")
 #: The figures the trainer logs from :class:`ValidationFn` (keys of ``summarize(...)["overall"]``).
 VAL_KEYS = ("miou", "acc@0.25", "acc@0.5")
 
@@ -45,6 +54,8 @@ class EvalResult(NamedTuple):
     metrics       :func:`scene3d.metrics.summarize` output: ``{group: {"count", "miou", "acc@0.25", ...}}``
     per_sample    ``[{"dataset", "scene_id", "ann_id", "iou", "box_iou", "box_f1@k", "mask_f1@k"}]`` in row order
     rows          the referring rows that were evaluated
+    objects       ``{scene_id: {"source": "instances" | "geometric", "num_objects": K, ...}}``; proposals also
+                  give ``num_candidates`` (overlapping proposals before they were made disjoint)
     ============  ==========================================================================================
     """
 
@@ -52,6 +63,7 @@ class EvalResult(NamedTuple):
     metrics: dict
     per_sample: list
     rows: list
+    objects: dict = {}
 
 
 def _key(row: Mapping) -> tuple:
@@ -92,13 +104,22 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_objects(objects: str, where: str = "objects") -> str:
+    """``objects`` if it is one of :data:`OBJECT_SOURCES`, else a one-line ``ValueError`` naming ``where``."""
+    if objects not in OBJECT_SOURCES:
+        raise ValueError(f"{where}: expected one of {', '.join(OBJECT_SOURCES)}, got {objects!r}")
+    return objects
+
+
 def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: Iterable[str] = ("reconciled",),
-                         strict: bool = False, progress: bool = True) -> dict:
+                         strict: bool = False, progress: bool = True, objects: str = "gt") -> dict:
     """Run ``model.predict`` on every row (scene by scene, each scene loaded once) and score each of ``masks``.
+    ``objects``: ``gt`` (instances) or ``proposals`` (geometric proposals; module docstring).
 
     ``model``: a :class:`~scene3d.models.pipeline.Scene3DModel` (anything with ``predict(points, texts)``).
     Returns ``{mask: EvalResult}``. Rows must carry ``dataset``, ``scene_id``, ``ann_id``, ``text``, ``targets``.
     """
+    check_objects(objects)
     masks = list(masks)
     bad = [m for m in masks if m not in MASK_SOURCES]
     if bad or not masks:
@@ -122,28 +143,46 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
         by_scene.setdefault(r["scene_id"], []).append(i)
     device = _device_of(model)
     preds: dict[str, list] = {m: [None] * len(rows) for m in masks}
+    sources: dict[str, dict] = {}
     for sid in tqdm(list(by_scene), desc="eval", unit="scene", disable=not progress):
         scene = load_processed_scene(processed_dir / sid)
         points = PointBatch.from_list([scene_to_tensors(scene)], scene_ids=[sid]).to(device)
         idx = by_scene[sid]
-        out = model.predict(points, [rows[i]["text"] for i in idx])
+        texts = [rows[i]["text"] for i in idx]
+        if objects == "proposals":
+            # open3d / scipy proposals load with this mode only
+            from scene3d.tokenizer.geometric_proposals import proposal_objects
+
+            prop = proposal_objects(scene.coord, scene.color)
+            if prop.num_proposals == 0:
+                raise ValueError(f"scene {sid!r} ({len(scene.coord)} points): the geometric proposals found no "
+                                 "object of at least 100 points; it cannot be evaluated with objects=proposals")
+            sources[sid] = {"source": prop.source, "num_objects": prop.num_proposals,
+                            "num_candidates": prop.num_candidates}
+            split = prop.labels  # a reconciled mask splits per chosen proposal
+            out = model.predict(points, texts, objects=torch.from_numpy(split).to(device))
+        else:
+            split = scene.instance
+            sources[sid] = {"source": "instances", "num_objects": int(len(np.unique(split[split >= 0])))}
+            out = model.predict(points, texts)
         for i, p in zip(idx, out):
             for m in masks:
-                preds[m][i] = prediction_row(rows[i], p, scene.instance, m)
+                preds[m][i] = prediction_row(rows[i], p, split, m)
     results = {}
     for m in masks:
         table = {k: {**p, "_where": f"prediction {k}"} for k, p in zip(keys, preds[m])}
         # ``strict`` is deprecated and changes nothing: the default conventions already count point-mask
         # Acc@k as IoU > k (3D-STMN, MDIN) and box metrics as >= (ScanRefer, M3DRef-CLIP); scene3d.metrics
         ev = evaluate_rows(table, rows, processed_dir, progress=False)
-        results[m] = EvalResult(preds[m], ev.metrics, ev.per_sample, rows)
+        results[m] = EvalResult(preds[m], ev.metrics, ev.per_sample, rows, sources)
     return results
 
 
 def evaluate_model(model, processed_dir, rows: Sequence[Mapping], mask: str = "reconciled", strict: bool = False,
-                   progress: bool = True) -> EvalResult:
+                   progress: bool = True, objects: str = "gt") -> EvalResult:
     """:func:`evaluate_model_masks` for one mask."""
-    return evaluate_model_masks(model, processed_dir, rows, (mask,), strict=strict, progress=progress)[mask]
+    return evaluate_model_masks(model, processed_dir, rows, (mask,), strict=strict, progress=progress,
+                                objects=objects)[mask]
 
 
 def spread_rows(rows: Sequence[Mapping], max_samples: Optional[int]) -> list:

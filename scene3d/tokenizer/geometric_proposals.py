@@ -49,7 +49,8 @@ class GeometricConfig:
     behind_fraction: float = 0.03  # at most this share of the scene lies > behind_margin behind a structural plane
     behind_margin: float = 0.15
     band: float = 0.3  # metres above the lowest / below the highest point searched for floor / ceiling
-    link: float = 0.09  # metres between adjacent cells (about 2 voxels)
+    link: float = 0.09  # metres between adjacent cells (about 2 voxels) ...
+    link_spacing: float = 1.5  # ... or this many times the 90th percentile cell spacing of a sparser scan
     # (max angle between normals in degrees, max rgb distance in 0..1 units) of each merge level
     # merge levels, strict to loose: (max angle between normals in degrees, max rgb distance in 0..1 units,
     # max concavity (n_i - n_j) . unit(x_j - x_i) of an edge); the last level lets concave creases join too
@@ -211,7 +212,12 @@ def geometric_proposals(coord: np.ndarray, color: Optional[np.ndarray] = None,
     normal = _normals(xyz, cfg.normal_knn) if v >= 3 else np.tile([0.0, 0.0, 1.0], (v, 1))
     structural, planes = _structure(xyz, normal, w, cfg) if v >= 3 else (np.zeros(v, bool), 0)
     keep = np.nonzero(~structural)[0]
-    pairs = cKDTree(xyz[keep]).query_pairs(cfg.link, output_type="ndarray")
+    tree = cKDTree(xyz[keep])
+    link = cfg.link
+    if len(keep) > 1:
+        spacing = float(np.percentile(tree.query(xyz[keep], k=2)[0][:, 1], 90))
+        link = max(link, cfg.link_spacing * spacing)
+    pairs = tree.query_pairs(link, output_type="ndarray")
     i, j = keep[pairs[:, 0]], keep[pairs[:, 1]]
     angle = np.degrees(np.arccos(np.clip(np.abs((normal[i] * normal[j]).sum(1)), 0, 1)))
     cdist = np.linalg.norm(col[i] - col[j], axis=1)
@@ -272,4 +278,23 @@ def geometric_proposals(coord: np.ndarray, color: Optional[np.ndarray] = None,
     return GeometricProposals(masks, scores[rank], structural[inverse], planes)
 
 
-__all__ = ["GeometricConfig", "GeometricProposals", "geometric_proposals"]
+class ProposalObjects(NamedTuple):
+    """Disjoint proposal objects of one scene, ready for the tokenizer (``objects=``)."""
+
+    labels: np.ndarray  # [N] int64 proposal id per point (0..K-1), -1 none
+    num_proposals: int  # K: disjoint proposals handed to the model
+    num_candidates: int  # overlapping proposals before the flattening (GeometricProposals.num_proposals)
+    source: str  # "geometric"
+
+
+def proposal_objects(coord: np.ndarray, color: Optional[np.ndarray] = None,
+                     cfg: Optional[GeometricConfig] = None) -> ProposalObjects:
+    """:func:`geometric_proposals` flattened to one proposal per point (:meth:`GeometricProposals.labels`):
+    what evaluation and the API hand to the model as its objects."""
+    g = geometric_proposals(coord, color, cfg)
+    labels = g.labels()
+    return ProposalObjects(labels, int(labels.max()) + 1 if (labels >= 0).any() else 0, g.num_proposals,
+                           "geometric")
+
+
+__all__ = ["GeometricConfig", "GeometricProposals", "ProposalObjects", "geometric_proposals", "proposal_objects"]
