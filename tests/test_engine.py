@@ -488,20 +488,26 @@ def _script_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    env.pop("SCENE3D_ENGINE_HANG_AFTER_CKPT", None)
     return env
 
 
-def _train_cmd(out: Path, resume: bool) -> list[str]:
-    return [sys.executable, __file__, "train", str(out), "1" if resume else "0"]
+def _train_cmd(out: Path, resume: bool, kill_at: int = 0) -> list[str]:
+    return [sys.executable, __file__, "train", str(out), "1" if resume else "0", str(kill_at)]
 
 
-def _main_train(out: str, resume: str) -> None:
+def _main_train(out: str, resume: str, kill_at: str = "0") -> None:
     torch.set_num_threads(1)
     model = make_model(dropout=0.2)
     c = cfg(max_steps=RESUME_STEPS, batch_size=2, grad_accum=2, ckpt_every=RESUME_STEPS // 2, shuffle=True,
             warmup_steps=2, schedule="cosine", grad_clip=1.0, weight_decay=0.01, seed=3, keep_last=0)
-    s = Trainer(c, model, ToyData(n=12), out_dir=out).fit(resume=resume == "1")
+
+    def kill_self(step: int, path: Path) -> None:  # kill -9 at a known point: once this checkpoint is complete
+        if step == int(kill_at):
+            print(f"checkpoint {path} written; SIGKILL", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    s = Trainer(c, model, ToyData(n=12), out_dir=out, on_checkpoint=kill_self if int(kill_at) else None).fit(
+        resume=resume == "1")
     print("SUMMARY " + json.dumps({"step": s.step, "resumed_from": str(s.resumed_from)}), flush=True)
 
 
@@ -509,23 +515,10 @@ def test_resume_after_kill9_matches_uninterrupted(tmp_path):
     env = _script_env()
     a = subprocess.Popen(_train_cmd(tmp_path / "A", False), env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    b_env = dict(env, SCENE3D_ENGINE_HANG_AFTER_CKPT=str(RESUME_STEPS // 2))
-    b = subprocess.Popen(_train_cmd(tmp_path / "B", False), env=b_env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "blocking" not in line:  # the hook prints once the step-4 checkpoint is complete
-            line = b.stdout.readline()
-            assert line or b.poll() is None, f"run B exited early (rc={b.poll()})"
-            assert time.monotonic() < deadline, "run B never reached its checkpoint"
-        os.kill(b.pid, signal.SIGKILL)
-        assert b.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if b.poll() is None:
-            b.kill()
-            b.wait(timeout=30)
-        b.stdout.close()
+    b = subprocess.run(_train_cmd(tmp_path / "B", False, kill_at=RESUME_STEPS // 2), env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert b.returncode == -signal.SIGKILL, b.stdout + b.stderr
+    assert "written; SIGKILL" in b.stdout and "SUMMARY" not in b.stdout
     ck_b = tmp_path / "B" / "checkpoints"
     assert (ck_b / "latest").read_text().strip() == f"step_{RESUME_STEPS // 2:08d}"
     assert [s for s, _ in ckm.list_checkpoints(ck_b)] == [RESUME_STEPS // 2]  # killed before step 8
@@ -646,7 +639,7 @@ def test_torchrun_ddp_time_budget_stops_all_ranks_together(tmp_path):
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":
-        _main_train(sys.argv[2], sys.argv[3])
+        _main_train(*sys.argv[2:5])
     elif sys.argv[1] == "ddp":
         _main_ddp(sys.argv[2])
     elif sys.argv[1] == "ddp_budget":

@@ -60,10 +60,6 @@ from scene3d.utils.io import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-#: Test hook: a process whose env sets this to a step number blocks forever right after saving that step's
-#: checkpoint (so a test can ``kill -9`` it at a known point). Unset in normal use.
-HANG_AFTER_CKPT_ENV = "SCENE3D_ENGINE_HANG_AFTER_CKPT"
-
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _SCHEDULES = ("cosine", "constant")
 
@@ -514,228 +510,301 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
     def _fit(self, env: DistEnv, resume: bool) -> FitSummary:
-        cfg, main = self.cfg, env.is_main
-        seed_everything(cfg.seed + env.rank)
+        """The loop, top-down: build, restore, open the logs, then step / budget / log / eval / save."""
+        seed_everything(self.cfg.seed + env.rank)
+        run = self._build(env)
+        self._restore(run, resume)
+        run.ddp_model = wrap_ddp(run.model, env, self.cfg.find_unused_parameters)
+        run.stream = _BatchStream(self.train_data, self.collate_fn, self.cfg, env, run.epoch, run.batch_in_epoch)
+        self._open_logs(run)
+        barrier()
+        self._start_clock(run)
+        run.model.train()
+        try:
+            while run.step < run.last_step:
+                self._train_step(run)
+                self._follow_budget(run)
+                self._log_train(run)
+                if self.cfg.eval_every and run.step % self.cfg.eval_every == 0 and run.step < run.last_step:
+                    run.last_eval = self._eval(run)
+                if self.cfg.ckpt_every and run.step % self.cfg.ckpt_every == 0:
+                    run.last_ckpt, run.saved_at = self._save(run), run.step
+            if run.saved_at != run.step:
+                run.last_ckpt = self._save(run)
+            if self.eval_fn is not None:
+                run.last_eval = self._eval(run)
+        finally:
+            run.pbar.close()
+            if run.writer is not None:
+                run.writer.close()
+        return self._summary(run)
+
+    # -- the parts of _fit, in the order it calls them ---------------------------------------------------
+
+    def _lr_fn(self) -> LinearWarmupCosine:
+        cfg = self.cfg
+        return LinearWarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule == "cosine")
+
+    def _build(self, env: DistEnv) -> _Run:
+        """Model on the device, AdamW, the LR schedule and (fp16 only) the grad scaler."""
+        cfg = self.cfg
         model = self.model.to(env.device)
         amp_dtype = resolve_precision(cfg.precision, env.device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(build_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
-        def make_lr_fn() -> LinearWarmupCosine:
-            return LinearWarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule == "cosine")
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_fn())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_fn())
         scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
+        return _Run(env=env, model=model, amp_dtype=amp_dtype, params=params, optimizer=optimizer,
+                    scheduler=scheduler, scaler=scaler, ckpt_root=self.out_dir / ckpt_mod.CHECKPOINTS_SUBDIR,
+                    last_step=cfg.max_steps)
 
-        ckpt_root = self.out_dir / ckpt_mod.CHECKPOINTS_SUBDIR
-        step, epoch, batch_in_epoch, resumed_from = 0, 0, 0, None
-        if resume and ckpt_mod.resolve_checkpoint(ckpt_root) is not None:
-            ck = ckpt_mod.load_checkpoint(ckpt_root)
-            ckpt_mod.load_trainable_state_dict(model, ck.model_state, source=str(ck.path))
-            st = ck.trainer_state
-            if not st:
-                raise ckpt_mod.CheckpointError(f"{ck.path} holds no trainer state: cannot resume from it")
-            try:
-                optimizer.load_state_dict(st["optimizer"])
-                scheduler.load_state_dict(st["scheduler"])
-                # the schedule follows the current config (e.g. a longer max_steps), not the saved one; with
-                # an unchanged config this recomputes the very same values (LambdaLR's own formula). A fresh
-                # object: LambdaLR.load_state_dict wrote the saved settings into the old one's __dict__.
-                lr_fn = make_lr_fn()
-                scheduler.lr_lambdas = [lr_fn] * len(optimizer.param_groups)
-                for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                    g["lr"] = base * lr_fn(scheduler.last_epoch)
-            except (KeyError, ValueError, RuntimeError) as e:
-                raise ckpt_mod.CheckpointError(f"{ck.path}: optimizer/scheduler state does not fit ({e})") from e
-            if scaler is not None and st.get("scaler"):
-                scaler.load_state_dict(st["scaler"])
-            step, epoch, batch_in_epoch = ck.step, st["position"]["epoch"], st["position"]["batch_in_epoch"]
-            if st.get("world_size") != env.world_size:
-                log.warning("resuming a %s-process run with %s processes: data order differs from the original",
-                            st.get("world_size"), env.world_size)
-            rngs = st.get("rng", [])
-            if env.rank < len(rngs):
-                ckpt_mod.set_rng_state(rngs[env.rank])
-            resumed_from = ck.path
+    def _restore(self, run: _Run, resume: bool) -> None:
+        """Continue from the latest checkpoint (``resume``), else start from ``cfg.init_from``'s weights if set."""
+        main = run.env.is_main
+        if resume and ckpt_mod.resolve_checkpoint(run.ckpt_root) is not None:
+            self._resume(run, ckpt_mod.load_checkpoint(run.ckpt_root))
             if main:
-                log.info("resumed from %s at step %d", ck.path, step)
+                log.info("resumed from %s at step %d", run.resumed_from, run.step)
         elif resume and main:
-            log.info("resume=True but no checkpoint under %s: starting from scratch", ckpt_root)
-        if resumed_from is None and cfg.init_from:
-            ck = ckpt_mod.load_model_weights(model, cfg.init_from)
+            log.info("resume=True but no checkpoint under %s: starting from scratch", run.ckpt_root)
+        if run.resumed_from is None and self.cfg.init_from:
+            ck = ckpt_mod.load_model_weights(run.model, self.cfg.init_from)
             if main:
                 log.info("initialised trainable weights from %s", ck.path)
 
-        ddp_model = wrap_ddp(model, env, cfg.find_unused_parameters)
-        stream = _BatchStream(self.train_data, self.collate_fn, cfg, env, epoch, batch_in_epoch)
-
-        csv_log = writer = None
-        if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_mod.write_config_yaml(self.out_dir / ckpt_mod.CONFIG_FILE, self.resolved_config)
-            csv_log = _CsvLog(self.out_dir / "metrics.csv")
-            if resumed_from is not None:
-                csv_log.load(step)
-            elif csv_log.path.exists():
-                csv_log.path.unlink()
-            if cfg.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=step + 1 if resumed_from else None)
-        barrier()
-
-        def autocast():
-            if amp_dtype is None:
-                return nullcontext()
-            return torch.autocast(env.device.type, dtype=amp_dtype)
-
-        def save(at_step: int) -> Optional[Path]:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "position": stream.position(),
-                "world_size": env.world_size,
-                "rng": gather_objects(_rng_for_gather()),
-            }
-            path = None
-            if main:
-                path = ckpt_mod.save_checkpoint(
-                    ckpt_root, at_step, ckpt_mod.trainable_state_dict(model), state, self.resolved_config,
-                    extra_meta={"world_size": env.world_size},
-                    keep_last=cfg.keep_last or None, keep_every=cfg.keep_every or None,
-                )
-                if self.on_checkpoint is not None:
-                    self.on_checkpoint(at_step, path)
-                hang = os.environ.get(HANG_AFTER_CKPT_ENV)
-                if hang and int(hang) == at_step:
-                    print(f"[{HANG_AFTER_CKPT_ENV}] checkpoint {path} written; blocking", flush=True)
-                    while True:
-                        time.sleep(3600)
-            barrier()
-            return path
-
-        def run_eval(at_step: int) -> dict[str, float]:
-            if self.eval_fn is None:
-                return {}
-            model.eval()
-            with torch.no_grad(), autocast():
-                res = self.eval_fn(model, at_step)
-            model.train()
-            res = {k: s for k, v in dict(res or {}).items() if (s := _scalar(v)) is not None}
-            if main:
-                csv_log.append({"step": at_step, "split": "eval", **res})
-                if writer is not None:
-                    for k, v in res.items():
-                        writer.add_scalar(f"eval/{k}", v, at_step)
-            return res
-
-        last_step = cfg.max_steps  # the last step; a time budget moves it (and the schedule's end) to fit
-        # the budget counts this fit's steps (a resumed run starts at its checkpoint's step)
-        step0 = step
-        budget = StepBudget(cfg.time_budget_s, cfg.max_steps - step0) if cfg.time_budget_s > 0 else None
-        t_fit = time.perf_counter()
-        pbar = tqdm(total=last_step, initial=step, desc="train", dynamic_ncols=True,
-                    disable=not (cfg.progress and main))
-        sums: dict[str, float] = {}
-        n_steps_acc = n_samples = 0
-        t_last = time.perf_counter()
-        last_train: dict[str, float] = {}
-        last_eval: dict[str, float] = {}
-        last_ckpt: Optional[Path] = None
-        saved_at = -1
-        model.train()
+    def _resume(self, run: _Run, ck) -> None:
+        """Weights, optimizer / scheduler / scaler state, data position and RNG state of checkpoint ``ck``."""
+        env, optimizer, scheduler = run.env, run.optimizer, run.scheduler
+        ckpt_mod.load_trainable_state_dict(run.model, ck.model_state, source=str(ck.path))
+        st = ck.trainer_state
+        if not st:
+            raise ckpt_mod.CheckpointError(f"{ck.path} holds no trainer state: cannot resume from it")
         try:
-            while step < last_step:
-                optimizer.zero_grad(set_to_none=True)
-                step_sums: dict[str, float] = {}
-                for micro in range(cfg.grad_accum):
-                    n, batch = stream.next()
-                    batch = move_to_device(batch, env.device)
-                    sync = micro == cfg.grad_accum - 1 or not is_distributed()
-                    with (nullcontext() if sync else ddp_model.no_sync()):
-                        with autocast():
-                            out = ddp_model(batch)
-                        loss = _check_output(out, step, check_finite=scaler is None)
-                        scaled = loss.float() / cfg.grad_accum
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    n_samples += n
-                    for k, v in out.items():
-                        s = _scalar(v)
-                        if s is not None:
-                            step_sums[k] = step_sums.get(k, 0.0) + s / cfg.grad_accum
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                step_sums["grad_norm"] = float(grad_norm)
-                step_sums["lr"] = optimizer.param_groups[0]["lr"]  # the lr this update uses
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                step += 1
-                n_steps_acc += 1
-                for k, v in step_sums.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                pbar.update(1)
-                if budget is not None and (budget.due(step - step0) or step % 10 == 0):
-                    # checks fall on the same steps on every rank (they gather), and every rank follows rank
-                    # 0's clock, so all stop at the same step; the hard stop is checked every 10 steps
-                    elapsed = gather_objects(time.perf_counter() - t_fit)[0]
-                    new_total = step if budget.out_of_time(elapsed) else (
-                        step0 + budget.plan(step - step0, elapsed) if budget.due(step - step0) else last_step)
-                    if new_total != last_step:
-                        last_step = new_total
-                        for fn in scheduler.lr_lambdas:
-                            fn.total_steps = max(last_step, cfg.warmup_steps + 1)
-                        pbar.total = last_step
-                        pbar.refresh()
-                        if main:
-                            log.info("time budget %.0f s: %.1f s after step %d, planning %d steps",
-                                     cfg.time_budget_s, elapsed, step, last_step)
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            # the schedule follows the current config (e.g. a longer max_steps), not the saved one; with
+            # an unchanged config this recomputes the very same values (LambdaLR's own formula). A fresh
+            # object: LambdaLR.load_state_dict wrote the saved settings into the old one's __dict__.
+            lr_fn = self._lr_fn()
+            scheduler.lr_lambdas = [lr_fn] * len(optimizer.param_groups)
+            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                g["lr"] = base * lr_fn(scheduler.last_epoch)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ckpt_mod.CheckpointError(f"{ck.path}: optimizer/scheduler state does not fit ({e})") from e
+        if run.scaler is not None and st.get("scaler"):
+            run.scaler.load_state_dict(st["scaler"])
+        run.step, run.epoch, run.batch_in_epoch = ck.step, st["position"]["epoch"], st["position"]["batch_in_epoch"]
+        if st.get("world_size") != env.world_size:
+            log.warning("resuming a %s-process run with %s processes: data order differs from the original",
+                        st.get("world_size"), env.world_size)
+        rngs = st.get("rng", [])
+        if env.rank < len(rngs):
+            ckpt_mod.set_rng_state(rngs[env.rank])
+        run.resumed_from = ck.path
 
-                if step % max(cfg.log_every, 1) == 0 or step == last_step:
-                    now = time.perf_counter()
-                    means = {k: v / n_steps_acc for k, v in sums.items()}
-                    gathered = gather_objects((means, n_samples))
-                    if main:
-                        keys = list(gathered[0][0])
-                        means = {k: float(np.mean([g[0].get(k, np.nan) for g in gathered])) for k in keys}
-                        n_total = sum(g[1] for g in gathered)
-                        means["samples_per_s"] = n_total / max(now - t_last, 1e-9)
-                        last_train = means
-                        csv_log.append({"step": step, "split": "train", "epoch": stream.epoch, **means})
-                        if writer is not None:
-                            for k, v in means.items():
-                                writer.add_scalar(f"train/{k}", v, step)
-                        pbar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{means['lr']:.2e}",
-                                         sps=f"{means['samples_per_s']:.1f}")
-                    sums, n_steps_acc, n_samples, t_last = {}, 0, 0, time.perf_counter()
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < last_step:
-                    last_eval = run_eval(step)
-                if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                    last_ckpt, saved_at = save(step), step
-            if saved_at != step:
-                last_ckpt = save(step)
-            if self.eval_fn is not None:
-                last_eval = run_eval(step)
-        finally:
-            pbar.close()
-            if writer is not None:
-                writer.close()
+    def _open_logs(self, run: _Run) -> None:
+        """Rank 0: config.yaml, metrics.csv (an earlier run's rows up to the resumed step kept), tensorboard."""
+        if not run.env.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_mod.write_config_yaml(self.out_dir / ckpt_mod.CONFIG_FILE, self.resolved_config)
+        run.csv_log = _CsvLog(self.out_dir / "metrics.csv")
+        if run.resumed_from is not None:
+            run.csv_log.load(run.step)
+        elif run.csv_log.path.exists():
+            run.csv_log.path.unlink()
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional, heavy: only when asked for
 
+            run.writer = SummaryWriter(str(self.out_dir / "tb"),
+                                       purge_step=run.step + 1 if run.resumed_from else None)
+
+    def _start_clock(self, run: _Run) -> None:
+        """The time budget (it counts this fit's steps: a resumed run starts at its checkpoint's step), the
+        throughput clock and the progress bar."""
+        cfg = self.cfg
+        run.step0 = run.step
+        run.budget = StepBudget(cfg.time_budget_s, cfg.max_steps - run.step0) if cfg.time_budget_s > 0 else None
+        run.t_fit = time.perf_counter()
+        run.pbar = tqdm(total=run.last_step, initial=run.step, desc="train", dynamic_ncols=True,
+                        disable=not (cfg.progress and run.env.is_main))
+        run.t_last = time.perf_counter()
+
+    def _autocast(self, run: _Run):
+        if run.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(run.env.device.type, dtype=run.amp_dtype)
+
+    def _train_step(self, run: _Run) -> None:
+        """One optimizer update over ``grad_accum`` micro-batches; adds its scalars to the running sums."""
+        cfg, scaler, optimizer = self.cfg, run.scaler, run.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        step_sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            n, batch = run.stream.next()
+            batch = move_to_device(batch, run.env.device)
+            sync = micro == cfg.grad_accum - 1 or not is_distributed()
+            with (nullcontext() if sync else run.ddp_model.no_sync()):
+                with self._autocast(run):
+                    out = run.ddp_model(batch)
+                loss = _check_output(out, run.step, check_finite=scaler is None)
+                scaled = loss.float() / cfg.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            run.n_samples += n
+            for k, v in out.items():
+                s = _scalar(v)
+                if s is not None:
+                    step_sums[k] = step_sums.get(k, 0.0) + s / cfg.grad_accum
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+        step_sums["grad_norm"] = float(grad_norm)
+        step_sums["lr"] = optimizer.param_groups[0]["lr"]  # the lr this update uses
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        run.scheduler.step()
+        run.step += 1
+        run.n_steps_acc += 1
+        for k, v in step_sums.items():
+            run.sums[k] = run.sums.get(k, 0.0) + v
+        run.pbar.update(1)
+
+    def _follow_budget(self, run: _Run) -> None:
+        """With a time budget: re-plan the last step (and the cosine's end) when due, stop when time is up."""
+        budget, step, step0 = run.budget, run.step, run.step0
+        if budget is None or not (budget.due(step - step0) or step % 10 == 0):
+            return
+        # checks fall on the same steps on every rank (they gather), and every rank follows rank 0's clock,
+        # so all stop at the same step; the hard stop is checked every 10 steps
+        elapsed = gather_objects(time.perf_counter() - run.t_fit)[0]
+        new_total = step if budget.out_of_time(elapsed) else (
+            step0 + budget.plan(step - step0, elapsed) if budget.due(step - step0) else run.last_step)
+        if new_total == run.last_step:
+            return
+        run.last_step = new_total
+        for fn in run.scheduler.lr_lambdas:
+            fn.total_steps = max(run.last_step, self.cfg.warmup_steps + 1)
+        run.pbar.total = run.last_step
+        run.pbar.refresh()
+        if run.env.is_main:
+            log.info("time budget %.0f s: %.1f s after step %d, planning %d steps",
+                     self.cfg.time_budget_s, elapsed, step, run.last_step)
+
+    def _log_train(self, run: _Run) -> None:
+        """Every ``log_every`` steps and at the last: the means since the last row, over all ranks, to the
+        csv, tensorboard and the progress bar."""
+        if not (run.step % max(self.cfg.log_every, 1) == 0 or run.step == run.last_step):
+            return
+        now = time.perf_counter()
+        means = {k: v / run.n_steps_acc for k, v in run.sums.items()}
+        gathered = gather_objects((means, run.n_samples))
+        if run.env.is_main:
+            keys = list(gathered[0][0])
+            means = {k: float(np.mean([g[0].get(k, np.nan) for g in gathered])) for k in keys}
+            n_total = sum(g[1] for g in gathered)
+            means["samples_per_s"] = n_total / max(now - run.t_last, 1e-9)
+            run.last_train = means
+            run.csv_log.append({"step": run.step, "split": "train", "epoch": run.stream.epoch, **means})
+            if run.writer is not None:
+                for k, v in means.items():
+                    run.writer.add_scalar(f"train/{k}", v, run.step)
+            run.pbar.set_postfix(loss=f"{means['loss']:.4g}", lr=f"{means['lr']:.2e}",
+                                 sps=f"{means['samples_per_s']:.1f}")
+        run.sums, run.n_steps_acc, run.n_samples, run.t_last = {}, 0, 0, time.perf_counter()
+
+    def _eval(self, run: _Run) -> dict[str, float]:
+        """``eval_fn`` at the current step (eval mode, no grad), its scalars logged on rank 0."""
+        if self.eval_fn is None:
+            return {}
+        model, at_step = run.model, run.step
+        model.eval()
+        with torch.no_grad(), self._autocast(run):
+            res = self.eval_fn(model, at_step)
+        model.train()
+        res = {k: s for k, v in dict(res or {}).items() if (s := _scalar(v)) is not None}
+        if run.env.is_main:
+            run.csv_log.append({"step": at_step, "split": "eval", **res})
+            if run.writer is not None:
+                for k, v in res.items():
+                    run.writer.add_scalar(f"eval/{k}", v, at_step)
+        return res
+
+    def _save(self, run: _Run) -> Optional[Path]:
+        """A checkpoint at the current step (every rank gathers its RNG state; rank 0 writes), then
+        ``on_checkpoint``; the path on rank 0, None elsewhere."""
+        state = {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "position": run.stream.position(),
+            "world_size": run.env.world_size,
+            "rng": gather_objects(_rng_for_gather()),
+        }
+        path = None
+        if run.env.is_main:
+            path = ckpt_mod.save_checkpoint(
+                run.ckpt_root, run.step, ckpt_mod.trainable_state_dict(run.model), state, self.resolved_config,
+                extra_meta={"world_size": run.env.world_size},
+                keep_last=self.cfg.keep_last or None, keep_every=self.cfg.keep_every or None,
+            )
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(run.step, path)
+        barrier()
+        return path
+
+    def _summary(self, run: _Run) -> FitSummary:
+        """Rank 0: the loss plot and the newest checkpoint; every rank: the :class:`FitSummary`."""
+        main = run.env.is_main
         plot = csv_path = None
         if main:
-            csv_path = csv_log.path
-            plot = plot_loss_curves(csv_log, self.out_dir / "loss_curves.png")
-            if last_ckpt is None:
-                last_ckpt = ckpt_mod.resolve_checkpoint(ckpt_root)
+            csv_path = run.csv_log.path
+            plot = plot_loss_curves(run.csv_log, self.out_dir / "loss_curves.png")
+            if run.last_ckpt is None:
+                run.last_ckpt = ckpt_mod.resolve_checkpoint(run.ckpt_root)
         barrier()
-        return FitSummary(step, last_train, last_eval, self.out_dir, last_ckpt, csv_path,
-                          (self.out_dir / "tb") if (main and writer is not None) else None, plot, resumed_from)
+        return FitSummary(run.step, run.last_train, run.last_eval, self.out_dir, run.last_ckpt, csv_path,
+                          (self.out_dir / "tb") if (main and run.writer is not None) else None, plot,
+                          run.resumed_from)
+
+
+@dataclass(eq=False)
+class _Run:
+    """What one :meth:`Trainer.fit` carries between its parts (built by ``_build``, filled in as it goes)."""
+
+    env: DistEnv
+    model: torch.nn.Module
+    amp_dtype: Optional[torch.dtype]
+    params: list                     # the parameters with requires_grad (clipped together)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any                   # LambdaLR over LinearWarmupCosine
+    scaler: Optional[Any]            # GradScaler (fp16 only)
+    ckpt_root: Path
+    last_step: int                   # max_steps, or where a time budget moved the end
+    step: int = 0
+    epoch: int = 0                   # data position to start from (a resumed run: the checkpoint's)
+    batch_in_epoch: int = 0
+    resumed_from: Optional[Path] = None
+    ddp_model: Any = None
+    stream: Optional[_BatchStream] = None
+    csv_log: Optional[_CsvLog] = None
+    writer: Any = None               # tensorboard SummaryWriter
+    step0: int = 0                   # the step this fit started at
+    budget: Optional[StepBudget] = None
+    t_fit: float = 0.0
+    pbar: Any = None
+    t_last: float = 0.0              # start of the current log interval
+    sums: dict = dataclasses.field(default_factory=dict)   # per-step scalars summed since the last log row
+    n_steps_acc: int = 0
+    n_samples: int = 0
+    last_train: dict = dataclasses.field(default_factory=dict)
+    last_eval: dict = dataclasses.field(default_factory=dict)
+    last_ckpt: Optional[Path] = None
+    saved_at: int = -1
 
 
 def _rng_for_gather() -> dict[str, Any]:
