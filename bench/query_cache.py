@@ -15,6 +15,7 @@ gives the same two paths one question at a time (``predict_batch_size=1``) and w
 medians over ``--repeats`` interleaved runs. Prints figures; asserts nothing about time.
 
     .venv/bin/python bench/query_cache.py --objects 150 --queries 10
+    python3 bench/query_cache.py --device cuda --llm DIR --json out.json     # on a GPU (tools/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
+import os
 import statistics
 import sys
 import time
@@ -44,11 +47,16 @@ TEXTS = ["the brown chair left of the desk", "the table near the window", "all t
          "the monitor on the left", "the largest bookshelf in the room", "the piano", "the two armchairs facing the tv"]
 
 
+_SYNC = lambda: None  # noqa: E731  (torch.cuda.synchronize with --device cuda: time finished work)
+
+
 def _median_ms(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        _SYNC()
         t0 = time.perf_counter()
         fn()
+        _SYNC()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -102,26 +110,39 @@ def main(argv=None) -> None:
                     help="the mask decoder's text-conditioned relation layers (the shipped head config uses 2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--json", default=None, help="also write the side-by-side summary to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+        global _SYNC
+        _SYNC = torch.cuda.synchronize
     llms = args.llm.split(",") if args.llm else (["tiny", DEFAULT_MODEL] if default_model_path() else ["tiny"])
     summary = []
     for which in llms:
         torch.manual_seed(0)
         print(f"\n=== LLM: {which}")
-        summary.append((which, run(_model(which, args), args)))
+        summary.append((which, run(_model(which, args).to(args.device), args)))
     print("\nside by side (batched, per query):")
     print(f"{'LLM':10s} {'cache ms':>9s} {'no cache ms':>11s} {'speed-up':>9s} {'LLM half':>9s} "
           f"{'bound (prefill tokens)':>23s}")
     for which, r in summary:
         print(f"{which:10s} {r['cache']:9.1f} {r['nocache']:11.1f} {r['speedup']:8.2f}x {r['llm_speedup']:8.2f}x "
               f"{r['bound']:22.2f}x")
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump([{"llm": w, "device": args.device, **r} for w, r in summary], fh, indent=1)
+        os.replace(tmp, args.json)
 
 
 def run(model: ReferringSegmenter, args) -> dict:
     one = copy.copy(model)  # same modules, one question per batch
     one.config = dataclasses.replace(model.config, predict_batch_size=1)
     scene = synthetic_scene((args.objects,), points_per_object=20, seed=0)
+    scene = type(scene)(scene.tokens.to(args.device), scene.point_feat.to(args.device), scene.points.to(args.device))
     texts = [TEXTS[i % len(TEXTS)] for i in range(args.queries)]
     sc = SceneCache(model, scene)
     n, r = args.queries, args.repeats

@@ -9,12 +9,18 @@ move (read the kept rows and all scores, write the kept rows: ``2 K C + M`` floa
 plain copy of the same ``2 K C`` floats (``dst.copy_(src)``, device to device) timed in the same run.
 
     .venv/bin/python bench/token_gate.py [--keep-ratio 0.5] [--min-run-time 0.5] [--threads N]
+                                         [--device cpu|cuda|all] [--json FILE]
+
+``--device all`` (the default) measures the CPU and, where a GPU is present, CUDA; ``--device cuda`` fails when
+there is none. ``--json FILE`` also writes every row (times in ms, bandwidths in GB/s) for tools/gpu_check.sh.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 
 import torch
 from torch.utils import benchmark
@@ -48,7 +54,8 @@ def time_it(stmt, env, min_run_time):
     return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def bench_device(device, ratio, min_run_time):
+def bench_device(device, ratio, min_run_time) -> list:
+    out = []
     print(f"\n== {device}  (keep_ratio={ratio}, min_keep=1, float32, threads={torch.get_num_threads()})")
     print(f"{'B x n x C':>16} {'pass':>9} {'op ms':>9} {'ref ms':>9} {'ratio':>7}   {'op GB/s':>8} "
           f"{'copy GB/s':>9} {'of copy':>7}")
@@ -73,10 +80,15 @@ def bench_device(device, ratio, min_run_time):
             t_op = time_it(op_stmt, env, min_run_time)
             t_ref = time_it(ref_stmt, env, min_run_time)
             bw = ""
+            row = dict(device=device, config=f"{b}x{n}x{c}", pass_=name, op_ms=t_op * 1e3, ref_ms=t_ref * 1e3,
+                       ratio=t_ref / t_op, keep_ratio=ratio, threads=torch.get_num_threads())
             if name == "fwd":
                 gbs, copy_gbs = nbytes / t_op / 1e9, 2 * src.numel() * src.element_size() / t_copy / 1e9
                 bw = f"   {gbs:8.1f} {copy_gbs:9.1f} {gbs / copy_gbs:6.0%}"
+                row.update(op_gbs=gbs, copy_gbs=copy_gbs, of_copy=gbs / copy_gbs)
+            out.append({k.rstrip("_"): v for k, v in row.items()})
             print(f"{f'{b}x{n}x{c}':>16} {name:>9} {t_op * 1e3:9.3f} {t_ref * 1e3:9.3f} {t_ref / t_op:6.2f}x{bw}")
+    return out
 
 
 def main() -> None:
@@ -84,16 +96,27 @@ def main() -> None:
     ap.add_argument("--keep-ratio", type=float, default=0.5)
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not has_native_op():
         raise SystemExit("scene3d._C is not built: `pip install --no-build-isolation --no-deps -e .` first")
-    bench_device("cpu", args.keep_ratio, args.min_run_time)
-    if torch.cuda.is_available():
-        bench_device("cuda", args.keep_ratio, args.min_run_time)
-    else:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+    rows = []
+    if args.device in ("all", "cpu"):
+        rows += bench_device("cpu", args.keep_ratio, args.min_run_time)
+    if args.device in ("all", "cuda") and torch.cuda.is_available():
+        rows += bench_device("cuda", args.keep_ratio, args.min_run_time)
+    elif args.device == "all":
         print("\n(no CUDA device: CUDA ratio not measured)")
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(rows, fh, indent=1)
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

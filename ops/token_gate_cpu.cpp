@@ -1,10 +1,26 @@
 // CPU kernels of scene3d::token_gate and its backward (rule: see token_gate.h).
 //
-// Forward, in two parallel passes:
-//   1. over scenes (at::parallel_for): count scores >= threshold, get the keep count f, pick the f best
-//      rows with std::nth_element (O(n)) and sort just those f row indices back into original order;
-//   2. over kept rows: gated[r] = tokens[kept[r]] * scores[kept[r]] (one fused read-scale-write pass).
+// Forward:
+//   1. over scenes (at::parallel_for once the batch is large enough to pay for a fork/join): count scores >=
+//      threshold, get the keep count f, pick the f best rows with std::nth_element (O(n)) and sort just those
+//      f row indices back into original order;
+//   2. serially: the prefix sum of the counts and the global kept indices (K int64 writes, microseconds);
+//   3. over kept rows: gated[r] = tokens[kept[r]] * scores[kept[r]] (one fused read-scale-write pass).
 // Backward, one pass over all M rows: kept rows get grad*score and a dot product, the others zeros.
+//
+// What the profile (perf, 2 cores, 8x300x1024 and 8x4096x1024 fp32) showed and what answers it here:
+//   - most of the large forward/backward was the kernel faulting fresh output pages in 4 KiB at a time
+//     (exc_page_fault, clear_page_erms, the page-table lock shared by both threads): outputs of several MiB
+//     come straight from mmap. `empty_rows` advises transparent huge pages on them before the first write,
+//     512x fewer faults (torch's THP_MEM_ALLOC_ENABLE does the same, but process-wide and opt-in);
+//   - the backward's dot product was a scalar float64 dependency chain (a float reduction is not vectorised
+//     without -ffast-math): it now runs in kLanes independent float64 accumulators, which the compiler
+//     vectorises, and the row functions are built for AVX-512, AVX2 and baseline x86-64 with one picked at
+//     load time (target_clones), since setup.py compiles for the baseline ISA;
+//   - the two small serial passes (kept indices, and the selection of batches under 16k tokens) no longer
+//     fork/join threads: with 2 busy cores a parallel region costs more than the work (libgomp's spin-wait
+//     was a third of the profile of a 8x300x1024 forward+backward).
+// Tried and left out: non-temporal stores for outputs far beyond the caches (no gain measurable under load).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,24 +29,150 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "token_gate.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define SCENE3D_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SCENE3D_CLONES
+#endif
 
 namespace scene3d {
 namespace {
+
+constexpr size_t kHugePage = size_t{2} << 20;
+constexpr int kLanes = 16;
 
 // Rows per parallel task in the row passes: about 64 KiB of payload each.
 int64_t row_grain(int64_t C, int64_t elem_size) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, C * elem_size));
 }
 
+// at::empty({R, C}) with transparent huge pages advised on its whole 2 MiB pages (see the header comment).
+at::Tensor empty_rows(int64_t R, int64_t C, const at::TensorOptions& options) {
+  at::Tensor t = at::empty({R, C}, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t nbytes = t.nbytes();
+  if (nbytes >= 2 * kHugePage) {
+    const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t a = (p + kHugePage - 1) & ~(kHugePage - 1), e = (p + nbytes) & ~(kHugePage - 1);
+    if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);  // advice: failure is harmless
+  }
+#endif
+  return t;
+}
+
+// --- row kernels ------------------------------------------------------------------------------------------------
+
+// dst[c] = src[c] * w. Plain stores (the result stays in cache for the next op).
+SCENE3D_CLONES void scale_row_f32(const float* __restrict src, float* __restrict dst, float w, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) dst[c] = src[c] * w;
+}
+
+// dst[c] = g[c] * w and returns sum_c g[c] * t[c] in float64, accumulated in kLanes independent lanes.
+SCENE3D_CLONES double scale_dot_row_f32(const float* __restrict g, const float* __restrict t,
+                                        float* __restrict dst, float w, int64_t C) {
+  double acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      dst[c + j] = g[c + j] * w;
+      acc[j] += static_cast<double>(g[c + j]) * static_cast<double>(t[c + j]);
+    }
+  }
+  double sum = 0;
+  for (int j = 0; j < kLanes; ++j) sum += acc[j];
+  for (; c < C; ++c) {
+    dst[c] = g[c] * w;
+    sum += static_cast<double>(g[c]) * static_cast<double>(t[c]);
+  }
+  return sum;
+}
+
+SCENE3D_CLONES void scale_row_f64(const double* __restrict src, double* __restrict dst, double w, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) dst[c] = src[c] * w;
+}
+
+SCENE3D_CLONES double scale_dot_row_f64(const double* __restrict g, const double* __restrict t,
+                                        double* __restrict dst, double w, int64_t C) {
+  double acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      dst[c + j] = g[c + j] * w;
+      acc[j] += g[c + j] * t[c + j];
+    }
+  }
+  double sum = 0;
+  for (int j = 0; j < kLanes; ++j) sum += acc[j];
+  for (; c < C; ++c) {
+    dst[c] = g[c] * w;
+    sum += g[c] * t[c];
+  }
+  return sum;
+}
+
+// Half and bfloat16: the product is formed in float and rounded once (as torch's own mul does), the dot
+// product accumulated in float (acc_type), in lanes as above.
 template <typename scalar_t>
-void select_scenes(const scalar_t* sp, const int64_t* off, int64_t B, double keep_ratio, int64_t min_keep,
-                   double threshold, int64_t* sel, int64_t* counts) {
+void scale_row(const scalar_t* src, scalar_t* dst, scalar_t w_s, int64_t C) {
   using opmath_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  const opmath_t w = static_cast<opmath_t>(w_s);
+  for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(static_cast<opmath_t>(src[c]) * w);
+}
+template <>
+void scale_row<float>(const float* src, float* dst, float w, int64_t C) { scale_row_f32(src, dst, w, C); }
+template <>
+void scale_row<double>(const double* src, double* dst, double w, int64_t C) { scale_row_f64(src, dst, w, C); }
+
+template <typename scalar_t>
+scalar_t scale_dot_row(const scalar_t* g, const scalar_t* t, scalar_t* dst, scalar_t w_s, int64_t C) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const opmath_t w = static_cast<opmath_t>(w_s);
+  acc_t acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const opmath_t gc = static_cast<opmath_t>(g[c + j]);
+      dst[c + j] = static_cast<scalar_t>(gc * w);
+      acc[j] += static_cast<acc_t>(gc) * static_cast<acc_t>(t[c + j]);
+    }
+  }
+  acc_t sum = 0;
+  for (int j = 0; j < kLanes; ++j) sum += acc[j];
+  for (; c < C; ++c) {
+    const opmath_t gc = static_cast<opmath_t>(g[c]);
+    dst[c] = static_cast<scalar_t>(gc * w);
+    sum += static_cast<acc_t>(gc) * static_cast<acc_t>(t[c]);
+  }
+  return static_cast<scalar_t>(sum);
+}
+template <>
+float scale_dot_row<float>(const float* g, const float* t, float* dst, float w, int64_t C) {
+  return static_cast<float>(scale_dot_row_f32(g, t, dst, w, C));
+}
+template <>
+double scale_dot_row<double>(const double* g, const double* t, double* dst, double w, int64_t C) {
+  return scale_dot_row_f64(g, t, dst, w, C);
+}
+
+template <typename scalar_t>
+void select_scenes(const scalar_t* sp, const int64_t* off, int64_t B, int64_t M, double keep_ratio,
+                   int64_t min_keep, double threshold, int64_t* sel, int64_t* counts) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  // Scenes are few and a fork/join costs more than selecting a few thousand scores: only large batches
+  // run in parallel (one scene per task).
+  const int64_t grain = M >= (int64_t{1} << 14) ? 1 : std::max<int64_t>(B, 1);
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> order;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b ? off[b - 1] : 0;
@@ -75,43 +217,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_cpu(const at::Tensor& 
   const int64_t* off_p = off.data_ptr<int64_t>();
   token_gate_check_offset(off_p, B, M);
 
-  at::Tensor counts = at::empty({B}, off.options());
   at::Tensor new_offset = at::empty({B}, off.options());
-  at::Tensor sel = at::empty({M}, off.options());  // scene-local kept indices, written at the scene's start
+  std::vector<int64_t> counts(B), sel(M);  // sel: scene-local kept indices, written at the scene's start
   at::Tensor kept_index, gated;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tok.scalar_type(), "token_gate_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* sp = sc.data_ptr<scalar_t>();
-    int64_t* counts_p = counts.data_ptr<int64_t>();
-    select_scenes<scalar_t>(sp, off_p, B, keep_ratio, min_keep, threshold, sel.data_ptr<int64_t>(), counts_p);
+    select_scenes<scalar_t>(sp, off_p, B, M, keep_ratio, min_keep, threshold, sel.data(), counts.data());
 
     int64_t* new_off_p = new_offset.data_ptr<int64_t>();
     int64_t K = 0;
-    for (int64_t b = 0; b < B; ++b) new_off_p[b] = (K += counts_p[b]);
+    for (int64_t b = 0; b < B; ++b) new_off_p[b] = (K += counts[b]);
     kept_index = at::empty({K}, off.options());
-    gated = at::empty({K, C}, tok.options());
+    gated = empty_rows(K, C, tok.options());
     if (K == 0) return;
 
-    const int64_t* sel_p = sel.data_ptr<int64_t>();
     int64_t* kept_p = kept_index.data_ptr<int64_t>();
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t start = b ? off_p[b - 1] : 0, out = b ? new_off_p[b - 1] : 0;
-        for (int64_t j = 0; j < counts_p[b]; ++j) kept_p[out + j] = start + sel_p[start + j];
-      }
-    });
+    for (int64_t b = 0, r = 0; b < B; ++b) {
+      const int64_t start = b ? off_p[b - 1] : 0;
+      for (int64_t j = 0; j < counts[b]; ++j) kept_p[r++] = start + sel[start + j];
+    }
 
     const scalar_t* tp = tok.data_ptr<scalar_t>();
     scalar_t* gp = gated.data_ptr<scalar_t>();
     at::parallel_for(0, K, row_grain(C, sizeof(scalar_t)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t i = kept_p[r];
-        const opmath_t w = static_cast<opmath_t>(sp[i]);
-        const scalar_t* src = tp + i * C;
-        scalar_t* dst = gp + r * C;
-        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(static_cast<opmath_t>(src[c]) * w);
-      }
+      for (int64_t r = r0; r < r1; ++r) scale_row<scalar_t>(tp + kept_p[r] * C, gp + r * C, sp[kept_p[r]], C);
     });
   });
   return {gated, kept_index, new_offset};
@@ -124,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> token_gate_backward_cpu(const at::Tensor& gra
   const at::Tensor g = grad_gated.contiguous(), tok = tokens.contiguous(), sc = scores.contiguous(),
                    kept = kept_index.contiguous();
   const int64_t M = tok.size(0), C = tok.size(1), K = kept.numel();
-  at::Tensor grad_tokens = at::empty_like(tok);
+  at::Tensor grad_tokens = empty_rows(M, C, tok.options());
   at::Tensor grad_scores = at::empty_like(sc);
 
   // Row -> position in the kept list (-1 where dropped).
@@ -136,8 +266,6 @@ std::tuple<at::Tensor, at::Tensor> token_gate_backward_cpu(const at::Tensor& gra
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tok.scalar_type(), "token_gate_backward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* tp = tok.data_ptr<scalar_t>();
     const scalar_t* sp = sc.data_ptr<scalar_t>();
@@ -152,16 +280,7 @@ std::tuple<at::Tensor, at::Tensor> token_gate_backward_cpu(const at::Tensor& gra
           gsp[i] = scalar_t(0);
           continue;
         }
-        const scalar_t* gr = gp + r * C;
-        const scalar_t* t = tp + i * C;
-        const opmath_t w = static_cast<opmath_t>(sp[i]);
-        acc_t acc = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const opmath_t gc = static_cast<opmath_t>(gr[c]);
-          dst[c] = static_cast<scalar_t>(gc * w);
-          acc += static_cast<acc_t>(gc) * static_cast<acc_t>(t[c]);
-        }
-        gsp[i] = static_cast<scalar_t>(acc);
+        gsp[i] = scale_dot_row<scalar_t>(gp + r * C, tp + i * C, dst, sp[i], C);
       }
     });
   });

@@ -52,8 +52,9 @@ def loss_positions(labels: torch.Tensor):
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Mean over scenes of ``1 - (2|p g| + 1) / (|p| + |g| + 1)`` (smoothing 1: an empty target asks for an
-    empty prediction)."""
-    p = torch.sigmoid(logits)
+    empty prediction). Computed in float32 (under bf16 autocast the logits arrive in bf16)."""
+    p = torch.sigmoid(logits.float())
+    target = target.float()
     counts = counts_from_offset(offset).to(logits.device)
     batch = torch.repeat_interleave(torch.arange(len(counts), device=logits.device), counts)
     inter = torch.zeros(len(counts), device=logits.device).index_add(0, batch, p * target)
