@@ -10,7 +10,7 @@ IoU > t) for
   *tuned*) and scene0000_02 (held out: nothing was chosen on it). They are rescans of one room.
 
 Methods: ``geometric`` (:mod:`scene3d.tokenizer.geometric_proposals`, overlapping proposals ranked by their
-stability), ``geometric-flat`` (the same made disjoint, as the model gets them; every proposal score 1) and
+stability), ``geometric-flat`` (the same made disjoint, as the model gets them) and
 ``learned`` (the tokenizer's offset-voting head trained here for ``--learned-steps`` steps on synthetic
 scenes of ``--preset`` with the CPU tokenizer of ``configs/tokenizer/small.yaml``, or loaded from
 ``--checkpoint``; its clusters have no confidence, so every score is 1).
@@ -92,8 +92,8 @@ def geometric_flat(scan: Scan):
     from scene3d.proposal_metrics import labels_to_masks
     from scene3d.tokenizer.geometric_proposals import proposal_objects
 
-    m = labels_to_masks(proposal_objects(scan.coord, scan.color).labels)
-    return m, np.ones(len(m))
+    p = proposal_objects(scan.coord, scan.color)
+    return labels_to_masks(p.labels), p.scores
 
 
 def _points(scan: Scan, with_instance: bool):
