@@ -1,0 +1,93 @@
+"""The real-rescan experiment's figures (configs/experiment/real_rescan.yaml): referring on scene0000_02's
+generated expressions, beside the chance level.
+
+    python bench/real_rescan.py [--rows FILE.jsonl] [--checkpoint RUN] [--mask reconciled]
+
+scene0000_01 / scene0000_02 are two RESCANS OF ONE ROOM (ScanNet scene0000): a model trained on one and
+scored on the other measures rescan generalisation, not generalisation to new rooms.
+
+Chance level: a uniformly random object of the scene (any object with points, as bench/learn_synthetic.py's
+baseline), computed exactly as the mean over every object of the scores of "always predict that object"
+(no sampling noise). With ``--checkpoint`` the model is scored with ground-truth instances through
+scene3d.engine.evaluate (the same path as ``scene3d eval``). Without ``--rows`` the rows are generated here
+(``--per-op 8``, as the experiment's comment does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MMDET = "open-mmlab__mmdetection3d/tests/data/scannet/scannet_train_instance_data"
+
+
+def chance(rows, processed_dir) -> dict:
+    """Expected overall metrics of a uniformly random object (mean over the objects of each scene)."""
+    from scene3d.data.scene import load_processed_scene
+    from scene3d.metrics import evaluate_rows
+
+    objs = {sid: [o.id for o in load_processed_scene(Path(processed_dir) / sid).objects if o.num_points > 0]
+            for sid in sorted({r["scene_id"] for r in rows})}
+    if len(objs) != 1:
+        raise SystemExit(f"chance level is computed per scene; the rows span {sorted(objs)}")
+    (sid, ids), = objs.items()
+    totals: dict = {}
+    for oid in ids:
+        table = {(r["dataset"], r["scene_id"], str(r["ann_id"])): {"dataset": r["dataset"], "scene_id": sid,
+                 "ann_id": r["ann_id"], "pred_object_ids": [int(oid)], "_where": "chance"} for r in rows}
+        m = evaluate_rows(table, rows, processed_dir, progress=False).metrics["overall"]
+        for k in ("miou", "acc@0.25", "acc@0.5"):
+            totals[k] = totals.get(k, 0.0) + m[k] / len(ids)
+    return totals | {"objects": len(ids)}
+
+
+def line(name: str, m: dict) -> str:
+    return f"{name:<34s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    real_root = Path(os.environ.get("SCENE3D_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+    ap.add_argument("--processed", type=Path, default=real_root / MMDET, help="the mmdet3d export directory")
+    ap.add_argument("--rows", type=Path, default=None, help="generated rows of scene0000_02 (default: made here)")
+    ap.add_argument("--checkpoint", default=None, help="a run / checkpoint of experiment=real_rescan to score")
+    ap.add_argument("--mask", default="reconciled", help="which mask of a prediction is scored")
+    args = ap.parse_args(argv)
+    from data_prep import real_refer
+    from scene3d.data.referring import read_jsonl
+
+    if args.rows is None:
+        t0 = time.perf_counter()
+        rows = real_refer.generate_rows(args.processed, ["scene0000_02"], max_per_op=8, progress=False).rows
+        print(f"generated {len(rows)} rows of scene0000_02 in {time.perf_counter() - t0:.2f} s")
+    else:
+        rows = read_jsonl(args.rows)
+    print(f"{len(rows)} rows of {sorted({r['scene_id'] for r in rows})} (rescan of the training scan's room: "
+          "rescan generalisation, not new rooms)")
+    c = chance(rows, args.processed)
+    print(line(f"chance (random object of {c['objects']})", c))
+    if args.checkpoint:
+        import torch
+
+        from scene3d.engine.evaluate import evaluate_model
+        from scene3d.models.loading import load_model
+
+        t0 = time.perf_counter()
+        model = load_model(Path(args.checkpoint).expanduser(), device="cuda" if torch.cuda.is_available() else "cpu")
+        res = evaluate_model(model.model, args.processed, rows, args.mask, progress=False)
+        print(line(f"model ({args.mask}, ground-truth objects)", res.metrics["overall"]) +
+              f"   ({time.perf_counter() - t0:.0f} s)")
+    print("through proposals: scene3d eval RUN --objects proposals (issue 19 item 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
