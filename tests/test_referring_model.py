@@ -87,7 +87,7 @@ def test_gradients_only_to_trainable(model, scene):
     model(_batch(scene)).total.backward()
     model.eval()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(n.startswith(("projector.", "decoder.", "lm.new_embed", "lm.new_head")) or "lora_" in n
+    assert all(n.startswith(("projector.", "decoder.", "pointer.", "lm.new_embed", "lm.new_head")) or "lora_" in n
                for n in names)
     assert any(n.startswith("projector.") for n in names) and any(n.startswith("decoder.") for n in names)
     for n, p in model.named_parameters():
@@ -368,7 +368,8 @@ def test_similarity_loss_trains_the_decoder_to_tell_classes_apart():
 
 
 def test_lm_loss_on_answer_positions_equals_the_full_shifted_loss(model, scene):
-    """forward computes logits only where a label follows; the loss is the shifted cross-entropy over all."""
+    """forward computes logits only where a label follows; the loss is the shifted cross-entropy over all
+    positions (identifier pointer included)."""
     import torch.nn.functional as F
 
     model.eval()
@@ -376,7 +377,9 @@ def test_lm_loss_on_answer_positions_equals_the_full_shifted_loss(model, scene):
     with torch.no_grad():
         got = model(batch).lm
         inp = model.pack(batch)
-        full = model.lm(inp.inputs_embeds, attention_mask=inp.attention_mask, position_ids=inp.position_ids).logits
+        out = model.lm(inp.inputs_embeds, attention_mask=inp.attention_mask, position_ids=inp.position_ids)
+        r = torch.arange(out.hidden.shape[0])[:, None]
+        full = model.answer_logits(out.logits, out.hidden, out.hidden[r, inp.obj_cols], inp.obj_slots)
         ref = F.cross_entropy(full[:, :-1].flatten(0, 1).float(), inp.labels[:, 1:].flatten(),
                               ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
@@ -494,3 +497,26 @@ def test_words_reach_the_decoder_only_through_the_llm(scene):
         n = ids.numel()
         assert int(seq.word_mask[b].sum()) == n
         torch.testing.assert_close(words[b, :n], abl.lm.embed(ids[None])[0])
+
+
+def test_identifier_pointer_rule():
+    """Identifiers of the prompt get the LM logit plus the pointer score of the answer state against the state
+    at their object token; identifiers with no object in the prompt get -inf; every other token is unchanged."""
+    from scene3d.models.pointer import IdentifierPointer, point
+
+    torch.manual_seed(0)
+    ptr = IdentifierPointer(8, dim=4)
+    ids = torch.tensor([10, 11, 12, 13])  # identifier tokens 0..3 in a vocabulary of 16
+    logits = torch.randn(2, 3, 16)
+    hidden, states = torch.randn(2, 3, 8), torch.randn(2, 2, 8)
+    slots = torch.tensor([[2, 0], [3, -1]])  # row 1 has one object (identifier 3) and a padded entry
+    out = point(ptr, ids, logits, hidden, states, slots)
+    score = ptr(hidden, states)
+    torch.testing.assert_close(out[..., :10], logits[..., :10])
+    torch.testing.assert_close(out[..., 14:], logits[..., 14:])
+    torch.testing.assert_close(out[0, :, 12], logits[0, :, 12] + score[0, :, 0])
+    torch.testing.assert_close(out[0, :, 10], logits[0, :, 10] + score[0, :, 1])
+    torch.testing.assert_close(out[1, :, 13], logits[1, :, 13] + score[1, :, 0])
+    assert torch.isinf(out[0, :, [11, 13]]).all() and torch.isinf(out[1, :, [10, 11, 12]]).all()
+    flat = point(ptr, ids, logits[:, 0], hidden[:, 0], states, slots)  # one position per row
+    torch.testing.assert_close(flat, out[:, 0])

@@ -43,16 +43,20 @@ def _full_embeds(model, scene, text, kept=None, feat=None):
                      keep=model.keep_objects(scene, 0, kept), config=model.config.prompt)
     lay = query_layout(model.tokenizer, text, model.config.prompt)
     words = p.prefix_len + lay.word_start + torch.arange(lay.num_words)
-    return model.embed_prompt(scene, 0, p, scene.tokens.feat if feat is None else feat), p.slot_of_object, words
+    emb = model.embed_prompt(scene, 0, p, scene.tokens.feat if feat is None else feat)
+    return emb, p.slot_of_object, words, (p.placeholder_pos, p.slot_of_object[p.placeholder_obj])
 
 
 @torch.no_grad()
-def _naive_answer(model, emb):
-    """Greedy decoding with the whole sequence re-encoded at every step: (answer ids, [SEG] hidden [H])."""
+def _naive_answer(model, emb, objects):
+    """Greedy decoding with the whole sequence re-encoded at every step: (answer ids, [SEG] hidden [H]). The
+    identifier pointer reads the states at the object tokens (``objects``: their positions and identifiers)."""
     v, eos, seg = model.vocab, model.tokenizer.eos_token_id, model.vocab.seg_token_id
+    cols, slots = objects
     answer = []
     for step in range(model.config.max_new_tokens + 1):
-        logits = model.lm(emb[None]).logits[0, -1].clone()
+        out = model.lm(emb[None])
+        logits = model.answer_logits(out.logits[:, -1], out.hidden[:, -1], out.hidden[:, cols], slots[None])[0]
         logits[v.placeholder_id] = float("-inf")
         t = int(logits.argmax())
         t = seg if t == eos or step == model.config.max_new_tokens else t
@@ -68,9 +72,9 @@ def _naive_predict(model, scene, texts):
     out = []
     for text in texts:
         kept, feat = model.gate_objects(scene, [text])
-        emb, slots, cols = _full_embeds(model, scene, text, kept, feat)
+        emb, slots, cols, objects = _full_embeds(model, scene, text, kept, feat)
         words = model.lm(emb[None]).hidden[:, cols]  # (1, T, H): the LLM's states at the question's words
-        answer, h = _naive_answer(model, emb)
+        answer, h = _naive_answer(model, emb, objects)
         dec = model.decoder(h[None], words, torch.ones(words.shape[:2], dtype=torch.bool), scene.point_feat,
                             scene.points.coord, scene.points.offset, scene.tokens, scene.points.superpoint)
         out.append(generation.reconcile(model, scene, answer, slots, dec))
@@ -95,7 +99,10 @@ def model(scene):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
         answers = [a.answer_ids for a in _naive_predict(m, scene, TEXTS)]
-        common = Counter(t for a in answers for t in a[:-1]).most_common(1)[0][0]
+        # a word (not an identifier, whose logit the pointer also moves) that some answers hold and others not
+        ident = set(m.vocab.obj_token_ids)
+        counts = Counter(t for a in answers for t in set(a[:-1]) if t not in ident)
+        common = next(t for t, c in counts.most_common() if c < len(answers))
         head = m.lm.causal_lm.get_output_embeddings().weight
         m.lm.new_head.weight[int(m.lm.new_index[m.vocab.seg_token_id])] = head[common] * 1.2
     return m
@@ -122,7 +129,7 @@ def test_reference_has_early_and_late_finishers(reference, model):
 
 
 def test_prefix_matches_prompt(model, scene):
-    emb, slots = model.prefix_embeds(scene)
+    emb, slots, _ = model.prefix_embeds(scene)
     p = build_prompt(model.tokenizer, model.vocab, 20, "the chair", [3], keep=torch.arange(20))
     full = model.embed_prompt(scene, 0, p, scene.tokens.feat)
     assert p.prefix_len == emb.shape[0]

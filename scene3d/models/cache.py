@@ -17,6 +17,7 @@ same numbers as re-encoding the whole sequence (``tests/test_scene_cache.py`` co
 ``cached_len``         int, ``prefix_len + Lh``
 ``slot_of_object``     [M] long, identifier of each object (-1 where left out)
 ``last_logits``        [V] logits after the last cached token
+``obj_states``         [P, H] the LLM's states at the prefix's object tokens; ``obj_slots [P]`` their identifiers
 =====================  ==========================================================================
 
 Not available with a query-conditioned gate: the gate changes which objects enter the prefix per query.
@@ -46,12 +47,15 @@ class SceneCache:
         self.head_ids = torch.tensor(model.tokenizer(q, add_special_tokens=False)["input_ids"] if q else [],
                                      dtype=torch.long)
         with torch.no_grad():
-            embeds, self.slot_of_object = model.prefix_embeds(scene)  # (Lp, H)
+            embeds, self.slot_of_object, prompt = model.prefix_embeds(scene)  # (Lp, H)
             head = model.lm.embed(self.head_ids.to(embeds.device)[None])[0]  # (Lh, H)
             x = torch.cat([embeds, head.to(embeds.dtype)])
             last = torch.tensor([x.shape[0] - 1], device=x.device)
             out = model.lm(x[None], use_cache=True, logits_at=last)  # logits of the last token only
         self.cache = out.cache
+        # the LLM's states at the object tokens and their identifiers (the identifier pointer's keys)
+        self.obj_states = out.hidden[0, prompt.placeholder_pos.to(x.device)]  # (P, H)
+        self.obj_slots = prompt.slot_of_object[prompt.placeholder_obj]  # (P,)
         self.prefix_len = int(embeds.shape[0])
         self.cached_len = int(x.shape[0])
         self.last_logits = out.logits[0, -1]

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from scene3d.llm.prompt import build_prompt, parse_answer
-from scene3d.models.sequence import gather_states, query_layout
+from scene3d.models.sequence import gather_states, pad_objects, query_layout
 
 
 class Prediction(NamedTuple):
@@ -45,11 +45,20 @@ class Prediction(NamedTuple):
     left_out: Optional[torch.Tensor] = None
 
 
+class PointerKeys(NamedTuple):
+    """What the identifier pointer needs for ``B`` questions (:mod:`scene3d.models.pointer`)."""
+
+    hidden: torch.Tensor  # [B, H] state after each question's last token (the first answer logits)
+    states: torch.Tensor  # [B, P, H] the LLM's states at the object tokens of each question's prompt
+    slots: torch.Tensor  # [B, P] their identifiers (-1: padding)
+
+
 class Started(NamedTuple):
     steps: object  # _RowSteps or _PackedSteps
     words: torch.Tensor  # [B, T, H] the decoder's word states (LLM states, or input embeddings: ablation)
     word_mask: torch.Tensor  # [B, T]
     slots: list  # per question, the identifier of each object [M]
+    pointer: PointerKeys
 
 
 def _word_cols(model, texts, starts) -> tuple:
@@ -86,7 +95,14 @@ def start_packed(model, scene_cache, texts: Sequence[str]) -> Started:
     head = scene_cache.head_ids.numel()  # the tails start after the question head
     cols, mask = _word_cols(model, texts, (ends - lens - head).tolist())
     words, mask = _pick(model, out.hidden, model.lm.embed(ids[None]), torch.zeros(b, dtype=torch.long), cols, mask)
-    return Started(steps, words, mask, [scene_cache.slot_of_object] * b)
+    return Started(steps, words, mask, [scene_cache.slot_of_object] * b,
+                   _cached_keys(scene_cache, out.hidden[0, ends - 1]))
+
+
+def _cached_keys(scene_cache, hidden: torch.Tensor) -> PointerKeys:
+    b = hidden.shape[0]
+    return PointerKeys(hidden, scene_cache.obj_states[None].expand(b, -1, -1),
+                       scene_cache.obj_slots[None].expand(b, -1).to(hidden.device))
 
 
 def start_cached_rows(model, scene_cache, texts: Sequence[str]) -> Started:
@@ -109,13 +125,14 @@ def start_cached_rows(model, scene_cache, texts: Sequence[str]) -> Started:
     steps = _RowSteps(model.lm, out.logits[:, 0], out.cache, attn, lc + lens, lc + lt, model.vocab.seg_token_id)
     cols, mask = _word_cols(model, texts, [-scene_cache.head_ids.numel()] * b)
     words, mask = _pick(model, out.hidden, x, torch.arange(b), cols, mask)
-    return Started(steps, words, mask, [scene_cache.slot_of_object] * b)
+    return Started(steps, words, mask, [scene_cache.slot_of_object] * b,
+                   _cached_keys(scene_cache, out.hidden[torch.arange(b, device=dev), lens - 1]))
 
 
 def start_uncached(model, scene, texts: Sequence[str]) -> Started:
     """Whole prompts (scene prefix + question) of ``B`` texts encoded as one right-padded batch, each with
     its own identifier assignment ``[M]`` (a gate may keep different objects per text)."""
-    embeds, slots, starts = [], [], []
+    embeds, slots, starts, obj_cols, obj_slots = [], [], [], [], []
     for t in texts:
         kept, feat = model.gate_objects(scene, [t])  # the gate sees one scene, so one question at a time
         prompt = build_prompt(model.tokenizer, model.vocab, scene.tokens.num_objects, t, None, seed=None,
@@ -123,6 +140,8 @@ def start_uncached(model, scene, texts: Sequence[str]) -> Started:
         embeds.append(model.embed_prompt(scene, 0, prompt, feat))  # (L_b, H)
         slots.append(prompt.slot_of_object)
         starts.append(prompt.prefix_len)
+        obj_cols.append(prompt.placeholder_pos)
+        obj_slots.append(prompt.slot_of_object[prompt.placeholder_obj])
     dev = embeds[0].device
     lens = torch.tensor([e.shape[0] for e in embeds], device=dev)  # (B,)
     x = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, L, H), zeros behind each row
@@ -136,22 +155,28 @@ def start_uncached(model, scene, texts: Sequence[str]) -> Started:
     steps = _RowSteps(model.lm, out.logits[:, 0], out.cache, attn, lens, lx, model.vocab.seg_token_id)
     cols, mask = _word_cols(model, texts, starts)
     words, mask = _pick(model, out.hidden, x, torch.arange(b), cols, mask)
-    return Started(steps, words, mask, slots)
+    oc, os_ = pad_objects(obj_cols, obj_slots)
+    r = torch.arange(b, device=dev)
+    keys = PointerKeys(out.hidden[r, lens - 1], out.hidden[r[:, None], oc.to(dev)], os_.to(dev))
+    return Started(steps, words, mask, slots, keys)
 
 
-def greedy(model, steps):
+def greedy(model, steps, pointer: Optional[PointerKeys] = None):
     """Greedy decoding of ``B`` questions at once until each has produced ``[SEG]``.
 
     Per question, as one-at-a-time decoding would: placeholders are never generated; ``</s>`` ends the
     answer (not kept); after ``max_new_tokens`` tokens without ``[SEG]`` one is appended, so the decoder
-    always gets a state. Only unfinished questions are fed (``steps.step``). Returns (answer ids per
-    question, hidden state ``[B, H]`` at each question's ``[SEG]``).
+    always gets a state. With ``pointer`` the identifier logits get the pointer scores at every step
+    (:meth:`ReferringSegmenter.answer_logits`). Only unfinished questions are fed (``steps.step``). Returns
+    (answer ids per question, hidden state ``[B, H]`` at each question's ``[SEG]``).
     """
     vocab, max_new = model.vocab, model.config.max_new_tokens
     seg, eos = vocab.seg_token_id, model.tokenizer.eos_token_id
     logits = steps.logits  # (A, V) of the active questions
     b = logits.shape[0]
     active = torch.arange(b, device=logits.device)
+    if pointer is not None:
+        logits = model.answer_logits(logits, pointer.hidden, pointer.states, pointer.slots)
     answers: list = [[] for _ in range(b)]
     seg_hidden = None
     for step in range(max_new + 1):
@@ -164,6 +189,8 @@ def greedy(model, steps):
         for i, t in zip(active.tolist(), nxt.tolist()):
             answers[i].append(t)
         logits, hidden = steps.step(active, nxt)  # (A, V), (A, H)
+        if pointer is not None:
+            logits = model.answer_logits(logits, hidden, pointer.states[active], pointer.slots[active])
         if seg_hidden is None:
             seg_hidden = hidden.new_zeros(b, hidden.shape[-1])
         now = nxt == seg

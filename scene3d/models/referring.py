@@ -45,6 +45,7 @@ from scene3d.llm.prompt import (IdentifierVocab, PromptConfig, ScenePrompt, buil
 from scene3d.models import generation
 from scene3d.models.cache import SceneCache
 from scene3d.models.generation import Prediction  # noqa: F401  (re-exported: the result type of predict)
+from scene3d.models.pointer import IdentifierPointer, point
 from scene3d.models.losses import (ReferringLoss, dice_loss, local_rows, loss_positions, object_targets, rank_loss,
                                    similarity_loss)
 from scene3d.models.sequence import PackedSequences, gather_states, pack
@@ -89,6 +90,9 @@ class ReferringConfig:
     #: what the decoder reads at the question's text tokens and at [SEG]: "llm" (the LLM's last-layer states)
     #: or "embeddings" (its input embeddings at the same positions: the ablation of the LLM's layers)
     decoder_states: str = "llm"
+    #: identifier logits get a pointer score of the answer state against the LLM's state at each object token
+    #: (:mod:`scene3d.models.pointer`); false: the LM head alone names identifiers
+    identifier_pointer: bool = True
     #: see ARCHITECTURE; a checkpoint of another architecture is refused with its number
     architecture: int = ARCHITECTURE
 
@@ -178,6 +182,9 @@ class ReferringSegmenter(nn.Module):
         self.projector = nn.Sequential(nn.Linear(config.obj_dim + 6, config.projector_hidden), nn.GELU(),
                                        nn.Linear(config.projector_hidden, h))
         self.decoder = MaskDecoder(config.decoder)
+        self.pointer = IdentifierPointer(h) if config.identifier_pointer else None
+        self.register_buffer("identifier_ids", torch.tensor(self.vocab.obj_token_ids, dtype=torch.long),
+                             persistent=False)
         self.gate = gate  # an nn.Module gate is registered as a submodule by nn.Module.__setattr__
 
     @property
@@ -192,7 +199,10 @@ class ReferringSegmenter(nn.Module):
         at, target = loss_positions(seq.labels)  # (R, K): logits only where the LM loss needs them
         out = self.lm(seq.inputs_embeds, attention_mask=seq.attention_mask, position_ids=seq.position_ids,
                       logits_at=at)
-        lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+        r = torch.arange(at.shape[0], device=at.device)
+        logits = self.answer_logits(out.logits, out.hidden[r[:, None], at], out.hidden[r[:, None], seq.obj_cols],
+                                    seq.obj_slots)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
         words, seg = self.decoder_inputs(out.hidden, seq)
         scenes, index = batch.scenes()
         dec = self.decode_grouped(scenes, index, seg, words, seq.word_mask)
@@ -208,6 +218,15 @@ class ReferringSegmenter(nn.Module):
         total = (c.lm_weight * lm_loss + c.bce_weight * bce + c.dice_weight * dice + c.obj_weight * obj
                  + c.rank_weight * rank + c.sim_weight * sim)
         return ReferringLoss(total, lm_loss, bce, dice, obj, rank, sim)
+
+    def answer_logits(self, logits: torch.Tensor, hidden: torch.Tensor, obj_states: torch.Tensor,
+                      obj_slots: torch.Tensor) -> torch.Tensor:
+        """The LM's logits with the identifier pointer applied (:func:`scene3d.models.pointer.point`; unchanged
+        without ``identifier_pointer``): ``logits [R, (K,) V]`` at states ``hidden [R, (K,) H]``, the row's
+        object-token states ``obj_states [R, P, H]`` and their identifiers ``obj_slots [R, P]``."""
+        if self.pointer is None:
+            return logits
+        return point(self.pointer, self.identifier_ids, logits, hidden, obj_states, obj_slots)
 
     def shares_prefix(self) -> bool:
         """Whether a scene's questions share one encoding of the scene prefix (no gate, and an LLM that takes
@@ -314,8 +333,8 @@ class ReferringSegmenter(nn.Module):
         return emb.index_put((prompt.placeholder_pos.to(dev),), obj)
 
     def prefix_embeds(self, scene: SceneInputs):
-        """Embeddings ``[Lp, H]`` of the scene prefix of one scene (no gate, identity identifiers) and the
-        identifier of each object ``[M]`` (-1 where left out)."""
+        """Embeddings ``[Lp, H]`` of the scene prefix of one scene (no gate, identity identifiers), the
+        identifier of each object ``[M]`` (-1 where left out) and the prefix's :class:`ScenePrompt`."""
         if scene.batch_size != 1:
             raise ValueError(f"prefix_embeds takes one scene, got {scene.batch_size}")
         keep = self.keep_objects(scene, 0, None)
@@ -325,7 +344,7 @@ class ReferringSegmenter(nn.Module):
         slot_of_object[keep] = slots
         prompt = ScenePrompt(ids, torch.full_like(ids, IGNORE_INDEX), pos, keep[which], ids.numel(), ids.numel(),
                              -1, slot_of_object)
-        return self.embed_prompt(scene, 0, prompt, scene.tokens.feat), slot_of_object
+        return self.embed_prompt(scene, 0, prompt, scene.tokens.feat), slot_of_object, prompt
 
     # -- inference -----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -358,7 +377,7 @@ class ReferringSegmenter(nn.Module):
                     started = generation.start_packed(self, scene_cache, chunk)
                 else:
                     started = generation.start_cached_rows(self, scene_cache, chunk)
-                answers, seg = generation.greedy(self, started.steps)
+                answers, seg = generation.greedy(self, started.steps, started.pointer)
                 if self.config.decoder_states == "embeddings":
                     seg = self.lm.embed(torch.full((len(chunk), 1), self.vocab.seg_token_id,
                                                    device=seg.device))[:, 0]

@@ -50,7 +50,9 @@ class PackedSequences(NamedTuple):
     ``attention_mask`` is ``[R, 1, L, L]`` additive when ``shared`` else ``[R, L]`` (1 at real tokens).
     ``word_cols [B, T]`` / ``word_mask [B, T]`` are the columns of each question's text tokens in row
     ``rows[b]``; ``seg_cols [B]`` the column of its ``[SEG]``; ``prompts[b]`` its own prompt (prefix + its
-    question + answer, as :func:`build_prompt` makes it), ``slots[b]`` its identifiers (``[M_b]``).
+    question + answer, as :func:`build_prompt` makes it). ``obj_cols [R, P]`` are the columns of each row's
+    object tokens and ``obj_slots [R, P]`` their identifiers (-1: padding), for the identifier pointer
+    (:mod:`scene3d.models.pointer`).
     """
 
     inputs_embeds: torch.Tensor
@@ -63,12 +65,15 @@ class PackedSequences(NamedTuple):
     seg_cols: torch.Tensor
     prompts: list
     shared: bool
+    obj_cols: torch.Tensor
+    obj_slots: torch.Tensor
 
 
 def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, shared: bool) -> PackedSequences:
     """``groups``: per row, ``(scene_row, num_objects, keep [M'], seed, [(text, local target rows), ...])``;
     ``embed_prompt(scene_row, prompt) -> [L, H]`` splices the object tokens into a prompt's embeddings."""
     rows_x, rows_lab, rows_own, rows_pos, prompts, rows_of, words, segs = [], [], [], [], [], [], [], []
+    obj_cols, obj_slots = [], []
     for r, (scene_row, num_objects, keep, seed, questions) in enumerate(groups):
         if not shared and len(questions) != 1:
             raise ValueError("without a shared prefix every row holds one question")
@@ -81,6 +86,8 @@ def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, shared: bool)
             lp = p.prefix_len
             lay = query_layout(tokenizer, text, config)
             if i == 0:  # the prefix, once per row
+                obj_cols.append(p.placeholder_pos)
+                obj_slots.append(p.slot_of_object[p.placeholder_obj])
                 xs.append(emb[:lp]); labs.append(p.labels[:lp]); own.append(torch.full((lp,), -1))
                 pos.append(torch.arange(lp))
                 start = lp
@@ -120,8 +127,21 @@ def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, shared: bool)
     for b, w in enumerate(words):
         word_cols[b, : w.numel()] = w
         word_mask[b, : w.numel()] = True
+    cols, slots = pad_objects(obj_cols, obj_slots)
     return PackedSequences(x, mask.to(dev), position.to(dev), labels.to(dev), torch.tensor(rows_of, device=dev),
-                           word_cols.to(dev), word_mask.to(dev), torch.tensor(segs, device=dev), prompts, shared)
+                           word_cols.to(dev), word_mask.to(dev), torch.tensor(segs, device=dev), prompts, shared,
+                           cols.to(dev), slots.to(dev))
+
+
+def pad_objects(cols: Sequence[torch.Tensor], slots: Sequence[torch.Tensor]):
+    """Per-row object-token columns and identifiers padded to ``[R, P]`` (columns 0, identifiers -1)."""
+    p = max((c.numel() for c in cols), default=0)
+    out_c = torch.zeros(len(cols), p, dtype=torch.long)
+    out_s = torch.full((len(cols), p), -1, dtype=torch.long)
+    for r, (c, s) in enumerate(zip(cols, slots)):
+        out_c[r, : c.numel()] = c
+        out_s[r, : s.numel()] = s
+    return out_c, out_s
 
 
 def gather_states(hidden: torch.Tensor, rows: torch.Tensor, word_cols: torch.Tensor, word_mask: torch.Tensor,
