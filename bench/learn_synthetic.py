@@ -19,7 +19,15 @@ a random object), on the template split and on the paraphrase split (the same va
 annotators word them, data_prep/paraphrase.py; :func:`score_split` scores one split, all paths). Gating: the trained model is fine-tuned for ``--gate-minutes`` more with
 ``model.gate.enabled=true model.gate.keep_ratio=0.3`` (the new gate scorer trains, the keep ratio anneals
 from 1 to 0.3) and scored again; reported as unavailable when scene3d.gating cannot be built.
-Goal (issue 8): mIoU >= 0.80 within 15 CPU-minutes.
+
+Ablation (``--ablation on``, the default): each LLM is trained a second time, with the same budget, with
+``model.referring.decoder_states=embeddings`` — the decoder reads the LLM's input embeddings at the question's
+tokens and at [SEG] instead of its last-layer states — and scored the same way; the printed drop is what the
+LLM's layers contribute to the mask. (The identifier answer, with its pointer, still runs through the LLM in
+both.)
+
+Goals (issue 18): tiny LLM, 15 CPU-minutes: template reconciled >= 0.80; SmolLM2, <= 30 CPU-minutes: template
+>= 0.85, paraphrase >= 0.75, identifier-only >= 0.70, ablation drop >= 0.15.
 """
 
 from __future__ import annotations
@@ -113,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smollm2-minutes", type=float, default=30.0, help="CPU budget for training on SmolLM2")
     ap.add_argument("--smollm2-layers", type=int, default=8, help="SmolLM2 layers kept (llm.num_layers; 30: all)")
     ap.add_argument("--gate-minutes", type=float, default=2.0, help="budget of the gated fine-tune (0: skip)")
+    ap.add_argument("--ablation", choices=("on", "off"), default="on",
+                    help="also train, with the same budget, a model whose decoder reads the LLM's input embeddings "
+                         "at the same positions instead of its states (model.referring.decoder_states=embeddings)")
     ap.add_argument("--cache", default=None, help="where the synthetic scenes are made (default $SCENE3D_CACHE)")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -140,19 +151,32 @@ def main(argv=None) -> int:
             minutes = args.smollm2_minutes
         print(f"\n===== LLM: {which} ({minutes:g} CPU-minutes{'' if which == 'tiny' else ', ' + ' '.join(extra)})",
               flush=True)
-        table.append((which, minutes, learn(args, extra, minutes, out / which)))
+        table.append((which, "LLM states", learn(args, extra, minutes, out / which)))
+        if args.ablation == "on":
+            print(f"\n===== LLM: {which}, ablation: the decoder reads the input embeddings at the same positions "
+                  f"({minutes:g} CPU-minutes)", flush=True)
+            table.append((which, "embeddings", learn(args, extra + ["model.referring.decoder_states=embeddings"],
+                                                      minutes, out / f"{which}_ablation", gate=False)))
     print("\nside by side (held-out mIoU; template split | paraphrase split):")
-    print(f"{'LLM':10s} {'minutes':>8s} {'steps':>6s} {'reconciled':>11s} {'identifier':>11s} {'decoder':>8s} "
-          f"{'largest':>8s} {'random':>7s} | {'reconciled':>11s} {'identifier':>11s} {'decoder':>8s}")
-    for which, minutes, r in table:
-        print(f"{which:10s} {r['minutes']:8.2f} {r['steps']:6d} {r['reconciled']:11.4f} {r['identifier']:11.4f} "
-              f"{r['decoder']:8.4f} {r['largest']:8.4f} {r['random']:7.4f} | {r['para_reconciled']:11.4f} "
-              f"{r['para_identifier']:11.4f} {r['para_decoder']:8.4f}")
+    print(f"{'LLM':10s} {'decoder reads':14s} {'minutes':>8s} {'steps':>6s} {'reconciled':>11s} {'identifier':>11s} "
+          f"{'decoder':>8s} {'largest':>8s} {'random':>7s} | {'reconciled':>11s} {'identifier':>11s} {'decoder':>8s}")
+    for which, reads, r in table:
+        print(f"{which:10s} {reads:14s} {r['minutes']:8.2f} {r['steps']:6d} {r['reconciled']:11.4f} "
+              f"{r['identifier']:11.4f} {r['decoder']:8.4f} {r['largest']:8.4f} {r['random']:7.4f} | "
+              f"{r['para_reconciled']:11.4f} {r['para_identifier']:11.4f} {r['para_decoder']:8.4f}")
+    results = {(w, reads): r for w, reads, r in table}
+    for which in llms:
+        full, abl = results.get((which, "LLM states")), results.get((which, "embeddings"))
+        if full and abl:
+            print(f"ablation drop ({which}, LLM states -> input embeddings): template reconciled "
+                  f"{full['reconciled'] - abl['reconciled']:+.4f}, decoder {full['decoder'] - abl['decoder']:+.4f}; "
+                  f"paraphrase reconciled {full['para_reconciled'] - abl['para_reconciled']:+.4f}, decoder "
+                  f"{full['para_decoder'] - abl['para_decoder']:+.4f}")
     print(f"total minutes: {(time.perf_counter() - t0) / 60:.2f}")
     return 0
 
 
-def learn(args, extra: list, minutes: float, out: Path) -> dict:
+def learn(args, extra: list, minutes: float, out: Path, gate: bool = True) -> dict:
     """Train one LLM choice for ``minutes`` (data included), score the held-out rows; returns the overall
     mIoU of each path and of the baselines."""
     from scene3d.config import compose, to_objects
@@ -190,7 +214,7 @@ def learn(args, extra: list, minutes: float, out: Path) -> dict:
     print(line("baseline: random object", rand))
     print(f"minutes used (data + training): {train_min:.2f}", flush=True)
 
-    if args.gate_minutes > 0:
+    if gate and args.gate_minutes > 0:
         gated(args, base, out, summary.checkpoint, val, sps)
     return {"minutes": train_min, "steps": int(summary.step),
             "reconciled": res["reconciled"].metrics["overall"]["miou"],
