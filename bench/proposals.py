@@ -6,8 +6,10 @@ IoU > t) for
 
 * held-out synthetic scenes (``data_prep.synthetic.prepare_synthetic``, ``--preset`` / ``--seed``; never
   seen by the geometric parameters nor by the learned head, which trains on other seeds);
-* the real mmdetection3d exports scene0000_01 (the scan the geometric parameters were chosen on, marked
-  *tuned*) and scene0000_02 (held out: nothing was chosen on it). They are rescans of one room.
+* the real mmdetection3d exports scene0000_01 (the scan the geometric parameters were chosen on, and with
+  ``--train-real`` one the learned head trains on, marked *tuned*) and scene0000_02 (held out: nothing was
+  chosen or trained on it). They are rescans of one room: a head trained on one measures rescan
+  generalisation, not a new room.
 
 Methods: ``geometric`` (:mod:`scene3d.tokenizer.geometric_proposals`, overlapping proposals ranked by their
 stability), ``geometric-flat`` (the same made disjoint, as the model gets them) and
@@ -198,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--learned-steps", type=int, default=150, help="0: no learned head (unless --checkpoint)")
     ap.add_argument("--train-scenes", type=int, default=4)
     ap.add_argument("--train-points", type=int, default=12_000, help="points per training step (subsample)")
+    ap.add_argument("--train-real", action="store_true",
+                    help="the learned head also trains on scene0000_01 (every other step); scene0000_02 stays held out")
     ap.add_argument("--checkpoint", default=None, help="take the learned head from this scene3d checkpoint")
     ap.add_argument("--sizes", default="20000,80000,300000")
     ap.add_argument("--repeats", type=int, default=3)
@@ -217,10 +221,17 @@ def main(argv=None) -> int:
     elif args.learned_steps > 0:
         train = synthetic_scans(args.work / f"train_{args.preset}_s{args.seed + 1}_n{args.train_scenes}",
                                 args.train_scenes, args.seed + 1, args.preset)
+        what = f"{len(train)} synthetic {args.preset} scenes"
+        if args.train_real:
+            tuned = [s for s in real if s.name == REAL[0][0]]
+            if not tuned:
+                raise SystemExit(f"--train-real: {REAL[0][0]} not found")
+            train = [x for pair in zip(train, tuned * len(train)) for x in pair]  # every other step
+            what += f" + {REAL[0][0]} (every other step)"
         t = time.perf_counter()
         tok = train_learned(train, args.learned_steps, args.train_points, args.seed)
-        print(f"learned head: {args.learned_steps} steps on {len(train)} synthetic {args.preset} scenes "
-              f"({args.train_points} points a step) in {time.perf_counter() - t:.0f} s")
+        print(f"learned head: {args.learned_steps} steps on {what} ({args.train_points} points a step) in "
+              f"{time.perf_counter() - t:.0f} s")
         methods["learned"] = learned_fn(tok)
     geometric(real[0] if real else held[0])  # warm-up: imports, open3d's first call
     rows = []
