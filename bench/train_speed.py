@@ -107,7 +107,9 @@ def main(argv=None) -> dict:
 
         work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="train_speed."))
         t0 = time.perf_counter()
-        llm_path = str(random_weights_dir(resolve_model_path(args.llm), work / "random-llm"))
+        # a directory with config + tokenizer is enough here (no weights needed); a name resolves as usual
+        src = Path(args.llm) if (Path(args.llm) / "config.json").is_file() else resolve_model_path(args.llm)
+        llm_path = str(random_weights_dir(src, work / "random-llm"))
         print(f"random weights for {args.llm}'s architecture in {llm_path} ({time.perf_counter() - t0:.1f} s)")
     torch.manual_seed(0)
     if args.llm == "tiny":
