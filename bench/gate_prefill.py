@@ -101,7 +101,7 @@ def gate_rows(model: ReferringSegmenter, gate: ObjectTokenGate, scene: SceneInpu
     """The rows ``gate`` keeps for ``text``: the query embedding exactly as
     :meth:`ReferringSegmenter.gate_objects` builds it, then the gate."""
     dev = model.lm.new_embed.weight.device
-    ids = build_query(model.tokenizer, text, model.config.prompt).to(dev)
+    ids = build_query(model.text_tokenizer, text, model.config.prompt).to(dev)
     qe = model.lm.embed(ids[None])[0].mean(0, keepdim=True)  # (1, H)
     return gate(scene.tokens, qe).kept_index.long()
 

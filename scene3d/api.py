@@ -653,7 +653,7 @@ class Segmenter:
         from scene3d.llm.prompt import text_token_ids, unknown_words  # loads with a model, not on import
 
         cap = self.model.segmenter.config.prompt.max_text_tokens
-        text_tokenizer = self.model.segmenter.tokenizer
+        text_tokenizer = self.model.segmenter.text_tokenizer
         dropped = [text_token_ids(text_tokenizer, t.strip(), cap, warn=False).dropped for t in texts]
         unknown = [unknown_words(text_tokenizer, t) for t in texts]
         for t, u in zip(texts, unknown):
@@ -694,7 +694,7 @@ class Segmenter:
                 lo, hi = c.min(0), c.max(0)
                 boxes[t] = np.r_[(lo + hi) / 2, hi - lo]
         scores = pred.obj_scores.float().cpu()
-        answer = self.model.segmenter.tokenizer.decode(pred.answer_ids, skip_special_tokens=False)
+        answer = self.model.segmenter.text_tokenizer.decode(pred.answer_ids, skip_special_tokens=False)
         threshold = self.model.segmenter.config.threshold
         best = float(scores.max()) if scores.numel() else 0.0
         below = bool(scores.numel()) and best < threshold

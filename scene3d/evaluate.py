@@ -82,7 +82,7 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     rows = spread_rows(split.rows, ev.max_samples)
     if not rows:
         raise ValueError(f"no referring rows to evaluate in the {ev.split} split of {data.name}")
-    language = text_report(loaded.model.segmenter.tokenizer, rows, loaded.model.segmenter.config.prompt.max_text_tokens)
+    language = text_report(loaded.model.segmenter.text_tokenizer, rows, loaded.model.segmenter.config.prompt.max_text_tokens)
     res = evaluate_model(loaded.model, split.processed_dir, rows, ev.mask, ev.strict, progress=ev.progress,
                          objects=ev.objects)
     ckpt = Path(loaded.path)

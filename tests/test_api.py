@@ -270,7 +270,7 @@ def test_long_query_is_cut_with_a_warning(seg, scene):
 
     long = "this is a brown wooden chair . it is placed at the end of the table , next to the window . " * 15
     cap = seg.model.segmenter.config.prompt.max_text_tokens
-    n = len(seg.model.segmenter.tokenizer(long.strip(), add_special_tokens=False)["input_ids"])
+    n = len(seg.model.segmenter.text_tokenizer(long.strip(), add_special_tokens=False)["input_ids"])
     assert n >= 300
     with pytest.warns(TextTruncatedWarning, match=f"{n} tokens cut to its first {cap}"):
         res = seg.segment(scene, long)

@@ -366,7 +366,7 @@ def test_eval_checkpoint_mode_rejects_convention_flags(tmp_path):
 
     args = argparse.Namespace(predictions=tmp_path, gt=None, processed=None, out=None, allow_missing=False,
                               mask_acc=None, box_acc=">", f1=None, multi_mask_box="union", strict=False,
-                              no_progress=True, overrides=[])
+                              no_progress=True, overrides=[], objects=None)
     with pytest.raises(SystemExit, match="--box-acc, --multi-mask-box belong to the predictions-file mode"):
         evaluate_checkpoint(args)
 

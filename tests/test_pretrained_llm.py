@@ -103,7 +103,7 @@ def test_missing_or_incomplete_directory_is_clear(tmp_path, smollm2):
 
 
 def test_identifier_tokens_are_added_and_distinct(model):
-    lm, tok = model.lm, model.tokenizer
+    lm, tok = model.lm, model.text_tokenizer
     ids = lm.obj_token_ids + [lm.seg_token_id, lm.placeholder_id]
     assert len(set(ids)) == len(ids) and min(ids) >= lm.n_base_rows  # new ids, past the pretrained vocabulary
     for k in (0, 7, 31):

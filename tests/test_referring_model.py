@@ -394,11 +394,11 @@ def test_training_and_predict_cut_a_300_token_text_the_same_way(scene):
     m = ReferringSegmenter(_config())
     long = "the brown chair left of the desk and near the window , " * 30
     cap = m.config.prompt.max_text_tokens
-    assert len(m.tokenizer(long, add_special_tokens=False)["input_ids"]) >= 300
+    assert len(m.text_tokenizer(long, add_special_tokens=False)["input_ids"]) >= 300
     with pytest.warns(TextTruncatedWarning):
-        q = build_query(m.tokenizer, long, m.config.prompt)
-    head = len(m.tokenizer(m.config.prompt.question_prefix, add_special_tokens=False)["input_ids"])
-    tail = len(m.tokenizer(m.config.prompt.answer_prefix, add_special_tokens=False)["input_ids"])
+        q = build_query(m.text_tokenizer, long, m.config.prompt)
+    head = len(m.text_tokenizer(m.config.prompt.question_prefix, add_special_tokens=False)["input_ids"])
+    tail = len(m.text_tokenizer(m.config.prompt.answer_prefix, add_special_tokens=False)["input_ids"])
     assert q.numel() == head + cap + tail
     m.train()
     with pytest.warns(TextTruncatedWarning):
@@ -493,7 +493,7 @@ def test_words_reach_the_decoder_only_through_the_llm(scene):
     seq = abl.pack(batch)
     words, _ = abl.decoder_inputs(seq.inputs_embeds, seq)
     for b, t in enumerate(texts):
-        ids = torch.tensor(text_token_ids(abl.tokenizer, t, 128).ids)
+        ids = torch.tensor(text_token_ids(abl.text_tokenizer, t, 128).ids)
         n = ids.numel()
         assert int(seq.word_mask[b].sum()) == n
         torch.testing.assert_close(words[b, :n], abl.lm.embed(ids[None])[0])

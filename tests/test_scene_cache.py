@@ -39,9 +39,9 @@ def _config(**kw):
 def _full_embeds(model, scene, text, kept=None, feat=None):
     """Prompt embeddings [L, H] of one question (prefix + question), as training builds them, its identifiers
     and the positions of the question's own text tokens."""
-    p = build_prompt(model.tokenizer, model.vocab, scene.tokens.num_objects, text, None,
+    p = build_prompt(model.text_tokenizer, model.vocab, scene.tokens.num_objects, text, None,
                      keep=model.keep_objects(scene, 0, kept), config=model.config.prompt)
-    lay = query_layout(model.tokenizer, text, model.config.prompt)
+    lay = query_layout(model.text_tokenizer, text, model.config.prompt)
     words = p.prefix_len + lay.word_start + torch.arange(lay.num_words)
     emb = model.embed_prompt(scene, 0, p, scene.tokens.feat if feat is None else feat)
     return emb, p.slot_of_object, words, (p.placeholder_pos, p.slot_of_object[p.placeholder_obj])
@@ -51,7 +51,7 @@ def _full_embeds(model, scene, text, kept=None, feat=None):
 def _naive_answer(model, emb, objects):
     """Greedy decoding with the whole sequence re-encoded at every step: (answer ids, [SEG] hidden [H]). The
     identifier pointer reads the states at the object tokens (``objects``: their positions and identifiers)."""
-    v, eos, seg = model.vocab, model.tokenizer.eos_token_id, model.vocab.seg_token_id
+    v, eos, seg = model.vocab, model.text_tokenizer.eos_token_id, model.vocab.seg_token_id
     cols, slots = objects
     answer = []
     for step in range(model.config.max_new_tokens + 1):
@@ -130,7 +130,7 @@ def test_reference_has_early_and_late_finishers(reference, model):
 
 def test_prefix_matches_prompt(model, scene):
     emb, slots, _ = model.prefix_embeds(scene)
-    p = build_prompt(model.tokenizer, model.vocab, 20, "the chair", [3], keep=torch.arange(20))
+    p = build_prompt(model.text_tokenizer, model.vocab, 20, "the chair", [3], keep=torch.arange(20))
     full = model.embed_prompt(scene, 0, p, scene.tokens.feat)
     assert p.prefix_len == emb.shape[0]
     torch.testing.assert_close(full[: p.prefix_len], emb, atol=0, rtol=0)
@@ -140,7 +140,7 @@ def test_prefix_matches_prompt(model, scene):
 def test_query_tail_completes_the_cached_head(model, scene):
     sc = SceneCache(model, scene)
     for text in TEXTS:
-        q = build_query(model.tokenizer, text, model.config.prompt)
+        q = build_query(model.text_tokenizer, text, model.config.prompt)
         assert torch.equal(torch.cat([sc.head_ids, sc.query_tail(text)]), q)
     assert sc.cached_len == sc.prefix_len + sc.head_ids.numel() and sc.head_ids.numel() > 0
 
@@ -148,7 +148,7 @@ def test_query_tail_completes_the_cached_head(model, scene):
 @pytest.mark.parametrize("text,targets", [("the brown chair left of the desk", [3]), ("all the lamps", [1, 7, 19]),
                                           ("the piano", [])])
 def test_cached_logits_equal_uncached(model, scene, text, targets):
-    p = build_prompt(model.tokenizer, model.vocab, 20, text, targets)
+    p = build_prompt(model.text_tokenizer, model.vocab, 20, text, targets)
     with torch.no_grad():
         full = model.embed_prompt(scene, 0, p, scene.tokens.feat)
         ref = model.lm(full[None])
@@ -302,7 +302,7 @@ def test_generate_rules_on_a_script(model):
     (forced [SEG] after max_new_tokens); row 3 prefers the placeholder, which is never generated (its
     second choice, <OBJ002>, has the next-highest logit)."""
     v, n = model.vocab, model.config.max_new_tokens
-    seg, eos, o1, o2 = v.seg_token_id, model.tokenizer.eos_token_id, v.obj_token_ids[1], v.obj_token_ids[2]
+    seg, eos, o1, o2 = v.seg_token_id, model.text_tokenizer.eos_token_id, v.obj_token_ids[1], v.obj_token_ids[2]
     vs = model.lm.vocab_size
     script = [[seg] * 9, [o1] * 9, [o1] * 9, [seg] * 9]
     steps = _Scripted(script, vs, first=[o1, eos, o1, v.placeholder_id])

@@ -49,7 +49,7 @@ class PromptConfig:
     none_answer: str = "none"
     #: the referring text is cut to its first ``max_text_tokens`` tokens (of the model's tokenizer), with a
     #: :class:`TextTruncatedWarning`, the same way in training, evaluation and the API (every path tokenizes
-    #: the text through :func:`text_token_ids`); 128 matches the decoder's ``max_words``.
+    #: the text through :func:`text_token_ids`).
     max_text_tokens: int = 128
     chat_template: bool = True
     chat_system: str = ("You are given a 3D scene. Each object is written as its identifier followed by its "
@@ -204,7 +204,6 @@ def keep_largest_objects(num_objects: int, k: int, priority: Optional[torch.Tens
 
 
 #: Temporary old name, imported by models/referring.py until its owner switches to keep_largest_objects.
-select_objects = keep_largest_objects
 
 
 def identifier_permutation(num_objects: int, k: int, seed: Optional[int] = None) -> torch.Tensor:

@@ -41,10 +41,10 @@ class SceneCache:
         if scene.batch_size != 1:
             raise ValueError(f"SceneCache takes one scene, got {scene.batch_size}")
         self._lm = model.lm
-        self._text_tokenizer = model.tokenizer
+        self._text_tokenizer = model.text_tokenizer
         self._prompt_config = model.config.prompt
         q = model.config.prompt.question_prefix
-        self.head_ids = torch.tensor(model.tokenizer(q, add_special_tokens=False)["input_ids"] if q else [],
+        self.head_ids = torch.tensor(model.text_tokenizer(q, add_special_tokens=False)["input_ids"] if q else [],
                                      dtype=torch.long)
         with torch.no_grad():
             embeds, self.slot_of_object, prompt = model.prefix_embeds(scene)  # (Lp, H)

@@ -62,7 +62,7 @@ class Started(NamedTuple):
 
 
 def _word_cols(model, texts, starts) -> tuple:
-    lays = [query_layout(model.tokenizer, t, model.config.prompt) for t in texts]
+    lays = [query_layout(model.text_tokenizer, t, model.config.prompt) for t in texts]
     t = max(lay.num_words for lay in lays)
     cols = torch.zeros(len(texts), t, dtype=torch.long)
     mask = torch.zeros(len(texts), t, dtype=torch.bool)
@@ -135,7 +135,7 @@ def start_uncached(model, scene, texts: Sequence[str]) -> Started:
     embeds, slots, starts, obj_cols, obj_slots = [], [], [], [], []
     for t in texts:
         kept, feat = model.gate_objects(scene, [t])  # the gate sees one scene, so one question at a time
-        prompt = build_prompt(model.tokenizer, model.vocab, scene.tokens.num_objects, t, None, seed=None,
+        prompt = build_prompt(model.text_tokenizer, model.vocab, scene.tokens.num_objects, t, None, seed=None,
                               keep=model.keep_objects(scene, 0, kept), config=model.config.prompt)
         embeds.append(model.embed_prompt(scene, 0, prompt, feat))  # (L_b, H)
         slots.append(prompt.slot_of_object)
@@ -171,7 +171,7 @@ def greedy(model, steps, pointer: Optional[PointerKeys] = None):
     (answer ids per question, hidden state ``[B, H]`` at each question's ``[SEG]``).
     """
     vocab, max_new = model.vocab, model.config.max_new_tokens
-    seg, eos = vocab.seg_token_id, model.tokenizer.eos_token_id
+    seg, eos = vocab.seg_token_id, model.text_tokenizer.eos_token_id
     logits = steps.logits  # (A, V) of the active questions
     b = logits.shape[0]
     active = torch.arange(b, device=logits.device)

@@ -80,7 +80,7 @@ class ReferringConfig:
     sim_weight: float = 0.5
     threshold: float = 0.5
     #: which path leads the reconciled result: "identifiers" (the objects the answer names; the decoder's
-    #: objects when it names none) or "decoder" (the decoder's objects, :meth:`ReferringSegmenter.select_objects`;
+    #: objects when it names none) or "decoder" (the decoder's objects, :func:`scene3d.models.generation.decoder_objects`;
     #: the named ones when it picks none — unless the decoder has a "no target" logit, whose "none" is final).
     #: "decoder" suits an LLM that names identifiers less reliably than the relation-aware decoder scores
     #: objects.
@@ -188,7 +188,7 @@ class ReferringSegmenter(nn.Module):
         self.gate = gate  # an nn.Module gate is registered as a submodule by nn.Module.__setattr__
 
     @property
-    def tokenizer(self):
+    def text_tokenizer(self):
         """The LLM's text tokenizer."""
         return self.lm.tokenizer
 
@@ -259,7 +259,7 @@ class ReferringSegmenter(nn.Module):
                          for b in qs]
             groups.append((row, int(src.tokens.obj_counts[row]), self.keep_objects(src, row, kept), seed, questions))
             order.extend(qs)
-        seq = pack(self.tokenizer, self.vocab, self.config.prompt, groups,
+        seq = pack(self.text_tokenizer, self.vocab, self.config.prompt, groups,
                    lambda row, prompt: self.embed_prompt(src, row, prompt, feat), shared=self.shares_prefix())
         # questions were laid out group by group: put them back in batch order
         back = torch.empty(len(order), dtype=torch.long)
@@ -312,7 +312,7 @@ class ReferringSegmenter(nn.Module):
         if self.gate is None:
             return None, feat
         dev = self.lm.new_embed.weight.device
-        ids = [build_query(self.tokenizer, t, self.config.prompt) for t in texts]
+        ids = [build_query(self.text_tokenizer, t, self.config.prompt) for t in texts]
         qe = torch.stack([self.lm.embed(i.to(dev)[None])[0].mean(0) for i in ids])  # (B, H)
         sel = self.gate(scene.tokens, qe)
         kept = sel.kept_index.long()
@@ -339,7 +339,7 @@ class ReferringSegmenter(nn.Module):
             raise ValueError(f"prefix_embeds takes one scene, got {scene.batch_size}")
         keep = self.keep_objects(scene, 0, None)
         slots = identifier_permutation(keep.numel(), self.vocab.num_identifiers, None)
-        ids, pos, which = build_prefix(self.tokenizer, self.vocab, slots, self.config.prompt)
+        ids, pos, which = build_prefix(self.text_tokenizer, self.vocab, slots, self.config.prompt)
         slot_of_object = torch.full((scene.tokens.num_objects,), -1, dtype=torch.long)
         slot_of_object[keep] = slots
         prompt = ScenePrompt(ids, torch.full_like(ids, IGNORE_INDEX), pos, keep[which], ids.numel(), ids.numel(),
