@@ -260,7 +260,8 @@ class ReferringSegmenter(nn.Module):
             groups.append((row, int(src.tokens.obj_counts[row]), self.keep_objects(src, row, kept), seed, questions))
             order.extend(qs)
         seq = pack(self.text_tokenizer, self.vocab, self.config.prompt, groups,
-                   lambda row, prompt: self.embed_prompt(src, row, prompt, feat), shared=self.shares_prefix())
+                   lambda row, prompt: self.embed_prompt(src, row, prompt, feat),
+                   lambda ids: self.lm.embed(ids.to(feat.device)[None])[0], shared=self.shares_prefix())
         # questions were laid out group by group: put them back in batch order
         back = torch.empty(len(order), dtype=torch.long)
         back[torch.tensor(order)] = torch.arange(len(order))

@@ -69,9 +69,11 @@ class PackedSequences(NamedTuple):
     obj_slots: torch.Tensor
 
 
-def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, shared: bool) -> PackedSequences:
+def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, embed_ids, shared: bool) -> PackedSequences:
     """``groups``: per row, ``(scene_row, num_objects, keep [M'], seed, [(text, local target rows), ...])``;
-    ``embed_prompt(scene_row, prompt) -> [L, H]`` splices the object tokens into a prompt's embeddings."""
+    ``embed_prompt(scene_row, prompt) -> [L, H]`` splices the object tokens into a prompt's embeddings (once per
+    row: the prefix is the same for the row's questions); ``embed_ids(ids [T]) -> [T, H]`` embeds the rest of
+    each question (no placeholders there)."""
     rows_x, rows_lab, rows_own, rows_pos, prompts, rows_of, words, segs = [], [], [], [], [], [], [], []
     obj_cols, obj_slots = [], []
     for r, (scene_row, num_objects, keep, seed, questions) in enumerate(groups):
@@ -82,27 +84,29 @@ def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, shared: bool)
             p: ScenePrompt = build_prompt(tokenizer, vocab, num_objects, text, targets, seed=seed, keep=keep,
                                           config=config)
             prompts.append(p)
-            emb = embed_prompt(scene_row, p)  # (L_i, H): prefix + question + answer
-            lp = p.prefix_len
+            lp, n = p.prefix_len, p.input_ids.numel() - p.prefix_len  # prefix, this question + answer
             lay = query_layout(tokenizer, text, config)
             if i == 0:  # the prefix, once per row
+                emb = embed_prompt(scene_row, p)  # (L, H): prefix + question + answer
                 obj_cols.append(p.placeholder_pos)
                 obj_slots.append(p.slot_of_object[p.placeholder_obj])
                 xs.append(emb[:lp]); labs.append(p.labels[:lp]); own.append(torch.full((lp,), -1))
                 pos.append(torch.arange(lp))
-                start = lp
-            xs.append(emb[lp:]); labs.append(p.labels[lp:]); own.append(torch.full((emb.shape[0] - lp,), i))
-            pos.append(lp + torch.arange(emb.shape[0] - lp))
-            base = start - lp  # column of this question's prompt position lp is start
-            words.append(base + lp + lay.word_start + torch.arange(lay.num_words))
-            segs.append(base + p.seg_pos if p.seg_pos >= 0 else -1)
-            start += emb.shape[0] - lp
+                start = lp  # column of the next question's first token
+                xs.append(emb[lp:])
+            else:
+                xs.append(embed_ids(p.input_ids[lp:]))
+            labs.append(p.labels[lp:]); own.append(torch.full((n,), i))
+            pos.append(lp + torch.arange(n))
+            words.append(start + lay.word_start + torch.arange(lay.num_words))
+            segs.append(start + p.seg_pos - lp if p.seg_pos >= 0 else -1)
+            start += n
             rows_of.append(r)
         rows_x.append(torch.cat(xs)); rows_lab.append(torch.cat(labs)); rows_own.append(torch.cat(own))
         rows_pos.append(torch.cat(pos))
     dev, dtype = rows_x[0].device, rows_x[0].dtype
     lens = [x.shape[0] for x in rows_x]
-    n, lmax, h = len(rows_x), max(lens), rows_x[0].shape[1]
+    n, lmax = len(rows_x), max(lens)
     x = torch.nn.utils.rnn.pad_sequence(rows_x, batch_first=True)  # (R, L, H), zeros behind each row
     labels = torch.full((n, lmax), IGNORE_INDEX, dtype=torch.long)
     position = torch.zeros(n, lmax, dtype=torch.long)
