@@ -94,7 +94,8 @@ def start_packed(model, scene_cache, texts: Sequence[str]) -> Started:
     steps.logits = out.logits[0]  # (B, V)
     head = scene_cache.head_ids.numel()  # the tails start after the question head
     cols, mask = _word_cols(model, texts, (ends - lens - head).tolist())
-    words, mask = _pick(model, out.hidden, model.lm.embed(ids[None]), torch.zeros(b, dtype=torch.long), cols, mask)
+    embeds = model.lm.embed(ids[None]) if model.config.decoder_states == "embeddings" else None  # ablation only
+    words, mask = _pick(model, out.hidden, embeds, torch.zeros(b, dtype=torch.long), cols, mask)
     return Started(steps, words, mask, [scene_cache.slot_of_object] * b,
                    _cached_keys(scene_cache, out.hidden[0, ends - 1]))
 
