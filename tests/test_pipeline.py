@@ -90,6 +90,13 @@ def test_gated_model_trains_and_prunes(data):
     scorer_grads = [p.grad for n, p in gate.named_parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in scorer_grads)  # the scorer learns through the op
     assert int(gate.step) == 1
+    # the anneal step is checkpointed: a resumed run continues the keep-ratio schedule
+    state = model.trainable_state_dict()
+    assert int(state["segmenter.gate.step"]) == 1
+    resumed = Scene3DModel(cfg)
+    assert int(resumed.segmenter.gate.step) == 0
+    resumed.load_trainable_state_dict(state)
+    assert int(resumed.segmenter.gate.step) == 1
     model.eval()
     points = collate_referring([data[0]]).points
     scene, _ = model.encode(points, points.instance)

@@ -166,7 +166,8 @@ FINGERPRINT_KEY = "segmenter.lm.base_fingerprint"
 
 
 def _is_buffer_of_trainable(key: str, trainable: set) -> bool:
-    """Buffers (e.g. batch-norm statistics) of modules whose parameters train."""
+    """Persistent buffers of modules whose parameters train: batch-norm statistics, and the gate's anneal step
+    (``segmenter.gate.step``), so a resumed gated run continues its keep-ratio schedule instead of restarting
+    it. (A frozen LLM's buffers belong to modules without trainable parameters, so they stay out.)"""
     prefix = key.rsplit(".", 1)[0]
-    return key.endswith(("running_mean", "running_var", "num_batches_tracked")) and any(
-        n.startswith(prefix + ".") for n in trainable)
+    return any(n.startswith(prefix + ".") for n in trainable)
