@@ -12,7 +12,11 @@ IoU > t) for
   generalisation, not a new room.
 
 Methods: ``geometric`` (:mod:`scene3d.tokenizer.geometric_proposals`, overlapping proposals ranked by their
-stability), ``geometric-flat`` (the same made disjoint, as the model gets them) and
+stability), ``geometric-flat`` (the same made disjoint, as the model gets them), ``merge``
+(:mod:`scene3d.tokenizer.merge_proposals`: the geometric front end over-segments, a small learned pair
+classifier merges, a learned objectness scores; trained here, in ``--merge-rounds`` rounds, on the
+``--train-scenes`` synthetic training scenes plus scene0000_01 weighing ``--merge-real-weight`` synthetic
+scenes, or with ``--merge-synthetic-only`` on the synthetic ones alone; scene0000_02 is never trained on) and
 ``learned`` (the tokenizer's offset-voting head trained here for ``--learned-steps`` steps on synthetic
 scenes of ``--preset`` with the CPU tokenizer of ``configs/tokenizer/small.yaml``, or loaded from
 ``--checkpoint``; its clusters have no confidence, so every score is 1).
@@ -23,7 +27,8 @@ warm-up (imports and open3d's first call are not counted). Taken on shared CPUs 
 the ratios, not the absolute values.
 
     .venv/bin/python bench/proposals.py                      # everything (about 8 min on 2 loaded cores)
-    .venv/bin/python bench/proposals.py --learned-steps 0    # geometric only
+    .venv/bin/python bench/proposals.py --learned-steps 0    # geometric and merge only
+    .venv/bin/python bench/proposals.py --learned-steps 0 --no-merge   # geometric only
 """
 
 from __future__ import annotations
@@ -96,6 +101,36 @@ def geometric_flat(scan: Scan):
 
     p = proposal_objects(scan.coord, scan.color)
     return labels_to_masks(p.labels), p.scores
+
+
+def train_merge(train: list[Scan], real: list[Scan], args):
+    """The merge model (:func:`scene3d.tokenizer.merge_proposals.train_merge_model`) on the synthetic training
+    scenes plus scene0000_01 (never scene0000_02)."""
+    from scene3d.tokenizer.merge_proposals import TrainScene, train_merge_model
+
+    scenes = [TrainScene(s.name, s.coord, s.color, s.instance, s.classes) for s in train]
+    weights = [1.0] * len(scenes)
+    if not args.merge_synthetic_only:
+        tuned = [s for s in real if s.name == REAL[0][0]]
+        scenes += [TrainScene(s.name, s.coord, s.color, s.instance, s.classes) for s in tuned]
+        weights += [args.merge_real_weight] * len(tuned)
+    assert all(s.name != REAL[1][0] for s in scenes), "the held-out scan must not be trained on"
+    t = time.perf_counter()
+    model = train_merge_model(scenes, rounds=args.merge_rounds, seed=args.seed, weights=weights)
+    print(f"merge model: trained on {[s.name for s in scenes]} (weights {weights}) in {time.perf_counter() - t:.0f} s")
+    if args.save_merge:
+        model.save(args.save_merge)
+    return model
+
+
+def merge_fn(model):
+    from scene3d.tokenizer.merge_proposals import merge_proposals
+
+    def run(scan: Scan):
+        g = merge_proposals(scan.coord, scan.color, model)
+        return g.masks, g.scores
+
+    return run
 
 
 def _points(scan: Scan, with_instance: bool):
@@ -202,6 +237,13 @@ def main(argv=None) -> int:
     ap.add_argument("--train-points", type=int, default=12_000, help="points per training step (subsample)")
     ap.add_argument("--train-real", action="store_true",
                     help="the learned head also trains on scene0000_01 (every other step); scene0000_02 stays held out")
+    ap.add_argument("--no-merge", action="store_true", help="leave out the learned-merge proposals")
+    ap.add_argument("--merge-rounds", type=int, default=2, help="agglomeration rounds of the merge model's training")
+    ap.add_argument("--merge-real-weight", type=float, default=4.0,
+                    help="scene0000_01's weight in the merge model's losses (a synthetic scene weighs 1)")
+    ap.add_argument("--merge-synthetic-only", action="store_true",
+                    help="the merge model trains on synthetic scenes only")
+    ap.add_argument("--save-merge", type=Path, default=None, help="write the trained merge model (safetensors) here")
     ap.add_argument("--checkpoint", default=None, help="take the learned head from this scene3d checkpoint")
     ap.add_argument("--sizes", default="20000,80000,300000")
     ap.add_argument("--repeats", type=int, default=3)
@@ -216,10 +258,15 @@ def main(argv=None) -> int:
     groups = [(f"synthetic {args.preset} x{len(held)} (held out)", held)]
     groups += [(f"{s.name} ({dict(REAL)[s.name]})", [s]) for s in real]
     methods = {"geometric": geometric, "geometric-flat": geometric_flat}
+    train = None
+    if not args.no_merge:
+        train = synthetic_scans(args.work / f"train_{args.preset}_s{args.seed + 1}_n{args.train_scenes}",
+                                args.train_scenes, args.seed + 1, args.preset)
+        methods["merge"] = merge_fn(train_merge(train, real, args))
     if args.checkpoint:
         methods["learned"] = learned_fn(load_learned(args.checkpoint))
     elif args.learned_steps > 0:
-        train = synthetic_scans(args.work / f"train_{args.preset}_s{args.seed + 1}_n{args.train_scenes}",
+        train = train or synthetic_scans(args.work / f"train_{args.preset}_s{args.seed + 1}_n{args.train_scenes}",
                                 args.train_scenes, args.seed + 1, args.preset)
         what = f"{len(train)} synthetic {args.preset} scenes"
         if args.train_real:
