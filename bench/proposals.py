@@ -116,7 +116,7 @@ def train_merge(train: list[Scan], real: list[Scan], args):
         weights += [args.merge_real_weight] * len(tuned)
     assert all(s.name != REAL[1][0] for s in scenes), "the held-out scan must not be trained on"
     t = time.perf_counter()
-    model = train_merge_model(scenes, rounds=args.merge_rounds, seed=args.seed, weights=weights)
+    model = train_merge_model(scenes, rounds=args.merge_rounds, seed=args.merge_seed, weights=weights)
     print(f"merge model: trained on {[s.name for s in scenes]} (weights {weights}) in {time.perf_counter() - t:.0f} s")
     if args.save_merge:
         model.save(args.save_merge)
@@ -243,6 +243,7 @@ def main(argv=None) -> int:
                     help="scene0000_01's weight in the merge model's losses (a synthetic scene weighs 1)")
     ap.add_argument("--merge-synthetic-only", action="store_true",
                     help="the merge model trains on synthetic scenes only")
+    ap.add_argument("--merge-seed", type=int, default=901, help="seed of the merge model's MLPs (not of the scenes)")
     ap.add_argument("--save-merge", type=Path, default=None, help="write the trained merge model (safetensors) here")
     ap.add_argument("--checkpoint", default=None, help="take the learned head from this scene3d checkpoint")
     ap.add_argument("--sizes", default="20000,80000,300000")
