@@ -16,13 +16,16 @@ data is made: the trainer plans its step count from its own pace and moves the c
 :mod:`scene3d.metrics` for the reconciled result, the identifier-only path (``Prediction.identifier_mask``)
 and the decoder-only path (``Prediction.decoder_mask``), next to two trivial baselines (the largest object;
 a random object), on the template split and on the paraphrase split (the same val programs worded as real
-annotators word them, data_prep/paraphrase.py; :func:`score_split` scores one split, all paths). Gating: the trained model is fine-tuned for ``--gate-minutes`` more with
-``model.gate.enabled=true model.gate.keep_ratio=0.3`` (the new gate scorer trains, the keep ratio anneals
-from 1 to 0.3) and scored again; reported as unavailable when scene3d.gating cannot be built.
+annotators word them, data_prep/paraphrase.py; :func:`score_split` scores one split, all paths). Gating (issue 20): the trained model is fine-tuned
+for ``--gate-minutes`` more at each keep ratio of ``--gate-keep`` (``model.gate.enabled=true``; the new gate
+scorer trains while the keep ratio anneals from 1), then both splits are scored on the same ``--gate-rows``
+rows as the ungated model, and the scene prefix's prefill FLOPs and time are measured with and without the
+trained gate on the same held-out scenes (:func:`gated`); reported as unavailable when scene3d.gating cannot be
+built.
 
 Ablation (``--ablation on``, the default): each LLM is trained a second time, with the same budget, with
 ``model.referring.decoder_states=embeddings`` — the decoder reads the LLM's input embeddings at the question's
-tokens and at [SEG] instead of its last-layer states — and scored the same way; the printed drop is what the
+tokens and at its sentence position instead of its last-layer states — and scored the same way; the printed drop is what the
 LLM's layers contribute to the mask. (The identifier answer, with its pointer, still runs through the LLM in
 both.)
 
@@ -44,6 +47,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # gate_prefill, beside this file
 
 
 def baseline_rows(rows, processed_dir, kind: str, seed: int = 0) -> list:
@@ -120,10 +124,17 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=15.0, help="CPU budget for training the tiny model")
     ap.add_argument("--smollm2-minutes", type=float, default=30.0, help="CPU budget for training on SmolLM2")
     ap.add_argument("--smollm2-layers", type=int, default=8, help="SmolLM2 layers kept (llm.num_layers; 30: all)")
-    ap.add_argument("--gate-minutes", type=float, default=2.0, help="budget of the gated fine-tune (0: skip)")
-    ap.add_argument("--ablation", choices=("on", "off"), default="on",
+    ap.add_argument("--gate-minutes", type=float, default=2.0, help="budget of each gated fine-tune (0: skip)")
+    ap.add_argument("--gate-keep", default="0.5,0.3,0.1", help="keep ratios of the gated fine-tunes")
+    ap.add_argument("--gate-rows", type=int, default=400,
+                    help="rows per split scored for the gated models and the ungated one (evenly spread; a gated "
+                         "model encodes a prefix per question, so all 1722 would take ~4x the ungated time)")
+    ap.add_argument("--gate-scenes", type=int, default=8, help="held-out scenes of the prefill cost")
+    ap.add_argument("--gate-repeats", type=int, default=3, help="interleaved repeats of the prefill timing")
+    ap.add_argument("--ablation", choices=("on", "off", "only"), default="on",
                     help="also train, with the same budget, a model whose decoder reads the LLM's input embeddings "
-                         "at the same positions instead of its states (model.referring.decoder_states=embeddings)")
+                         "at the same positions instead of its states (model.referring.decoder_states=embeddings); "
+                         "'only': just that model (to run the two halves as two processes, one core each)")
     ap.add_argument("--cache", default=None, help="where the synthetic scenes are made (default $SCENE3D_CACHE)")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -151,8 +162,9 @@ def main(argv=None) -> int:
             minutes = args.smollm2_minutes
         print(f"\n===== LLM: {which} ({minutes:g} CPU-minutes{'' if which == 'tiny' else ', ' + ' '.join(extra)})",
               flush=True)
-        table.append((which, "LLM states", learn(args, extra, minutes, out / which)))
-        if args.ablation == "on":
+        if args.ablation != "only":
+            table.append((which, "LLM states", learn(args, extra, minutes, out / which)))
+        if args.ablation != "off":
             print(f"\n===== LLM: {which}, ablation: the decoder reads the input embeddings at the same positions "
                   f"({minutes:g} CPU-minutes)", flush=True)
             table.append((which, "embeddings", learn(args, extra + ["model.referring.decoder_states=embeddings"],
@@ -215,7 +227,7 @@ def learn(args, extra: list, minutes: float, out: Path, gate: bool = True) -> di
     print(f"minutes used (data + training): {train_min:.2f}", flush=True)
 
     if gate and args.gate_minutes > 0:
-        gated(args, base, out, summary.checkpoint, val, sps)
+        gated(args, base, out, summary.checkpoint, val, para_rows, sps)
     return {"minutes": train_min, "steps": int(summary.step),
             "reconciled": res["reconciled"].metrics["overall"]["miou"],
             "identifier": res["identifier"].metrics["overall"]["miou"],
@@ -223,38 +235,103 @@ def learn(args, extra: list, minutes: float, out: Path, gate: bool = True) -> di
             **{f"para_{p}": para[p].metrics["overall"]["miou"] for p in PATHS}}
 
 
-def gated(args, base, out: Path, checkpoint, val, sps: float) -> None:
-    """Fine-tune the trained model with the gate on (keep ratio 0.3) and score it."""
+def gated(args, base, out: Path, checkpoint, val, para_rows, sps: float) -> list:
+    """Issue 20, item 2: for each keep ratio of ``--gate-keep``, fine-tune the trained model with the gate on
+    (the new gate scorer trains, the keep ratio anneals from 1 over the first half of the fine-tune), then
+    score both splits on the same ``--gate-rows`` rows per split (evenly spread) as the ungated model, and
+    measure the scene prefix's prefill FLOPs and time with and without the trained gate on the same held-out
+    scenes and questions (``bench/gate_prefill.prefill_report``). Returns one dict per ratio."""
+    from gate_prefill import prefill_report
+
     from scene3d.config import compose, pipeline_config, to_objects
     from scene3d.data.referring import collate_referring
+    from scene3d.data.scene import load_processed_scene
     from scene3d.engine.checkpoint import load_checkpoint
-    from scene3d.engine.evaluate import evaluate_model
+    from scene3d.data.referring import scene_to_tensors
+    from scene3d.engine.evaluate import evaluate_model_masks, spread_rows
     from scene3d.engine.trainer import Trainer, seed_everything
+    from scene3d.models.loading import load_model
     from scene3d.models.pipeline import Scene3DModel
+    from scene3d.structures.points import PointBatch
     from scene3d.train import training_dataset
 
-    t = time.perf_counter()
-    steps = max(10, int(0.9 * args.gate_minutes * 60 / (sps * 1.15)))  # gated steps run the scorer too
-    try:
-        cfg = compose("train", base + ["model.gate.enabled=true", "model.gate.keep_ratio=0.3",
-                                       f"model.gate.anneal_steps={max(1, steps // 2)}", f"trainer.max_steps={steps}",
-                                       "trainer.warmup_steps=0", f"out_dir={out / 'gated'}"])
-        obj = to_objects(cfg)
-        seed_everything(obj.trainer.seed)
-        model = Scene3DModel(pipeline_config(cfg.model))
-    except Exception as e:  # scene3d.gating missing or broken: report, do not hide
-        print(f"gating at keep ratio 0.3: unavailable ({type(e).__name__}: {e})")
-        return
-    state = load_checkpoint(checkpoint, with_trainer_state=False).model_state
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("segmenter.gate.") or not p.requires_grad
-                                  for k, p in model.named_parameters() if k in missing), "weights do not fit"
-    ds = training_dataset(obj.data, obj.trainer.seed)
-    trainer_cfg = dataclasses.replace(obj.trainer, lr=obj.trainer.lr * 0.3)
-    Trainer(trainer_cfg, model, ds, collate_referring, out_dir=out / "gated", resolved_config=cfg).fit()
-    res = evaluate_model(model, val.processed_dir, val.rows, "reconciled", progress=False)
-    print(line("gated, keep ratio 0.3", res.metrics["overall"])
-          + f"   ({steps} fine-tune steps, {(time.perf_counter() - t) / 60:.2f} min)")
+    ratios = [float(x) for x in args.gate_keep.split(",")]
+    rows_t = spread_rows(val.rows, args.gate_rows)
+    rows_p = spread_rows(para_rows, args.gate_rows)
+    ungated = load_model(checkpoint).model.eval()
+
+    def miou(model, rows):
+        """(reconciled, identifier-only) mIoU: the decoder scores every object, kept or not, so the identifier
+        answer is where pruning the LLM's input shows first."""
+        res = evaluate_model_masks(model, val.processed_dir, rows, ("reconciled", "identifier"), progress=False)
+        return res["reconciled"].metrics["overall"]["miou"], res["identifier"].metrics["overall"]["miou"]
+
+    (base_t, ident_t), (base_p, ident_p) = miou(ungated, rows_t), miou(ungated, rows_p)
+    # the prefill half: the first --gate-scenes held-out scenes, each with its first 2 template questions
+    sids = sorted({r["scene_id"] for r in rows_t})[: args.gate_scenes]
+    scenes, texts = [], []
+    for sid in sids:
+        sc = load_processed_scene(val.processed_dir / sid)
+        points = PointBatch.from_list([scene_to_tensors(sc)], scene_ids=[sid])
+        with torch.inference_mode():
+            scenes.append(ungated.encode(points, points.instance)[0])
+    texts = [r["text"] for r in rows_t if r["scene_id"] == sids[0]][:2]
+    results = []
+    steps = max(10, int(0.9 * args.gate_minutes * 60 / (sps * 2.0)))  # gated steps: one prefix per question
+    for ratio in ratios:
+        t = time.perf_counter()
+        try:
+            cfg = compose("train", base + ["model.gate.enabled=true", f"model.gate.keep_ratio={ratio}",
+                                           f"model.gate.anneal_steps={max(1, steps // 2)}",
+                                           f"trainer.max_steps={steps}", "trainer.warmup_steps=0",
+                                           f"out_dir={out / f'gated_{ratio:g}'}"])
+            obj = to_objects(cfg)
+            seed_everything(obj.trainer.seed)
+            model = Scene3DModel(pipeline_config(cfg.model))
+        except Exception as e:  # scene3d.gating missing or broken: report, do not hide
+            print(f"gating at keep ratio {ratio:g}: unavailable ({type(e).__name__}: {e})")
+            continue
+        state = load_checkpoint(checkpoint, with_trainer_state=False).model_state
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("segmenter.gate.") or not p.requires_grad
+                                      for k, p in model.named_parameters() if k in missing), "weights do not fit"
+        ds = training_dataset(obj.data, obj.trainer.seed)
+        trainer_cfg = dataclasses.replace(obj.trainer, lr=obj.trainer.lr * 0.3)
+        Trainer(trainer_cfg, model, ds, collate_referring, out_dir=out / f"gated_{ratio:g}",
+                resolved_config=cfg).fit()
+        model.eval()
+        (m_t, i_t), (m_p, i_p) = miou(model, rows_t), miou(model, rows_p)
+        gate = model.segmenter.gate
+        model.segmenter.gate = None  # prefill_report builds the gated prefix itself, per question
+        try:
+            cost = prefill_report(model.segmenter, {1.0: None, ratio: gate}, scenes, texts, repeats=args.gate_repeats)
+        finally:
+            model.segmenter.gate = gate
+        none, with_gate = cost
+        row = {"ratio": ratio, "steps": steps, "minutes": (time.perf_counter() - t) / 60, "template": m_t,
+               "paraphrase": m_p, "identifier": (i_t, i_p), "flops": with_gate["flops"] / none["flops"] - 1,
+               "time": with_gate["ms"] / none["ms"] - 1, "tokens": (none["tokens"], with_gate["tokens"]),
+               "ms": (none["ms"], with_gate["ms"])}
+        results.append(row)
+        print(f"gated, keep ratio {ratio:g}: template {m_t:.4f} ({m_t - base_t:+.4f}), paraphrase {m_p:.4f} "
+              f"({m_p - base_p:+.4f}); identifier-only {i_t:.4f} ({i_t - ident_t:+.4f}) | {i_p:.4f} "
+              f"({i_p - ident_p:+.4f}); prefix {row['tokens'][0]} -> {row['tokens'][1]} tokens, FLOPs "
+              f"{row['flops']:+.0%}, time {row['ms'][0]:.0f} -> {row['ms'][1]:.0f} ms ({row['time']:+.0%}); "
+              f"{steps} fine-tune steps, {row['minutes']:.2f} min", flush=True)
+    if results:
+        print(f"\ngating (issue 20; {len(rows_t)} template + {len(rows_p)} paraphrase rows, the same for every "
+              f"row; prefill over {len(scenes)} held-out scenes x {len(texts)} questions, median of "
+              f"{args.gate_repeats}):")
+        print(f"{'keep':>5} {'template':>9} {'change':>7} {'paraphr.':>9} {'change':>7} {'identifier t|p':>15} "
+              f"{'prefix tok':>11} {'FLOPs':>6} {'ms':>8} {'time':>6}")
+        print(f"{'none':>5} {base_t:9.4f} {'':7s} {base_p:9.4f} {'':7s} {ident_t:7.4f}|{ident_p:.4f} "
+              f"{results[0]['tokens'][0]:11d} {'':6s} {results[0]['ms'][0]:8.0f}")
+        for r in results:
+            it, ip = r["identifier"]
+            print(f"{r['ratio']:5.2f} {r['template']:9.4f} {r['template'] - base_t:+7.4f} {r['paraphrase']:9.4f} "
+                  f"{r['paraphrase'] - base_p:+7.4f} {it:7.4f}|{ip:.4f} {r['tokens'][1]:11d} {r['flops']:+6.0%} "
+                  f"{r['ms'][1]:8.0f} {r['time']:+6.0%}")
+    return results
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The bigger benchmark (a 15-minute budget) is bench/learn_synthetic.py. Here 8 sy
 :mod:`scene3d.metrics` on the sentences of the 2 **held-out** scenes (the val split, never seen in training)
 against trivial predictors computed independently below: the scene's largest object, a random object and
 "nothing" (right on zero-target rows), each by a clear margin. Since the decoder reads the words only through
-the LLM's states (model architecture 2), this is a check of the LLM path; the report (``-s``) also prints the
+the LLM's states (model architecture 3), this is a check of the LLM path; the report (``-s``) also prints the
 identifier-only figure. Before that change: 0.471 against 0.000 / 0.117 / 0.233.
 """
 

@@ -399,7 +399,8 @@ def test_training_and_predict_cut_a_300_token_text_the_same_way(scene):
         q = build_query(m.text_tokenizer, long, m.config.prompt)
     head = len(m.text_tokenizer(m.config.prompt.question_prefix, add_special_tokens=False)["input_ids"])
     tail = len(m.text_tokenizer(m.config.prompt.answer_prefix, add_special_tokens=False)["input_ids"])
-    assert q.numel() == head + cap + tail
+    assert q.numel() == head + cap + tail + 1  # + the [SEG] that ends the prompt (sentence_state="question")
+    assert int(q[-1]) == m.vocab.seg_token_id
     m.train()
     with pytest.warns(TextTruncatedWarning):
         batch = QueryBatch(scene, [long, "the two tables"], [[20], [10, 30]], seeds=[3, 4])
@@ -412,12 +413,14 @@ def test_training_and_predict_cut_a_300_token_text_the_same_way(scene):
         assert len(m.predict(scene.scene(0), [long])) == 1
 
 
-def test_shared_scene_prefix_equals_one_row_per_question(monkeypatch):
+@pytest.mark.parametrize("grounding", [False, True])
+def test_shared_scene_prefix_equals_one_row_per_question(monkeypatch, grounding):
     """Training packs a scene's questions behind one encoding of its prefix (4D mask, positions continuing
     from the prefix): every loss and every gradient equals encoding each question with its own copy of the
-    prefix, in fp32, and the gradients of all questions reach the shared object tokens."""
+    prefix, in fp32, and the gradients of all questions reach the shared object tokens. With
+    ``identifier_grounding`` every answer position of a packed row gets its own question's object logits."""
     torch.manual_seed(0)
-    m = ReferringSegmenter(_config(shuffle_identifiers=False))
+    m = ReferringSegmenter(_config(shuffle_identifiers=False, identifier_grounding=grounding))
     m.train()
     shared = synthetic_scene((5, 7), points_per_object=6, obj_dim=8, point_dim=8, seed=1)
     index = [1, 0, 1, 1]
@@ -448,6 +451,40 @@ def test_shared_scene_prefix_equals_one_row_per_question(monkeypatch):
     assert grads.keys() == grads1.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], grads1[n], atol=2e-5, rtol=1e-4, msg=n)
+    if grounding:  # the LM loss trains the scale of the grounding logits in the answer
+        assert grads["grounding_scale"].abs() > 0
+
+
+def test_identifier_grounding_moves_the_answer_with_the_grounding_head(scene):
+    """With ``identifier_grounding`` the identifier logits add the grounding head's object logits: raising one
+    object's logit (the score layer's bias, for every object) by a constant changes no LM-head logit and moves
+    every identifier logit by that constant times the learned scale; without it nothing moves. A config that
+    cannot run the decoder before the answer is refused."""
+    with pytest.raises(ValueError, match="identifier_grounding needs"):
+        _config(identifier_grounding=True, sentence_state="seg")
+    torch.manual_seed(0)
+    m = ReferringSegmenter(_config(shuffle_identifiers=False, identifier_grounding=True)).eval()
+    with torch.no_grad():
+        m.grounding_scale.fill_(0.7)
+    captured = []
+    orig = m.answer_logits
+    m.answer_logits = lambda *a: captured.append(orig(*a)) or captured[-1]
+    batch = _batch(scene)
+    with torch.no_grad():
+        m(batch)
+        before = captured[-1].clone()
+        m.decoder.grounding.score[-1].bias.add_(2.0)
+        m(batch)
+        after = captured[-1]
+        m.decoder.grounding.score[-1].bias.sub_(2.0)
+    ident = m.identifier_ids
+    finite = torch.isfinite(before[..., ident])
+    assert finite.any()
+    diff = (after[..., ident] - before[..., ident])[finite]
+    torch.testing.assert_close(diff, torch.full_like(diff, 1.4), atol=1e-4, rtol=0)
+    other = torch.ones(before.shape[-1], dtype=torch.bool)
+    other[ident] = False
+    torch.testing.assert_close(after[..., other], before[..., other])
 
 
 def test_words_reach_the_decoder_only_through_the_llm(scene):

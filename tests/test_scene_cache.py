@@ -48,7 +48,7 @@ def _full_embeds(model, scene, text, kept=None, feat=None):
 
 
 @torch.no_grad()
-def _naive_answer(model, emb, objects):
+def _naive_answer(model, emb, objects, bias=None):
     """Greedy decoding with the whole sequence re-encoded at every step: (answer ids, [SEG] hidden [H]). The
     identifier pointer reads the states at the object tokens (``objects``: their positions and identifiers)."""
     v, eos, seg = model.vocab, model.text_tokenizer.eos_token_id, model.vocab.seg_token_id
@@ -56,8 +56,10 @@ def _naive_answer(model, emb, objects):
     answer = []
     for step in range(model.config.max_new_tokens + 1):
         out = model.lm(emb[None])
-        logits = model.answer_logits(out.logits[:, -1], out.hidden[:, -1], out.hidden[:, cols], slots[None])[0]
+        logits = model.answer_logits(out.logits[:, -1], out.hidden[:, -1], out.hidden[:, cols], slots[None],
+                                     bias)[0]
         logits[v.placeholder_id] = float("-inf")
+        logits[[i for i in v.obj_token_ids if i in answer]] = float("-inf")  # an identifier is named once
         t = int(logits.argmax())
         t = seg if t == eos or step == model.config.max_new_tokens else t
         answer.append(t)
@@ -73,10 +75,20 @@ def _naive_predict(model, scene, texts):
     for text in texts:
         kept, feat = model.gate_objects(scene, [text])
         emb, slots, cols, objects = _full_embeds(model, scene, text, kept, feat)
-        words = model.lm(emb[None]).hidden[:, cols]  # (1, T, H): the LLM's states at the question's words
-        answer, h = _naive_answer(model, emb, objects)
-        dec = model.decoder(h[None], words, torch.ones(words.shape[:2], dtype=torch.bool), scene.point_feat,
-                            scene.points.coord, scene.points.offset, scene.tokens, scene.points.superpoint)
+        states = model.lm(emb[None]).hidden
+        words = states[:, cols]  # (1, T, H): the LLM's states at the question's words
+
+        def decode(h):
+            return model.decoder(h[None], words, torch.ones(words.shape[:2], dtype=torch.bool), scene.point_feat,
+                                 scene.points.coord, scene.points.offset, scene.tokens, scene.points.superpoint)
+
+        if model.config.sentence_state == "question":  # the [SEG] that ends the prompt: before the answer
+            dec = decode(states[0, -1])
+            bias = model.identifier_bias([dec.obj_logits], [slots]) if model.grounding_scale is not None else None
+            answer, _ = _naive_answer(model, emb, objects, bias)
+        else:
+            answer, h = _naive_answer(model, emb, objects)
+            dec = decode(h)
         out.append(generation.reconcile(model, scene, answer, slots, dec))
     return out
 
@@ -99,12 +111,20 @@ def model(scene):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
         answers = [a.answer_ids for a in _naive_predict(m, scene, TEXTS)]
-        # a word (not an identifier, whose logit the pointer also moves) that some answers hold and others not
+        # a word (not an identifier, whose logit the pointer also moves) that some answers hold and others not;
+        # the first such word whose copy gives both early and late finishers (the [SEG] row may be tied to the
+        # input embedding of the [SEG] that ends every prompt, so the copy can change every answer)
         ident = set(m.vocab.obj_token_ids)
         counts = Counter(t for a in answers for t in set(a[:-1]) if t not in ident)
-        common = next(t for t, c in counts.most_common() if c < len(answers))
         head = m.lm.causal_lm.get_output_embeddings().weight
-        m.lm.new_head.weight[int(m.lm.new_index[m.vocab.seg_token_id])] = head[common] * 1.2
+        row = int(m.lm.new_index[m.vocab.seg_token_id])
+        saved = m.lm.new_head.weight[row].clone()
+        for common in (t for t, c in counts.most_common() if c < len(answers)):
+            m.lm.new_head.weight[row] = head[common] * 1.2
+            lengths = {len(a.answer_ids) for a in _naive_predict(m, scene, TEXTS)}
+            if len(lengths) > 1 and max(lengths) == m.config.max_new_tokens + 1:
+                break
+            m.lm.new_head.weight[row] = saved
     return m
 
 
@@ -226,6 +246,31 @@ def test_predict_cached_equals_naive_reference(model, scene, reference):
     _assert_same(model.predict(scene, TEXTS, use_cache=True), reference)
 
 
+def test_sentence_state_at_seg_also_equals_naive_reference(model, scene, reference):
+    """``sentence_state="seg"`` (the decoder reads the state at [SEG], after the answer) runs the same on every
+    path, and it is a different state from the default's (the state before the answer)."""
+    m = copy.copy(model)
+    m.config = copy.copy(model.config)
+    m.config.sentence_state = "seg"
+    ref = _naive_predict(m, scene, TEXTS)
+    _assert_same(m.predict(scene, TEXTS, use_cache=True), ref)
+    _assert_same(m.predict(scene, TEXTS, use_cache=False), ref)
+    assert any(not torch.allclose(a.obj_scores, b.obj_scores) for a, b in zip(ref, reference))
+
+
+def test_identifier_grounding_equals_naive_reference(model, scene, reference):
+    """With the grounding head's logits in the identifier logits (scale 3, so they decide answers), every path
+    still computes what re-encoding the whole sequence computes, and the answers change."""
+    m = ReferringSegmenter(_config(identifier_grounding=True), lm=model.lm).eval()
+    m.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)
+    with torch.no_grad():
+        m.grounding_scale.fill_(3.0)
+    ref = _naive_predict(m, scene, TEXTS)
+    _assert_same(m.predict(scene, TEXTS, use_cache=True), ref)
+    _assert_same(m.predict(scene, TEXTS, use_cache=False), ref)
+    assert [p.answer_ids for p in ref] != [p.answer_ids for p in reference]
+
+
 def test_predict_uncached_equals_naive_reference(model, scene, reference):
     _assert_same(model.predict(scene, TEXTS, use_cache=False), reference)
 
@@ -277,14 +322,18 @@ def test_cache_needs_one_scene(model):
 
 # ------------------------------------------------------------------------------------------ decoding rules
 class _Scripted:
-    """Fake decoding state: ``script[row][k]`` is the argmax token after row ``row``'s ``k``-th fed token."""
+    """Fake decoding state: ``script[row][k]`` is the argmax token after row ``row``'s ``k``-th fed token;
+    ``second[row]`` (optional) a token with the next-highest logit (0.5) at every step of that row."""
 
-    def __init__(self, script, vocab_size, first):
+    def __init__(self, script, vocab_size, first, second=None):
         self.script, self.v, self.fed = script, vocab_size, [[] for _ in script]
+        self.second = second or {}
         self.logits = torch.stack([self._onehot(t) for t in first])
 
-    def _onehot(self, t):
+    def _onehot(self, t, second=None):
         x = torch.zeros(self.v)
+        if second is not None:
+            x[second] = 0.5
         x[t] = 1.0
         return x
 
@@ -292,7 +341,7 @@ class _Scripted:
         out = []
         for r, t in zip(active.tolist(), tokens.tolist()):
             self.fed[r].append(t)
-            out.append(self._onehot(self.script[r][len(self.fed[r]) - 1]))
+            out.append(self._onehot(self.script[r][len(self.fed[r]) - 1], self.second.get(r)))
         hidden = torch.stack([torch.tensor([float(r), float(len(self.fed[r]))]) for r in active.tolist()])
         return torch.stack(out), hidden
 
@@ -300,15 +349,17 @@ class _Scripted:
 def test_generate_rules_on_a_script(model):
     """Hand-computed: row 0 says <OBJ001> then [SEG]; row 1 says </s> at once (-> [SEG]); row 2 never stops
     (forced [SEG] after max_new_tokens); row 3 prefers the placeholder, which is never generated (its
-    second choice, <OBJ002>, has the next-highest logit)."""
+    second choice, <OBJ002>, has the next-highest logit); row 4 wants <OBJ001> twice, and an identifier is
+    named once, so its second choice <OBJ002> comes instead."""
     v, n = model.vocab, model.config.max_new_tokens
     seg, eos, o1, o2 = v.seg_token_id, model.text_tokenizer.eos_token_id, v.obj_token_ids[1], v.obj_token_ids[2]
     vs = model.lm.vocab_size
-    script = [[seg] * 9, [o1] * 9, [o1] * 9, [seg] * 9]
-    steps = _Scripted(script, vs, first=[o1, eos, o1, v.placeholder_id])
+    word = next(i for i in range(vs) if i not in set(v.obj_token_ids) | {seg, eos, v.placeholder_id})
+    script = [[seg] * 9, [o1] * 9, [word] * 9, [seg] * 9, [o1, seg] + [seg] * 7]
+    steps = _Scripted(script, vs, first=[o1, eos, o1, v.placeholder_id, o1], second={4: o2})
     steps.logits[3, o2] = 0.5  # row 3: placeholder 1.0 > <OBJ002> 0.5 > the rest 0
     answers, hidden = generation.greedy(model, steps)
-    assert answers[0] == [o1, seg] and answers[1] == [seg] and answers[2] == [o1] * n + [seg]
-    assert answers[3] == [o2, seg]
+    assert answers[0] == [o1, seg] and answers[1] == [seg] and answers[2] == [o1] + [word] * (n - 1) + [seg]
+    assert answers[3] == [o2, seg] and answers[4] == [o1, o2, seg]
     assert steps.fed == answers  # finished rows are not fed again
-    assert hidden.tolist() == [[0.0, 2.0], [1.0, 1.0], [2.0, n + 1.0], [3.0, 2.0]]  # state at each [SEG]
+    assert hidden.tolist() == [[0.0, 2.0], [1.0, 1.0], [2.0, n + 1.0], [3.0, 2.0], [4.0, 3.0]]  # state at [SEG]

@@ -86,6 +86,27 @@ def test_train_writes_checkpoints_metrics_events_and_plot(run4):
     assert saved and all(torch.equal(own[k], v) for k, v in saved.items())
 
 
+def test_a_checkpoint_of_another_architecture_is_refused_with_its_number(run4, tmp_path):
+    """Architecture 2 read the decoder's sentence state at [SEG]; its weights would load into architecture 3
+    without error and silently read another state, so load_model refuses it (and a config without a number)."""
+    import yaml
+
+    from scene3d.engine.checkpoint import CheckpointError
+    from scene3d.models.loading import load_model
+
+    for arch in (2, None):
+        ck = tmp_path / f"arch{arch}"
+        shutil.copytree(run4 / "checkpoints" / "step_00000004", ck)
+        cfg = yaml.safe_load((ck / "config.yaml").read_text())
+        if arch is None:
+            del cfg["model"]["referring"]["architecture"]
+        else:
+            cfg["model"]["referring"]["architecture"] = arch
+        (ck / "config.yaml").write_text(yaml.safe_dump(cfg))
+        with pytest.raises(CheckpointError, match=f"model architecture {arch or 1} .*builds architecture 3"):
+            load_model(ck)
+
+
 def test_resume_after_losing_the_last_checkpoint_reaches_the_same_weights(run4, tmp_path, cache):
     """Resume from step 2 (as after a kill between the two saves): steps 3-4 again give bit-identical weights."""
     run = tmp_path / "r"

@@ -3,7 +3,7 @@
 Token layout of one sample (each piece tokenized on its own and concatenated, so the scene prefix has the
 same ids whatever question follows — the scene cache relies on it)::
 
-    [system ...] <OBJs0> <obj_feat> <OBJs1> <obj_feat> ... [scene end] | [question ...] [answer prefix] | <OBJa> <OBJb> [SEG]
+    [system ...] <OBJs0> <obj_feat> <OBJs1> <obj_feat> ... [scene end] | [question ...] [answer prefix] [SEG] | <OBJa> <OBJb> [SEG]
     \\______________________ prefix (cacheable) __________________/     \\___ query ______________/     \\___ answer ____/
 
 * Identifier ``k`` is written ``<OBJ{k:03d}>``; each placeholder ``<obj_feat>`` is later replaced by the object
@@ -14,7 +14,8 @@ same ids whatever question follows — the scene cache relies on it)::
   lists identifiers in increasing order, so the text is sorted and only which object sits behind which
   identifier changes.
 * The answer names the targets' identifiers in increasing order and always ends with ``[SEG]``; zero
-  targets answer ``none [SEG]``.
+  targets answer ``none [SEG]``. The query may end with a ``[SEG]`` of its own (``PromptConfig.query_token``,
+  set by the referring segmenter): the state the decoder reads and the answer starts from.
 * More objects than ``K``: :func:`keep_largest_objects` raises, or keeps the ``K`` with the highest priority
   (documented top-K rule; the model passes point counts).
 
@@ -55,6 +56,10 @@ class PromptConfig:
     chat_system: str = ("You are given a 3D scene. Each object is written as its identifier followed by its "
                         "features. Answer with the identifiers of the objects a description refers to, or none.")
     chat_question: str = "Find all objects referred to by this description:"
+    #: a token appended after the answer prefix, so it ends every prompt ("" = none). The referring segmenter
+    #: puts ``[SEG]`` there (``ReferringConfig.sentence_state="question"``): the decoder reads its state, which
+    #: has read the scene and the question but not the answer, and the answer is generated from it
+    query_token: str = ""
 
 
 #: Markers that cut a rendered chat template into the prompt's pieces (never sent to a model).
@@ -83,7 +88,8 @@ def resolve_prompt(config: PromptConfig, tokenizer) -> PromptConfig:
     middle, tail = rest.split(_TEXT_MARK)
     return PromptConfig(system=head, scene_end=middle, question_prefix="", answer_prefix=tail,
                         none_answer=config.none_answer, max_text_tokens=config.max_text_tokens,
-                        chat_template=False, chat_system=config.chat_system, chat_question=config.chat_question)
+                        chat_template=False, chat_system=config.chat_system, chat_question=config.chat_question,
+                        query_token=config.query_token)
 
 
 class TextTruncatedWarning(UserWarning):
@@ -238,11 +244,16 @@ def build_prefix(tokenizer, vocab: IdentifierVocab, slots: torch.Tensor, config:
 
 
 def build_query(tokenizer, text: str, config: PromptConfig = PromptConfig()) -> torch.Tensor:
-    """Ids of the question part (question prefix, the referring text, the answer prefix)."""
+    """Ids of the question part (question prefix, the referring text, the answer prefix, the query token)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"referring text must be a non-empty string, got {text!r}")
     words = text_token_ids(tokenizer, text, config.max_text_tokens).ids
     ids = _tok(tokenizer, config.question_prefix) + words + _tok(tokenizer, config.answer_prefix)
+    if config.query_token:
+        tid = tokenizer.convert_tokens_to_ids(config.query_token)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ValueError(f"prompt.query_token {config.query_token!r} is not a token of the tokenizer")
+        ids.append(int(tid))
     return torch.tensor(ids, dtype=torch.long)
 
 

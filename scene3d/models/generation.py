@@ -162,13 +162,16 @@ def start_uncached(model, scene, texts: Sequence[str]) -> Started:
     return Started(steps, words, mask, slots, keys)
 
 
-def greedy(model, steps, pointer: Optional[PointerKeys] = None):
+def greedy(model, steps, pointer: Optional[PointerKeys] = None, bias: Optional[torch.Tensor] = None):
     """Greedy decoding of ``B`` questions at once until each has produced ``[SEG]``.
 
-    Per question, as one-at-a-time decoding would: placeholders are never generated; ``</s>`` ends the
+    Per question, as one-at-a-time decoding would: placeholders are never generated; an identifier already
+    named in this answer is not named again (an answer lists each target once, as training teaches; without
+    the rule a half-trained model repeated one identifier up to ``max_new_tokens``); ``</s>`` ends the
     answer (not kept); after ``max_new_tokens`` tokens without ``[SEG]`` one is appended, so the decoder
     always gets a state. With ``pointer`` the identifier logits get the pointer scores at every step
-    (:meth:`ReferringSegmenter.answer_logits`). Only unfinished questions are fed (``steps.step``). Returns
+    (:meth:`ReferringSegmenter.answer_logits`), plus ``bias [B, NI]`` (the grounding head's logits per
+    identifier, ``identifier_grounding``) when given. Only unfinished questions are fed (``steps.step``). Returns
     (answer ids per question, hidden state ``[B, H]`` at each question's ``[SEG]``).
     """
     vocab, max_new = model.vocab, model.config.max_new_tokens
@@ -177,11 +180,14 @@ def greedy(model, steps, pointer: Optional[PointerKeys] = None):
     b = logits.shape[0]
     active = torch.arange(b, device=logits.device)
     if pointer is not None:
-        logits = model.answer_logits(logits, pointer.hidden, pointer.states, pointer.slots)
+        logits = model.answer_logits(logits, pointer.hidden, pointer.states, pointer.slots, bias)
     answers: list = [[] for _ in range(b)]
     seg_hidden = None
+    ident = model.identifier_ids.to(logits.device)  # (NI,)
+    named = torch.zeros(b, ident.numel(), dtype=torch.bool, device=logits.device)  # identifiers said so far
     for step in range(max_new + 1):
         logits[:, vocab.placeholder_id] = float("-inf")  # placeholders are never generated
+        logits[:, ident] = logits[:, ident].masked_fill(named[active], float("-inf"))
         nxt = logits.argmax(-1)  # (A,)
         if eos is not None:
             nxt = torch.where(nxt == eos, seg, nxt)
@@ -189,9 +195,11 @@ def greedy(model, steps, pointer: Optional[PointerKeys] = None):
             nxt = torch.full_like(nxt, seg)
         for i, t in zip(active.tolist(), nxt.tolist()):
             answers[i].append(t)
+        named[active] |= ident[None] == nxt[:, None]
         logits, hidden = steps.step(active, nxt)  # (A, V), (A, H)
         if pointer is not None:
-            logits = model.answer_logits(logits, hidden, pointer.states[active], pointer.slots[active])
+            logits = model.answer_logits(logits, hidden, pointer.states[active], pointer.slots[active],
+                                         None if bias is None else bias[active])
         if seg_hidden is None:
             seg_hidden = hidden.new_zeros(b, hidden.shape[-1])
         now = nxt == seg

@@ -36,8 +36,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     arch = referring.get("architecture", 1) if isinstance(referring, dict) else None
     if arch != ARCHITECTURE:
         raise CheckpointError(f"{ckpt.path / 'config.yaml'}: model architecture {arch} (1: the decoder read the words "
-                              f"through its own text encoder); this scene3d builds architecture {ARCHITECTURE}, in "
-                              "which the words reach the decoder only through the LLM: retrain")
+                              "through its own text encoder; 2: its sentence state at [SEG], after the answer); this "
+                              f"scene3d builds architecture {ARCHITECTURE}, in which the words reach the decoder only "
+                              "through the LLM, its sentence state read before the answer: retrain")
     try:
         config = PipelineConfig.from_dict(model_cfg)
     except TypeError as e:

@@ -16,6 +16,7 @@ generation (every step, cached or not) and the tests' reference decoder.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -34,13 +35,16 @@ class IdentifierPointer(nn.Module):
 
 
 def point(pointer: IdentifierPointer, identifier_ids: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor,
-          states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+          states: torch.Tensor, slots: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Logits with the identifier columns replaced: ``logits [R, K, V]`` (or ``[R, V]``) at positions with states
     ``hidden [R, K, H]`` (or ``[R, H]``); ``states [R, P, H]`` the LLM's states at each row's object tokens,
-    ``slots [R, P]`` their identifiers (``-1``: padding). ``identifier_ids [NI]`` are the identifier tokens."""
+    ``slots [R, P]`` their identifiers (``-1``: padding). ``identifier_ids [NI]`` are the identifier tokens.
+    ``bias [R, K, NI]`` (or ``[R, NI]``), optional, is added to the identifier logits (the grounding head's
+    object logits: ``ReferringConfig.identifier_grounding``)."""
     flat = logits.dim() == 2
     if flat:
         logits, hidden = logits[:, None], hidden[:, None]
+        bias = None if bias is None else bias[:, None]
     ni = identifier_ids.numel()
     r, k, _ = logits.shape
     score = pointer(hidden, states)  # (R, K, P)
@@ -49,6 +53,9 @@ def point(pointer: IdentifierPointer, identifier_ids: torch.Tensor, logits: torc
     lm = torch.cat([lm, lm.new_full((r, k, 1), float("-inf"))], -1)
     new = lm.new_full((r, k, ni + 1), float("-inf"))
     new.scatter_(-1, idx, lm.gather(-1, idx) + score.to(lm.dtype))
+    new = new[..., :ni]
+    if bias is not None:
+        new = new + bias.to(new.dtype)  # -inf (no object in the prompt) stays -inf
     out = logits.clone()
-    out[..., identifier_ids] = new[..., :ni]
+    out[..., identifier_ids] = new
     return out[:, 0] if flat else out

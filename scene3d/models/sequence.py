@@ -18,7 +18,7 @@ query-conditioned gate makes the prefix differ per question, every question gets
 included (:attr:`PackedSequences.shared` is then False).
 
 What the decoder reads from the sequence (:func:`gather_states`): the LLM's last-layer states at each
-question's text tokens and at its ``[SEG]``; or, for the ablation ``decoder_states="embeddings"``, the
+question's text tokens and at its prompt's last token (or its ``[SEG]``: ``ReferringConfig.sentence_state``); or, for the ablation ``decoder_states="embeddings"``, the
 input embeddings at the same positions.
 """
 
@@ -49,7 +49,8 @@ class PackedSequences(NamedTuple):
 
     ``attention_mask`` is ``[R, 1, L, L]`` additive when ``shared`` else ``[R, L]`` (1 at real tokens).
     ``word_cols [B, T]`` / ``word_mask [B, T]`` are the columns of each question's text tokens in row
-    ``rows[b]``; ``seg_cols [B]`` the column of its ``[SEG]``; ``prompts[b]`` its own prompt (prefix + its
+    ``rows[b]``; ``seg_cols [B]`` the column of its ``[SEG]`` and ``ask_cols [B]`` that of its prompt's last
+    token (from which the answer starts); ``prompts[b]`` its own prompt (prefix + its
     question + answer, as :func:`build_prompt` makes it). ``obj_cols [R, P]`` are the columns of each row's
     object tokens and ``obj_slots [R, P]`` their identifiers (-1: padding), for the identifier pointer
     (:mod:`scene3d.models.pointer`).
@@ -67,6 +68,7 @@ class PackedSequences(NamedTuple):
     shared: bool
     obj_cols: torch.Tensor
     obj_slots: torch.Tensor
+    ask_cols: torch.Tensor
 
 
 def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, embed_ids, shared: bool) -> PackedSequences:
@@ -74,7 +76,7 @@ def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, embed_ids, sh
     ``embed_prompt(scene_row, prompt) -> [L, H]`` splices the object tokens into a prompt's embeddings (once per
     row: the prefix is the same for the row's questions); ``embed_ids(ids [T]) -> [T, H]`` embeds the rest of
     each question (no placeholders there)."""
-    rows_x, rows_lab, rows_own, rows_pos, prompts, rows_of, words, segs = [], [], [], [], [], [], [], []
+    rows_x, rows_lab, rows_own, rows_pos, prompts, rows_of, words, segs, asks = [], [], [], [], [], [], [], [], []
     obj_cols, obj_slots = [], []
     for r, (scene_row, num_objects, keep, seed, questions) in enumerate(groups):
         if not shared and len(questions) != 1:
@@ -100,6 +102,7 @@ def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, embed_ids, sh
             pos.append(lp + torch.arange(n))
             words.append(start + lay.word_start + torch.arange(lay.num_words))
             segs.append(start + p.seg_pos - lp if p.seg_pos >= 0 else -1)
+            asks.append(start + p.answer_start - 1 - lp)
             start += n
             rows_of.append(r)
         rows_x.append(torch.cat(xs)); rows_lab.append(torch.cat(labs)); rows_own.append(torch.cat(own))
@@ -134,7 +137,7 @@ def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, embed_ids, sh
     cols, slots = pad_objects(obj_cols, obj_slots)
     return PackedSequences(x, mask.to(dev), position.to(dev), labels.to(dev), torch.tensor(rows_of, device=dev),
                            word_cols.to(dev), word_mask.to(dev), torch.tensor(segs, device=dev), prompts, shared,
-                           cols.to(dev), slots.to(dev))
+                           cols.to(dev), slots.to(dev), torch.tensor(asks, device=dev))
 
 
 def pad_objects(cols: Sequence[torch.Tensor], slots: Sequence[torch.Tensor]):
