@@ -269,7 +269,7 @@ def gated(args, base, out: Path, checkpoint, val, para_rows, sps: float) -> list
     (base_t, ident_t), (base_p, ident_p) = miou(ungated, rows_t), miou(ungated, rows_p)
     # the prefill half: the first --gate-scenes held-out scenes, each with its first 2 template questions
     sids = sorted({r["scene_id"] for r in rows_t})[: args.gate_scenes]
-    scenes, texts = [], []
+    scenes = []
     for sid in sids:
         sc = load_processed_scene(val.processed_dir / sid)
         points = PointBatch.from_list([scene_to_tensors(sc)], scene_ids=[sid])

@@ -454,15 +454,14 @@ class ReferringSegmenter(nn.Module):
             return preds
 
     def sentence(self, texts: Sequence[str], seg_hidden: torch.Tensor, ask_hidden: torch.Tensor) -> torch.Tensor:
-        """The decoder's sentence state ``[B, H]`` at inference: the LLM's state before the answer
-        (``ask_hidden``) or at [SEG] (``seg_hidden``) per ``config.sentence_state``; in the ablation
-        (``decoder_states="embeddings"``) the input embedding of the token at that position."""
+        """The decoder's sentence state ``[B, H]`` at inference: the LLM's state at the [SEG] that ends the prompt
+        (``ask_hidden``) or at the [SEG] that ends the answer (``seg_hidden``), per ``config.sentence_state``; in
+        the ablation (``decoder_states="embeddings"``) the input embedding there, which is [SEG]'s either way."""
         c = self.config
         if c.decoder_states == "llm":
             return ask_hidden if c.sentence_state == "question" else seg_hidden
-        ids = ([int(build_query(self.text_tokenizer, t, c.prompt)[-1]) for t in texts]
-               if c.sentence_state == "question" else [self.vocab.seg_token_id] * len(texts))
-        return self.lm.embed(torch.tensor(ids, device=ask_hidden.device)[:, None])[:, 0]
+        ids = torch.full((len(texts), 1), self.vocab.seg_token_id, device=ask_hidden.device)
+        return self.lm.embed(ids)[:, 0]
 
     def cached_layout(self) -> str:
         """``"packed"``: all questions of a batch share one copy of the prefix in one sequence, kept apart by

@@ -195,10 +195,22 @@ def _structure(xyz: np.ndarray, normal: np.ndarray, w: np.ndarray, cfg: Geometri
     return structural, planes
 
 
-def geometric_proposals(coord: np.ndarray, color: Optional[np.ndarray] = None,
-                        cfg: Optional[GeometricConfig] = None) -> GeometricProposals:
-    """Proposals for one scene from ``coord [N, 3]`` (metres, z up) and ``color [N, 3]`` (0..255 or 0..1)."""
-    cfg = cfg or GeometricConfig()
+class Cells(NamedTuple):
+    """The working grid of one scene (:func:`cells_of`), shared by the geometric and the merge proposals."""
+
+    inverse: np.ndarray  # [N] cell of each point
+    weight: np.ndarray  # [V] input points per cell
+    xyz: np.ndarray  # [V, 3] mean point per cell
+    color: np.ndarray  # [V, 3] mean colour (0..1)
+    normal: np.ndarray  # [V, 3] oriented normals
+    structural: np.ndarray  # [V] bool, on a structural plane
+    num_planes: int
+    keep: np.ndarray  # [V'] the cells that are not structural
+
+
+def cells_of(coord: np.ndarray, color: Optional[np.ndarray], cfg: GeometricConfig) -> Cells:
+    """Check ``coord [N, 3]`` / ``color [N, 3]`` (0..255 or 0..1), average them into ``cfg.voxel`` cells, give the
+    cells normals and mark the structural planes."""
     coord = np.asarray(coord, np.float64)
     if coord.ndim != 2 or coord.shape[1] != 3 or len(coord) == 0:
         raise ValueError(f"coord must be [N, 3] with N > 0, got shape {coord.shape}")
@@ -216,7 +228,22 @@ def geometric_proposals(coord: np.ndarray, color: Optional[np.ndarray] = None,
     v = len(w)
     normal = _normals(xyz, cfg.normal_knn) if v >= 3 else np.tile([0.0, 0.0, 1.0], (v, 1))
     structural, planes = _structure(xyz, normal, w, cfg) if v >= 3 else (np.zeros(v, bool), 0)
-    keep = np.nonzero(~structural)[0]
+    return Cells(inverse, w, xyz, col, normal, structural, planes, np.nonzero(~structural)[0])
+
+
+class CellEdges(NamedTuple):
+    """Adjacent non-structural cells (:func:`cell_edges`): ``pairs [E, 2]`` index ``Cells.keep``."""
+
+    pairs: np.ndarray
+    angle: np.ndarray  # [E] degrees between the normals
+    colour: np.ndarray  # [E] rgb distance (0..1 units)
+    concave: np.ndarray  # [E] LCCP concavity
+
+
+def cell_edges(c: Cells, cfg: GeometricConfig) -> CellEdges:
+    """Pairs of kept cells within ``cfg.link`` (or ``cfg.link_spacing`` times the 90th percentile cell spacing
+    of a sparser scan) and their normal angle, colour step and concavity."""
+    keep, xyz, normal = c.keep, c.xyz, c.normal
     tree = cKDTree(xyz[keep])
     link = cfg.link
     if len(keep) > 1:
@@ -225,12 +252,22 @@ def geometric_proposals(coord: np.ndarray, color: Optional[np.ndarray] = None,
     pairs = tree.query_pairs(link, output_type="ndarray")
     i, j = keep[pairs[:, 0]], keep[pairs[:, 1]]
     angle = np.degrees(np.arccos(np.clip(np.abs((normal[i] * normal[j]).sum(1)), 0, 1)))
-    cdist = np.linalg.norm(col[i] - col[j], axis=1)
+    cdist = np.linalg.norm(c.color[i] - c.color[j], axis=1)
     # convexity (LCCP): with normals facing out of the surfaces, (n_i - n_j) . (x_j - x_i) > 0 where two
     # patches meet in a concave crease (an object on the floor, against a wall or another object)
     dvec = xyz[j] - xyz[i]
     dvec /= np.maximum(np.linalg.norm(dvec, axis=1, keepdims=True), 1e-9)
-    concave = ((normal[i] - normal[j]) * dvec).sum(1)
+    return CellEdges(pairs, angle, cdist, ((normal[i] - normal[j]) * dvec).sum(1))
+
+
+def geometric_proposals(coord: np.ndarray, color: Optional[np.ndarray] = None,
+                        cfg: Optional[GeometricConfig] = None) -> GeometricProposals:
+    """Proposals for one scene from ``coord [N, 3]`` (metres, z up) and ``color [N, 3]`` (0..255 or 0..1)."""
+    cfg = cfg or GeometricConfig()
+    c = cells_of(coord, color, cfg)
+    n, v = len(c.inverse), len(c.weight)
+    inverse, w, xyz, structural, planes, keep = c.inverse, c.weight, c.xyz, c.structural, c.num_planes, c.keep
+    pairs, angle, cdist, concave = cell_edges(c, cfg)
     # levels loosen monotonically, so each level's components are unions of the previous level's: a tree.
     # A component that keeps >= dedup_iou of its weight from one child is that child again (IoU = share):
     # the same proposal, one more vote. Every other component of >= min_points points is a new proposal.

@@ -41,10 +41,8 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 
-from scene3d.tokenizer.geometric_proposals import (GeometricConfig, GeometricProposals, _cells, _mean_by, _normals,
-                                                  _structure)
+from scene3d.tokenizer.geometric_proposals import GeometricConfig, GeometricProposals, cell_edges, cells_of
 
 HIST_BINS = 4  # per rgb channel: a 64-bin colour histogram per segment
 
@@ -89,39 +87,15 @@ EDGE_STATS = ("count", "angle", "concave", "concave_count", "colour")
 
 def _front(coord: np.ndarray, color: Optional[np.ndarray], cfg: MergeConfig) -> _Scene:
     g = cfg.geometric
-    coord = np.asarray(coord, np.float64)
-    if coord.ndim != 2 or coord.shape[1] != 3 or len(coord) == 0:
-        raise ValueError(f"coord must be [N, 3] with N > 0, got shape {coord.shape}")
-    n = len(coord)
-    if color is None:
-        rgb = np.zeros((n, 3))
-    else:
-        rgb = np.asarray(color, np.float64)
-        if rgb.shape != (n, 3):
-            raise ValueError(f"color must be [{n}, 3], got shape {rgb.shape}")
-        if rgb.size and rgb.max() > 1.0:
-            rgb = rgb / 255.0
-    inverse, w = _cells(coord, g.voxel)
-    xyz, col = _mean_by(coord, inverse, w), _mean_by(rgb, inverse, w)
-    v = len(w)
-    normal = _normals(xyz, g.normal_knn) if v >= 3 else np.tile([0.0, 0.0, 1.0], (v, 1))
-    structural, planes = _structure(xyz, normal, w, g) if v >= 3 else (np.zeros(v, bool), 0)
-    keep = np.nonzero(~structural)[0]
-    seg = np.full(v, -1, np.int64)
-    empty = np.zeros((0, 2), np.int64)
+    c = cells_of(coord, color, g)
+    inverse, w, xyz, col, normal = c.inverse, c.weight, c.xyz, c.color, c.normal
+    structural, planes, keep = c.structural, c.num_planes, c.keep
+    seg = np.full(len(w), -1, np.int64)
     if len(keep) < 2:
         seg[keep] = np.arange(len(keep))
         return _Scene(inverse, w, xyz, structural, planes, seg, _seg_stats(seg, w, xyz, col, normal, len(keep)),
-                      empty, np.zeros((0, len(EDGE_STATS))))
-    tree = cKDTree(xyz[keep])
-    spacing = float(np.percentile(tree.query(xyz[keep], k=2)[0][:, 1], 90))
-    pairs = tree.query_pairs(max(g.link, g.link_spacing * spacing), output_type="ndarray")
-    i, j = keep[pairs[:, 0]], keep[pairs[:, 1]]
-    angle = np.degrees(np.arccos(np.clip(np.abs((normal[i] * normal[j]).sum(1)), 0, 1)))
-    cdist = np.linalg.norm(col[i] - col[j], axis=1)
-    dvec = xyz[j] - xyz[i]
-    dvec /= np.maximum(np.linalg.norm(dvec, axis=1, keepdims=True), 1e-9)
-    concave = ((normal[i] - normal[j]) * dvec).sum(1)  # LCCP convexity, as in geometric_proposals
+                      np.zeros((0, 2), np.int64), np.zeros((0, len(EDGE_STATS))))
+    pairs, angle, cdist, concave = cell_edges(c, g)
 
     # over-segmentation: strict components, cut by a grid so one leak cannot join far-apart surfaces
     ok = (angle <= cfg.seg_angle) & (cdist <= cfg.seg_colour) & (concave <= cfg.seg_concave)
