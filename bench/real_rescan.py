@@ -8,9 +8,10 @@ scored on the other measures rescan generalisation, not generalisation to new ro
 
 Chance level: a uniformly random object of the scene (any object with points, as bench/learn_synthetic.py's
 baseline), computed exactly as the mean over every object of the scores of "always predict that object"
-(no sampling noise). With ``--checkpoint`` the model is scored with ground-truth instances through
-scene3d.engine.evaluate (the same path as ``scene3d eval``). Without ``--rows`` the rows are generated here
-(``--per-op 8``, as the experiment's comment does).
+(no sampling noise). With ``--checkpoint`` the model is scored through scene3d.engine.evaluate (the same path
+as ``scene3d eval``), for each of ``--objects`` (``gt``: ground-truth instances; ``proposals``: the geometric
+proposals, scored against the ground-truth target points) and each mask path (reconciled, identifier-only,
+decoder-only). Without ``--rows`` the rows are generated here (``--per-op 8``, as the experiment's comment does).
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--processed", type=Path, default=real_root / MMDET, help="the mmdet3d export directory")
     ap.add_argument("--rows", type=Path, default=None, help="generated rows of scene0000_02 (default: made here)")
     ap.add_argument("--checkpoint", default=None, help="a run / checkpoint of experiment=real_rescan to score")
-    ap.add_argument("--mask", default="reconciled", help="which mask of a prediction is scored")
+    ap.add_argument("--mask", default="reconciled,identifier,decoder",
+                    help="comma-separated mask paths of a prediction to score")
+    ap.add_argument("--objects", default="gt,proposals", help="comma-separated object sources: gt, proposals")
     args = ap.parse_args(argv)
     from data_prep import real_refer
     from scene3d.data.referring import read_jsonl
@@ -77,15 +80,19 @@ def main(argv=None) -> int:
     if args.checkpoint:
         import torch
 
-        from scene3d.engine.evaluate import evaluate_model
+        from scene3d.engine.evaluate import evaluate_model_masks
         from scene3d.models.loading import load_model
 
-        t0 = time.perf_counter()
         model = load_model(Path(args.checkpoint).expanduser(), device="cuda" if torch.cuda.is_available() else "cpu")
-        res = evaluate_model(model.model, args.processed, rows, args.mask, progress=False)
-        print(line(f"model ({args.mask}, ground-truth objects)", res.metrics["overall"]) +
-              f"   ({time.perf_counter() - t0:.0f} s)")
-    print("through proposals: scene3d eval RUN --objects proposals (issue 19 item 3)")
+        masks = [m.strip() for m in args.mask.split(",") if m.strip()]
+        for objects in [o.strip() for o in args.objects.split(",") if o.strip()]:
+            t0 = time.perf_counter()
+            res = evaluate_model_masks(model.model, args.processed, rows, masks, progress=False, objects=objects)
+            what = "ground-truth objects" if objects == "gt" else "geometric proposals"
+            counts = ", ".join(f"{sid}: {v['num_objects']}" for sid, v in sorted(res[masks[0]].objects.items()))
+            print(f"-- {what} ({counts}; {time.perf_counter() - t0:.0f} s)")
+            for m in masks:
+                print(line(f"model, {m}", res[m].metrics["overall"]))
     return 0
 
 

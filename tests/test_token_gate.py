@@ -151,6 +151,25 @@ def test_low_precision_dtypes_match_reference(dtype):
         assert_same(token_gate(tokens, scores, offset, *args), token_gate_reference(tokens, scores, offset, *args))
 
 
+@pytest.mark.skipif(not NATIVE, reason="scene3d._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_native_selection_on_special_values_and_large_scenes(dtype):
+    # The CPU kernel ranks by integer keys (score bits and row packed in one uint64, float64 aside): signed
+    # zeros must tie (then the lower row wins), infinities must rank at the ends, and scenes far larger than the
+    # other tests' must select the same rows as the reference.
+    g = torch.Generator().manual_seed(7)
+    values = torch.tensor([-math.inf, -1.0, -0.0, 0.0, 0.25, 1.0, math.inf], dtype=torch.float64)
+    counts = [5000, 1, 0, 37, 300, 2]
+    m = sum(counts)
+    scores = values[torch.randint(0, len(values), (m,), generator=g)].to(dtype)
+    tokens = torch.randn(m, 3, generator=g, dtype=torch.float64).to(dtype)
+    offset = torch.cumsum(torch.tensor(counts), 0)
+    for args in [(0.5, 1, -math.inf), (0.1, 4, -math.inf), (0.3, 0, 0.0), (0.9, 2, 1.0), (0.0, 3, math.inf)]:
+        got = token_gate(tokens, scores, offset, *args)
+        assert_same(got, token_gate_reference(tokens, scores, offset, *args))
+        assert_same(got, naive_gate(tokens, scores, offset, *args))
+
+
 @settings(max_examples=40, deadline=None)
 @given(counts=st.lists(st.integers(0, 12), min_size=1, max_size=5), keep_ratio=st.floats(0, 1),
        min_keep=st.integers(0, 4), threshold=st.sampled_from([-math.inf, 0.0, 0.25, 0.5, 1.0]),
