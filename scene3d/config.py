@@ -134,6 +134,9 @@ class DataSchema:
     #: training items are up to this many questions on one scene, tokenized once (trainer.batch_size counts
     #: items); 1: one question per item
     questions_per_scene: int = 1
+    #: training: the probability that a row whose text is its synthetic program's template gets another wording
+    #: of that program, drawn per item and epoch (data_prep/rewording.py; never the paraphrase split's words)
+    rewording: float = 0.0
     alignment_negatives: int = 2  # alignment: absent classes per scene asked about (zero-target rows)
     alignment_skip_labels: List[str] = field(default_factory=lambda: ["wall", "floor", "ceiling"])
     #: more training rows on other processed directories, mixed into every epoch (task=alignment: alignment
@@ -143,6 +146,8 @@ class DataSchema:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"data.task must be one of {TASKS}, got {self.task!r}")
+        if not 0.0 <= float(self.rewording) <= 1.0:
+            raise ValueError(f"data.rewording must be a probability in [0, 1], got {self.rewording!r}")
 
 
 @dataclass

@@ -9,12 +9,16 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from data_prep import paraphrase as P
+from data_prep.rewording import rewordings
 from data_prep import synth_refer as S
 from data_prep.synthetic import prepare_synthetic
 from scene3d.data.assembly import alignment_rows
 from scene3d.data.referring import read_jsonl
+from scene3d.config import compose, to_objects
+from scene3d.data.referring import ReferringDataset
 from scene3d.llm.prompt import PromptConfig
 
 COMPASS = ("north", "south", "east", "west")
@@ -87,8 +91,44 @@ def test_twins_keep_targets_and_program_and_differ_in_wording(bench):
 
 
 def test_training_never_sees_the_paraphrase_words_or_frames(bench):
+    assert_disjoint_from_split(training_texts(bench), bench)
+
+
+def test_rewording_never_uses_the_paraphrase_words_or_frames(bench):
+    # every wording data.rewording may give a training row (data_prep/rewording.py) is held to the same checks
+    texts = [t for r in read_jsonl(bench.train) for t in rewordings(r["program"])]
+    assert len(texts) > 3 * len(read_jsonl(bench.train))
+    assert_disjoint_from_split(texts, bench)
+
+
+def test_rewording_in_the_training_dataset(bench):
+    rows = read_jsonl(bench.train)
+    plain = ReferringDataset(bench.processed, bench.train, max_points=500, rows=rows, questions_per_scene=4)
+    varied = ReferringDataset(bench.processed, bench.train, max_points=500, rows=rows, questions_per_scene=4,
+                              rewording=1.0)
+    changed = 0
+    for idx in range(len(plain)):
+        a, b = plain[idx], varied[idx]
+        assert torch.equal(a["points"]["coord"], b["points"]["coord"])  # same subsample and augmentation
+        for ra, rb in zip(a["samples"], b["samples"]):
+            assert ra["text"] == S.render(ra["program"])
+            assert rb["targets"] == ra["targets"] and rb["program"] == ra["program"]
+            others = rewordings(ra["program"])[1:]
+            assert (rb["text"] in others) if others else rb["text"] == ra["text"]
+            changed += rb["text"] != ra["text"]
+    assert changed > 0
+    varied.set_epoch(1)
+    assert [r["text"] for r in varied[0]["samples"]] != [r["text"] for r in plain[0]["samples"]]
+    with pytest.raises(ValueError, match="rewording"):
+        ReferringDataset(bench.processed, bench.train, rows=rows, rewording=1.5)
+    with pytest.raises(ValueError, match="data.rewording"):
+        to_objects(compose("train", ["data.rewording=-0.1"]))
+
+
+def assert_disjoint_from_split(texts, bench):
+    """No text of ``texts`` holds a word, phrase or frame of the paraphrase split, and every paraphrase row
+    holds a word none of them has."""
     layout = _layout(bench)
-    texts = training_texts(bench)
     seen = set().union(*(words(t) for t in texts))
     joined = [" " + " ".join(S.tokenize(t)) + " " for t in texts]
     train_frames = {frame(t, layout) for t in texts}

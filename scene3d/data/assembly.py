@@ -109,7 +109,8 @@ def training_dataset(data, seed: int):
     train = split_rows(data, "train")
     main = ReferringDataset(train.processed_dir, data.train, max_points=data.max_points, jitter=data.jitter,
                             scale_range=data.scale_range, max_samples=data.max_train_samples, seed=seed,
-                            rows=train.rows, questions_per_scene=data.questions_per_scene)
+                            rows=train.rows, questions_per_scene=data.questions_per_scene,
+                            rewording=data.rewording)
     extra = list(getattr(data, "extra_train", None) or [])
     if not extra:
         return main
@@ -130,5 +131,6 @@ def training_dataset(data, seed: int):
             owner[sid] = f"data.extra_train[{k}]"
         parts.append(ReferringDataset(proc, path, max_points=data.max_points, jitter=data.jitter,
                                       scale_range=data.scale_range, seed=seed + 1 + k, rows=rows,
-                                      questions_per_scene=data.questions_per_scene, repeat=src.repeat))
+                                      questions_per_scene=data.questions_per_scene, repeat=src.repeat,
+                                      rewording=data.rewording))
     return ConcatDataset(parts)

@@ -79,7 +79,8 @@ class ReferringDataConfig:
 class ReferringDataset(Dataset):
     def __init__(self, processed_dir, samples, max_points: Optional[int] = None, jitter: float = 0.0,
                  scale_range: float = 0.0, max_samples: Optional[int] = None, seed: int = 0,
-                 rows: Optional[Sequence[dict]] = None, questions_per_scene: int = 1, repeat: int = 1):
+                 rows: Optional[Sequence[dict]] = None, questions_per_scene: int = 1, repeat: int = 1,
+                 rewording: float = 0.0):
         self.processed_dir = Path(processed_dir)
         if not self.processed_dir.is_dir():
             raise FileNotFoundError(f"processed scenes directory not found: {self.processed_dir}")
@@ -94,6 +95,9 @@ class ReferringDataset(Dataset):
         if questions_per_scene < 1:
             raise ValueError(f"questions_per_scene must be >= 1, got {questions_per_scene}")
         self.max_points, self.jitter, self.scale_range, self.seed = max_points, jitter, scale_range, seed
+        if not 0.0 <= float(rewording) <= 1.0:
+            raise ValueError(f"rewording must be a probability in [0, 1], got {rewording!r}")
+        self.rewording = float(rewording)
         by_scene: dict = {}
         for i, r in enumerate(self.rows):
             by_scene.setdefault(r["scene_id"], []).append(i)
@@ -144,8 +148,31 @@ class ReferringDataset(Dataset):
         if self.jitter > 0:
             noise = rng.normal(0.0, self.jitter, size=points["coord"].shape).astype(np.float32)
             points["coord"] = points["coord"] + torch.from_numpy(noise)
+        if self.rewording > 0:
+            rows = self._reword(rows, np.random.default_rng([self.seed, self.epoch, idx, 1]))
+            row = rows[0]
         return {"scene_id": row["scene_id"], "points": points, "sample": row, "samples": rows,
                 "labels": {int(o.id): o.label for o in scene.objects}}
+
+    def _reword(self, rows: list, rng: np.random.Generator) -> list:
+        """Each row whose text is its program's template wording gets, with probability ``rewording``, another
+        wording of that program (data_prep/rewording.py; its own random stream, so the subsample and jitter
+        are the same with and without it). Rows without a program, or worded otherwise, stay as they are."""
+        from data_prep.rewording import reword  # lazy: only training with rewording needs it
+        from data_prep.synth_refer import render
+
+        out = []
+        for r in rows:
+            prog = r.get("program")
+            if isinstance(prog, dict) and rng.random() < self.rewording:
+                try:
+                    text = reword(prog, rng) if render(prog) == r.get("text") else None
+                except (KeyError, ValueError):  # not a synthetic-grammar program
+                    text = None
+                if text is not None:
+                    r = {**r, "text": text}
+            out.append(r)
+        return out
 
 
 #: points of each object a training subsample keeps at least (all of them for smaller objects)
