@@ -6,7 +6,8 @@ and a pretrained LLM knows that "nearest" and "closest" mean the same thing only
 map more than one wording to one meaning. :func:`reword` gives a training row another wording of its program,
 drawn per item and epoch (``data.rewording``: the probability a row is reworded; ``ReferringDataset``).
 
-The variants below are written here, by hand, as short noun phrases. They are DISJOINT from the paraphrase
+The variants below are written here, by hand, as short noun phrases, each also said inside a request frame
+("find ...", "look for ...", "..., please"; :data:`WRAPPERS`). They are DISJOINT from the paraphrase
 split (data_prep/paraphrase.py), whose words and frames training must never see: none of its synonyms,
 relation phrases, size words, verbs or sentence openings, and no copula ("is", "are", "that", ...) or
 "facing" / "wall". ``tests/test_rewording.py`` renders every variant of every program of a benchmark and
@@ -18,7 +19,7 @@ Labels keep their names (the paraphrase split's synonyms test exactly that).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -99,8 +100,13 @@ _VARIANTS: dict[str, Callable[[dict], list[str]]] = {
     "behind": _view, "between": _between, "on": _on, "near": _near}
 
 
-def rewordings(program: dict) -> list[str]:
-    """Every wording of ``program`` that :func:`reword` may give, the template's own first."""
+#: request frames around a noun phrase: the paraphrase split asks with verbs training never sees ("choose the
+#: desk"); these teach that a request word around the phrase does not change what it denotes
+WRAPPERS = ("find {}", "look for {}", "locate {}", "show me {}", "point to {}", "i mean {}", "{}, please", "{}.")
+
+
+def phrasings(program: dict) -> list[str]:
+    """The noun-phrase wordings of ``program``: the template's own first, then the variants of its op."""
     op = program.get("op")
     if op not in _VARIANTS:
         raise ValueError(f"unknown program op {op!r}")
@@ -108,7 +114,23 @@ def rewordings(program: dict) -> list[str]:
     return [canonical] + [t for t in dict.fromkeys(_VARIANTS[op](program)) if t != canonical]
 
 
-def reword(program: dict, rng: np.random.Generator) -> Optional[str]:
-    """One of the program's other wordings, drawn uniformly with ``rng`` (None when it has none)."""
-    others = rewordings(program)[1:]
-    return others[int(rng.integers(len(others)))] if others else None
+def rewordings(program: dict) -> list[str]:
+    """Every text :func:`reword` may give for ``program`` (each phrasing bare or in a request frame), the
+    template's own first."""
+    bases = phrasings(program)
+    out = [w.format(b) for b in bases for w in ("{}",) + WRAPPERS]
+    return list(dict.fromkeys(out))
+
+
+def reword(program: dict, rng: np.random.Generator) -> str:
+    """Another wording of ``program``: a phrasing drawn uniformly (the template's included), bare or, with
+    probability 1/2, in a request frame drawn uniformly; never the template's text itself."""
+    bases = phrasings(program)
+    base = bases[int(rng.integers(len(bases)))]
+    wrap = "{}" if rng.random() < 0.5 else WRAPPERS[int(rng.integers(len(WRAPPERS)))]
+    if base == bases[0] and wrap == "{}":
+        if len(bases) > 1:
+            base = bases[1 + int(rng.integers(len(bases) - 1))]
+        else:
+            wrap = WRAPPERS[int(rng.integers(len(WRAPPERS)))]
+    return wrap.format(base)
