@@ -260,6 +260,7 @@ def gated(args, base, out: Path, checkpoint, val, para_rows, sps: float) -> list
     from scene3d.models.loading import load_model
     from scene3d.models.pipeline import Scene3DModel
     from scene3d.structures.points import PointBatch
+    from data_prep.rewording import reword_row
     from scene3d.train import training_dataset
 
     ratios = [float(x) for x in args.gate_keep.split(",")]
@@ -302,7 +303,7 @@ def gated(args, base, out: Path, checkpoint, val, para_rows, sps: float) -> list
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(k.startswith("segmenter.gate.") or not p.requires_grad
                                       for k, p in model.named_parameters() if k in missing), "weights do not fit"
-        ds = training_dataset(obj.data, obj.trainer.seed)
+        ds = training_dataset(obj.data, obj.trainer.seed, reworder=reword_row)
         trainer_cfg = dataclasses.replace(obj.trainer, lr=obj.trainer.lr * 0.3)
         Trainer(trainer_cfg, model, ds, collate_referring, out_dir=out / f"gated_{ratio:g}",
                 resolved_config=cfg).fit()

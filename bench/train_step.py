@@ -27,11 +27,12 @@ import torch  # noqa: E402
 def _batches(cfg, n: int):
     from scene3d.config import to_objects
     from scene3d.data.referring import collate_referring
+    from data_prep.rewording import reword_row
     from scene3d.train import prepare_data, training_dataset
 
     obj = to_objects(cfg)
     prepare_data(obj.data)
-    ds = training_dataset(obj.data, 0)
+    ds = training_dataset(obj.data, 0, reworder=reword_row)
     b = obj.trainer.batch_size
     return [collate_referring([ds[(i * b + j) % len(ds)] for j in range(b)]) for i in range(n)]
 

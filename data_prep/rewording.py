@@ -134,3 +134,17 @@ def reword(program: dict, rng: np.random.Generator) -> str:
         else:
             wrap = WRAPPERS[int(rng.integers(len(WRAPPERS)))]
     return wrap.format(base)
+
+
+def reword_row(row: dict, rng: np.random.Generator) -> "str | None":
+    """:func:`reword` of a referring row whose text is its program's template wording; None for any other row
+    (no program, another grammar, or worded otherwise). The ``reworder`` of ``ReferringDataset``."""
+    prog = row.get("program")
+    if not isinstance(prog, dict):
+        return None
+    try:
+        if render(prog) != row.get("text"):
+            return None
+        return reword(prog, rng)
+    except (KeyError, ValueError):  # not a synthetic-grammar program
+        return None

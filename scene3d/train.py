@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from data_prep.rewording import reword_row
 from data_prep.synthetic import prepare_data
 from scene3d.config import TrainConfig, compose, expand_path, pipeline_config, to_objects
 # the data assembly lives in scene3d.data.assembly; its names stay importable from here (bench/, tests)
@@ -80,7 +81,7 @@ def run_training(cfg) -> FitSummary:
         if distributed:
             out_dir = Path(_agree_on_rank0(str(out_dir)))
 
-        dataset = training_dataset(obj.data, obj.trainer.seed)
+        dataset = training_dataset(obj.data, obj.trainer.seed, reworder=reword_row)
         eval_fn = None
         if obj.eval.in_training:
             try:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_prep import paraphrase as P
-from data_prep.rewording import rewordings
+from data_prep.rewording import reword_row, rewordings
 from data_prep import synth_refer as S
 from data_prep.synthetic import prepare_synthetic
 from scene3d.data.assembly import alignment_rows
@@ -105,7 +105,7 @@ def test_rewording_in_the_training_dataset(bench):
     rows = read_jsonl(bench.train)
     plain = ReferringDataset(bench.processed, bench.train, max_points=500, rows=rows, questions_per_scene=4)
     varied = ReferringDataset(bench.processed, bench.train, max_points=500, rows=rows, questions_per_scene=4,
-                              rewording=1.0)
+                              rewording=1.0, reworder=reword_row)
     changed = 0
     for idx in range(len(plain)):
         a, b = plain[idx], varied[idx]
@@ -120,7 +120,9 @@ def test_rewording_in_the_training_dataset(bench):
     varied.set_epoch(1)
     assert [r["text"] for r in varied[0]["samples"]] != [r["text"] for r in plain[0]["samples"]]
     with pytest.raises(ValueError, match="rewording"):
-        ReferringDataset(bench.processed, bench.train, rows=rows, rewording=1.5)
+        ReferringDataset(bench.processed, bench.train, rows=rows, rewording=1.5, reworder=reword_row)
+    with pytest.raises(ValueError, match="needs a reworder"):
+        ReferringDataset(bench.processed, bench.train, rows=rows, rewording=0.5)
     with pytest.raises(ValueError, match="data.rewording"):
         to_objects(compose("train", ["data.rewording=-0.1"]))
 

@@ -96,7 +96,7 @@ def split_rows(data, split: str, samples: Optional[str] = None, processed_dir: O
     return SplitData(proc, rows)
 
 
-def training_dataset(data, seed: int):
+def training_dataset(data, seed: int, reworder=None):
     """The training dataset of ``data`` (a :class:`~scene3d.config.DataSchema`): a
     :class:`~scene3d.data.referring.ReferringDataset` of its train split with the configured subsampling,
     augmentation and grouping of questions per scene; ``seed`` (the trainer's) drives the augmentation.
@@ -105,12 +105,15 @@ def training_dataset(data, seed: int):
     synthetic scenes) the result is a ``ConcatDataset`` of one ReferringDataset per source, each listed
     ``repeat`` times per epoch; the same subsampling and augmentation apply to all (``max_train_samples``
     cuts the main split only). Scene ids must not repeat across sources (a row names its scene by id only).
+
+    ``reworder`` (``data_prep.rewording.reword_row``; needed when ``data.rewording > 0``, since scene3d.data
+    does not import data_prep) gives a row another wording.
     """
     train = split_rows(data, "train")
     main = ReferringDataset(train.processed_dir, data.train, max_points=data.max_points, jitter=data.jitter,
                             scale_range=data.scale_range, max_samples=data.max_train_samples, seed=seed,
                             rows=train.rows, questions_per_scene=data.questions_per_scene,
-                            rewording=data.rewording)
+                            rewording=data.rewording, reworder=reworder)
     extra = list(getattr(data, "extra_train", None) or [])
     if not extra:
         return main
@@ -132,5 +135,5 @@ def training_dataset(data, seed: int):
         parts.append(ReferringDataset(proc, path, max_points=data.max_points, jitter=data.jitter,
                                       scale_range=data.scale_range, seed=seed + 1 + k, rows=rows,
                                       questions_per_scene=data.questions_per_scene, repeat=src.repeat,
-                                      rewording=data.rewording))
+                                      rewording=data.rewording, reworder=reworder))
     return ConcatDataset(parts)

@@ -36,7 +36,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,7 +80,8 @@ class ReferringDataset(Dataset):
     def __init__(self, processed_dir, samples, max_points: Optional[int] = None, jitter: float = 0.0,
                  scale_range: float = 0.0, max_samples: Optional[int] = None, seed: int = 0,
                  rows: Optional[Sequence[dict]] = None, questions_per_scene: int = 1, repeat: int = 1,
-                 rewording: float = 0.0):
+                 rewording: float = 0.0, reworder: Optional[Callable[[dict, np.random.Generator],
+                                                                     Optional[str]]] = None):
         self.processed_dir = Path(processed_dir)
         if not self.processed_dir.is_dir():
             raise FileNotFoundError(f"processed scenes directory not found: {self.processed_dir}")
@@ -97,7 +98,10 @@ class ReferringDataset(Dataset):
         self.max_points, self.jitter, self.scale_range, self.seed = max_points, jitter, scale_range, seed
         if not 0.0 <= float(rewording) <= 1.0:
             raise ValueError(f"rewording must be a probability in [0, 1], got {rewording!r}")
-        self.rewording = float(rewording)
+        if rewording > 0 and reworder is None:
+            raise ValueError("rewording > 0 needs a reworder (scene3d.data does not import data_prep: the caller "
+                             "passes data_prep.rewording.reword_row)")
+        self.rewording, self.reworder = float(rewording), reworder
         by_scene: dict = {}
         for i, r in enumerate(self.rows):
             by_scene.setdefault(r["scene_id"], []).append(i)
@@ -155,20 +159,13 @@ class ReferringDataset(Dataset):
                 "labels": {int(o.id): o.label for o in scene.objects}}
 
     def _reword(self, rows: list, rng: np.random.Generator) -> list:
-        """Each row whose text is its program's template wording gets, with probability ``rewording``, another
-        wording of that program (data_prep/rewording.py; its own random stream, so the subsample and jitter
-        are the same with and without it). Rows without a program, or worded otherwise, stay as they are."""
-        from data_prep.rewording import reword  # lazy: only training with rewording needs it
-        from data_prep.synth_refer import render
-
+        """Each row gets, with probability ``rewording``, the text ``reworder(row, rng)`` gives (None: it keeps
+        its own; data_prep.rewording.reword_row: another wording of its synthetic program). Its own random
+        stream, so the subsample and jitter are the same with and without it."""
         out = []
         for r in rows:
-            prog = r.get("program")
-            if isinstance(prog, dict) and rng.random() < self.rewording:
-                try:
-                    text = reword(prog, rng) if render(prog) == r.get("text") else None
-                except (KeyError, ValueError):  # not a synthetic-grammar program
-                    text = None
+            if rng.random() < self.rewording:
+                text = self.reworder(r, rng)
                 if text is not None:
                     r = {**r, "text": text}
             out.append(r)
