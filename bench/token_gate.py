@@ -70,16 +70,13 @@ def ref_fn(tokens, scores, offset, ratio):
     return token_gate_reference(tokens, scores, offset, ratio, 1, -math.inf, validate=False)[0]
 
 
-WARMUP = 5
-
-
-def time_it(stmt, env, min_run_time):
+def time_it(stmt, env, min_run_time, warmup):
     t = benchmark.Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads())
-    t.timeit(WARMUP)  # the steady state: the allocator's heap has grown to the working set
+    t.timeit(warmup)  # the steady state: the allocator's heap has grown to the working set
     return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def bench_device(device, ratio, min_run_time) -> list:
+def bench_device(device, ratio, min_run_time, warmup) -> list:
     out = []
     print(f"\n== {device}  (keep_ratio={ratio}, min_keep=1, float32, threads={torch.get_num_threads()})")
     print(f"{'B x n x C':>16} {'pass':>9} {'op ms':>9} {'ref ms':>9} {'ratio':>7}   {'op GB/s':>8} "
@@ -91,8 +88,8 @@ def bench_device(device, ratio, min_run_time) -> list:
         assert torch.equal(a, r), "op and reference disagree"
         t_req, s_req = tokens.clone().requires_grad_(), scores.clone().requires_grad_()
         grad = torch.randn_like(a)
-        env = dict(torch=torch, op=op_fn, ref=ref_fn, tokens=tokens, scores=scores, offset=offset, ratio=ratio, t=t_req,
-                   s=s_req, grad=grad)
+        env = dict(torch=torch, op=op_fn, ref=ref_fn, tokens=tokens, scores=scores, offset=offset, ratio=ratio,
+                   t=t_req, s=s_req, grad=grad)
         rows = [
             ("fwd", "op(tokens, scores, offset, ratio)", "ref(tokens, scores, offset, ratio)"),
             # torch.autograd.grad: both gradients are computed and returned, not accumulated into .grad (an
@@ -102,18 +99,18 @@ def bench_device(device, ratio, min_run_time) -> list:
         ]
         src = tokens[: a.shape[0]].clone()
         env.update(src=src, dst=torch.empty_like(src))
-        t_copy = time_it("dst.copy_(src)", env, min_run_time)
-        t_clone = time_it("src.clone()", env, min_run_time)
+        t_copy = time_it("dst.copy_(src)", env, min_run_time, warmup)
+        t_clone = time_it("src.clone()", env, min_run_time, warmup)
+        copy_bytes = 2 * src.numel() * src.element_size()  # read and written once by copy_ and by clone
         nbytes = (2 * a.numel() + scores.numel()) * tokens.element_size()
         for name, op_stmt, ref_stmt in rows:
-            t_op = time_it(op_stmt, env, min_run_time)
-            t_ref = time_it(ref_stmt, env, min_run_time)
+            t_op = time_it(op_stmt, env, min_run_time, warmup)
+            t_ref = time_it(ref_stmt, env, min_run_time, warmup)
             bw = ""
             row = dict(device=device, config=f"{b}x{n}x{c}", pass_=name, op_ms=t_op * 1e3, ref_ms=t_ref * 1e3,
                        ratio=t_ref / t_op, keep_ratio=ratio, threads=torch.get_num_threads())
             if name == "fwd":
-                gbs, copy_gbs = nbytes / t_op / 1e9, 2 * src.numel() * src.element_size() / t_copy / 1e9
-                clone_gbs = 2 * src.numel() * src.element_size() / t_clone / 1e9
+                gbs, copy_gbs, clone_gbs = nbytes / t_op / 1e9, copy_bytes / t_copy / 1e9, copy_bytes / t_clone / 1e9
                 bw = f"   {gbs:8.1f} {copy_gbs:9.1f} {gbs / copy_gbs:6.0%} {clone_gbs:10.1f} {gbs / clone_gbs:7.0%}"
                 row.update(op_gbs=gbs, copy_gbs=copy_gbs, of_copy=gbs / copy_gbs, clone_gbs=clone_gbs,
                            of_clone=gbs / clone_gbs)
@@ -138,19 +135,18 @@ def kept_heap_rows(args) -> list:
 
 
 def main() -> None:
-    global WARMUP
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep-ratio", type=float, default=0.5)
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls of each statement before timing")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed calls of each statement before timing")
     ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--heap", default="both", choices=["both", "default", "kept"],
                     help="CPU: glibc's default heap, a kept heap (a child process with trimming and mmap off), "
                          "or both (module docstring)")
     args = ap.parse_args()
-    WARMUP = max(0, args.warmup)
+    warmup = max(0, args.warmup)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not has_native_op():
@@ -166,11 +162,11 @@ def main() -> None:
             heap = "kept: " + " ".join(f"{k}={v}" for k, v in KEPT_HEAP.items()) if kept else "glibc's defaults"
             print(f"\n(CPU heap: {heap})")
             rows += [dict(r, heap="kept" if kept else "default")
-                     for r in bench_device("cpu", args.keep_ratio, args.min_run_time)]
+                     for r in bench_device("cpu", args.keep_ratio, args.min_run_time, warmup)]
             if args.heap == "both" and not kept:
                 rows += kept_heap_rows(args)
     if args.device in ("all", "cuda") and torch.cuda.is_available():
-        rows += bench_device("cuda", args.keep_ratio, args.min_run_time)
+        rows += bench_device("cuda", args.keep_ratio, args.min_run_time, warmup)
     elif args.device == "all":
         print("\n(no CUDA device: CUDA ratio not measured)")
     if args.json:

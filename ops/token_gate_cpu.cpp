@@ -177,6 +177,12 @@ inline uint32_t float_key(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The rows i < n with flag[i] set, in increasing order, written to `out`.
+inline void flagged_rows(const std::vector<uint8_t>& flag, int64_t n, int64_t* out) {
+  for (int64_t i = 0, r = 0; i < n; ++i)
+    if (flag[i]) out[r++] = i;
+}
+
 // Scene-local indices of the f best rows of one scene, in row order, written to `out`.
 // float / half / bfloat16 scores: one uint64 per row, (score key << 32) | (2^32 - 1 - row), so the strict
 // total order of the rule (score descending, ties by lower row, NaN last) is a plain integer comparison, and
@@ -191,8 +197,7 @@ void select_top_rows(const scalar_t* s, int64_t n, int64_t f, int64_t* out, std:
   std::nth_element(keys.begin(), keys.begin() + (f - 1), keys.end(), std::greater<uint64_t>());
   flag.assign(n, 0);
   for (int64_t j = 0; j < f; ++j) flag[0xFFFFFFFFull - (keys[j] & 0xFFFFFFFFull)] = 1;
-  for (int64_t i = 0, r = 0; i < n; ++i)
-    if (flag[i]) out[r++] = i;
+  flagged_rows(flag, n, out);
 }
 
 // float64 scores: the same order with a comparator (a float64 key and the row do not fit one integer).
@@ -212,8 +217,7 @@ void select_top_rows<double>(const double* s, int64_t n, int64_t f, int64_t* out
   std::nth_element(order.begin(), order.begin() + (f - 1), order.end(), better);
   flag.assign(n, 0);
   for (int64_t j = 0; j < f; ++j) flag[order[j]] = 1;
-  for (int64_t i = 0, r = 0; i < n; ++i)
-    if (flag[i]) out[r++] = i;
+  flagged_rows(flag, n, out);
 }
 
 template <typename scalar_t>
