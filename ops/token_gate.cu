@@ -28,14 +28,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Order-preserving unsigned keys: larger score -> larger key; -0.0 == +0.0; NaN -> 0 (ranks last).
-__device__ __forceinline__ uint32_t float_key(float x) {
-  if (isnan(x)) return 0u;
-  if (x == 0.0f) x = 0.0f;
-  const uint32_t u = __float_as_uint(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
+// float64 scores: the same order as token_gate_float_key (token_gate.h) on 64-bit keys.
 __device__ __forceinline__ uint64_t double_key(double x) {
   if (isnan(x)) return 0ull;
   if (x == 0.0) x = 0.0;
@@ -46,7 +39,7 @@ __device__ __forceinline__ uint64_t double_key(double x) {
 template <typename scalar_t>
 struct ScoreKey {
   using type = uint32_t;
-  __device__ static type get(scalar_t v) { return float_key(static_cast<float>(v)); }
+  __device__ static type get(scalar_t v) { return token_gate_float_key(static_cast<float>(v)); }
 };
 template <>
 struct ScoreKey<double> {

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 
 #if defined(__CUDACC__)
@@ -33,6 +34,17 @@ SCENE3D_HD inline int64_t token_gate_keep_count(int64_t n, double keep_ratio, in
   int64_t t = num_ge_threshold < k ? num_ge_threshold : k;
   int64_t floor_keep = min_keep < n ? min_keep : n;
   return t > floor_keep ? t : floor_keep;
+}
+
+// Order-preserving unsigned key of a score, the ranking of both kernels' selections: a larger score gets a
+// larger key; -0.0 and +0.0 get one key; NaN gets 0, below every number (ranks last). float / half / bfloat16
+// scores are ranked by their float value (exact for the two 16-bit types).
+SCENE3D_HD inline uint32_t token_gate_float_key(float x) {
+  if (x != x) return 0u;  // NaN (isnan is not callable from both host and device code alike)
+  if (x == 0.0f) x = 0.0f;
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 // Checks shared by the CPU and CUDA kernels (the Python wrapper raises ValueError before reaching these).

@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <numeric>
 #include <vector>
@@ -167,16 +166,6 @@ double scale_dot_row<double>(const double* g, const double* t, double* dst, doub
   return scale_dot_row_f64(g, t, dst, w, C);
 }
 
-// Order-preserving unsigned key of a score (as the CUDA kernel's): larger score -> larger key; -0.0 == +0.0;
-// NaN -> 0, below every number (ranks last).
-inline uint32_t float_key(float x) {
-  if (std::isnan(x)) return 0u;
-  if (x == 0.0f) x = 0.0f;
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
 // The rows i < n with flag[i] set, in increasing order, written to `out`.
 inline void flagged_rows(const std::vector<uint8_t>& flag, int64_t n, int64_t* out) {
   for (int64_t i = 0, r = 0; i < n; ++i)
@@ -193,7 +182,7 @@ void select_top_rows(const scalar_t* s, int64_t n, int64_t f, int64_t* out, std:
                      std::vector<uint8_t>& flag) {
   keys.resize(n);
   for (int64_t i = 0; i < n; ++i)
-    keys[i] = (static_cast<uint64_t>(float_key(static_cast<float>(s[i]))) << 32) | (0xFFFFFFFFull - i);
+    keys[i] = (static_cast<uint64_t>(token_gate_float_key(static_cast<float>(s[i]))) << 32) | (0xFFFFFFFFull - i);
   std::nth_element(keys.begin(), keys.begin() + (f - 1), keys.end(), std::greater<uint64_t>());
   flag.assign(n, 0);
   for (int64_t j = 0; j < f; ++j) flag[0xFFFFFFFFull - (keys[j] & 0xFFFFFFFFull)] = 1;
