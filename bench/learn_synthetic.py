@@ -25,7 +25,10 @@ for ``--gate-minutes`` more at each keep ratio of ``--gate-keep`` (``model.gate.
 scorer trains while the keep ratio anneals from 1), then both splits are scored on the same ``--gate-rows``
 rows as the ungated model, and the scene prefix's prefill FLOPs and time are measured with and without the
 trained gate on the same held-out scenes (:func:`gated`); reported as unavailable when scene3d.gating cannot be
-built.
+built. A control fine-tune with the gate off (same steps, learning rate and data) runs first: the gate's cost is
+a gated model's figure against the control's, not against the trained model's (the fine-tune moves it too).
+``--checkpoint RUN`` scores and gates a run this bench trained before instead of training one (with the same
+``--llm`` and overrides; ``--gate-steps`` then sets the fine-tune length).
 
 Ablation (``--ablation on``, the default): each LLM is trained a second time, with the same budget, with
 ``model.referring.decoder_states=embeddings`` — the decoder reads the LLM's input embeddings at the question's
@@ -133,6 +136,12 @@ def main(argv=None) -> int:
                          "(data_prep/rewording.py; the tiny model's fixed vocabulary lacks those words: 0 there)")
     ap.add_argument("--gate-minutes", type=float, default=2.0, help="budget of each gated fine-tune (0: skip)")
     ap.add_argument("--gate-keep", default="0.5,0.3,0.1", help="keep ratios of the gated fine-tunes")
+    ap.add_argument("--gate-steps", type=int, default=None,
+                    help="steps of each gated fine-tune (default: what --gate-minutes allows at the training pace; "
+                         "needed with --checkpoint)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="score (and gate) this trained run instead of training one: its checkpoint directory, "
+                         "trained by this bench with the same --llm and overrides (one --llm, --ablation off)")
     ap.add_argument("--gate-rows", type=int, default=400,
                     help="rows per split scored for the gated models and the ungated one (evenly spread; a gated "
                          "model encodes a prefix per question, so all 1722 would take ~4x the ungated time)")
@@ -147,6 +156,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("overrides", nargs="*", help="hydra overrides for the training config (after --)")
     args = ap.parse_args(argv)
+    if args.checkpoint and (args.ablation != "off" or not args.llm or "," in args.llm):
+        ap.error("--checkpoint scores one trained run: give one --llm and --ablation off")
+    if args.checkpoint and args.gate_minutes > 0 and not args.gate_steps:
+        ap.error("--checkpoint with gating needs --gate-steps (the training pace is not known)")
     if args.threads:
         torch.set_num_threads(args.threads)
     import os
@@ -207,20 +220,26 @@ def learn(args, extra: list, minutes: float, out: Path, gate: bool = True) -> di
     cfg = compose("train", base + [f"out_dir={out / 'main'}"])
     obj = to_objects(cfg)
     prepare_data(obj.data)
-    budget = minutes * 60 - (time.perf_counter() - t0) - 10.0  # building the model, loading the data
-    print(f"data ready after {(time.perf_counter() - t0) / 60:.2f} min; training budget {budget / 60:.2f} min",
-          flush=True)
-    cfg = compose("train", base + [f"out_dir={out / 'main'}", "trainer.max_steps=1000000", "trainer.ckpt_every=0",
-                                   f"trainer.time_budget_s={budget:.1f}"])
-    t_fit = time.perf_counter()
-    summary = run_training(cfg)
-    sps = (time.perf_counter() - t_fit) / max(summary.step, 1)
-    train_min = (time.perf_counter() - t0) / 60
-    print(f"trained {summary.step} steps in {train_min:.2f} min; last train row: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in summary.train_metrics.items()), flush=True)
+    if args.checkpoint:  # a run this bench trained before: score it (and gate it) as it is
+        loaded = load_model(args.checkpoint)
+        model, checkpoint, steps, sps, train_min = loaded.model, loaded.path, loaded.step, None, float("nan")
+        print(f"checkpoint {checkpoint}: step {steps}, not trained here", flush=True)
+    else:
+        budget = minutes * 60 - (time.perf_counter() - t0) - 10.0  # building the model, loading the data
+        print(f"data ready after {(time.perf_counter() - t0) / 60:.2f} min; training budget {budget / 60:.2f} min",
+              flush=True)
+        cfg = compose("train", base + [f"out_dir={out / 'main'}", "trainer.max_steps=1000000", "trainer.ckpt_every=0",
+                                       f"trainer.time_budget_s={budget:.1f}"])
+        t_fit = time.perf_counter()
+        summary = run_training(cfg)
+        checkpoint, steps = summary.checkpoint, int(summary.step)
+        sps = (time.perf_counter() - t_fit) / max(summary.step, 1)
+        train_min = (time.perf_counter() - t0) / 60
+        print(f"trained {summary.step} steps in {train_min:.2f} min; last train row: "
+              + ", ".join(f"{k}={v:.4g}" for k, v in summary.train_metrics.items()), flush=True)
+        model = load_model(checkpoint).model
 
     val = split_rows(obj.data, "val")
-    model = load_model(summary.checkpoint).model
     print(f"\nheld-out: {len(val.rows)} rows of {len({r['scene_id'] for r in val.rows})} unseen scenes "
           f"(synthetic, {obj.data.synthetic.num_scenes} scenes, val_fraction {obj.data.synthetic.val_fraction})")
     res = score_split(model, val.processed_dir, val.rows, "template")
@@ -234,27 +253,31 @@ def learn(args, extra: list, minutes: float, out: Path, gate: bool = True) -> di
     print(f"minutes used (data + training): {train_min:.2f}", flush=True)
 
     if gate and args.gate_minutes > 0:
-        gated(args, base, out, summary.checkpoint, val, para_rows, sps)
-    return {"minutes": train_min, "steps": int(summary.step),
+        gated(args, base, out, checkpoint, val, para_rows, sps)
+    return {"minutes": train_min, "steps": steps,
             "reconciled": res["reconciled"].metrics["overall"]["miou"],
             "identifier": res["identifier"].metrics["overall"]["miou"],
             "decoder": res["decoder"].metrics["overall"]["miou"], "largest": largest["miou"], "random": rand["miou"],
             **{f"para_{p}": para[p].metrics["overall"]["miou"] for p in PATHS}}
 
 
-def gated(args, base, out: Path, checkpoint, val, para_rows, sps: float) -> list:
+def gated(args, base, out: Path, checkpoint, val, para_rows, sps) -> list:
     """Issue 20, item 2: for each keep ratio of ``--gate-keep``, fine-tune the trained model with the gate on
     (the new gate scorer trains, the keep ratio anneals from 1 over the first half of the fine-tune), then
     score both splits on the same ``--gate-rows`` rows per split (evenly spread) as the ungated model, and
     measure the scene prefix's prefill FLOPs and time with and without the trained gate on the same held-out
-    scenes and questions (``bench/gate_prefill.prefill_report``). Returns one dict per ratio."""
+    scenes and questions (``bench/gate_prefill.prefill_report``).
+
+    A **control** fine-tune runs first: the same steps, learning rate and data with the gate off. What the gate
+    costs is a gated model's figure against the control's (the fine-tune itself moves the figures too: a
+    shorter schedule at a lower learning rate after the main run's cosine end); the change against the
+    ungated trained model is printed beside it. Returns one dict per ratio."""
     from gate_prefill import prefill_report
 
     from scene3d.config import compose, pipeline_config, to_objects
-    from scene3d.data.referring import collate_referring
+    from scene3d.data.referring import collate_referring, scene_to_tensors
     from scene3d.data.scene import load_processed_scene
     from scene3d.engine.checkpoint import load_checkpoint
-    from scene3d.data.referring import scene_to_tensors
     from scene3d.engine.evaluate import evaluate_model_masks, spread_rows
     from scene3d.engine.trainer import Trainer, seed_everything
     from scene3d.models.loading import load_model
@@ -267,12 +290,36 @@ def gated(args, base, out: Path, checkpoint, val, para_rows, sps: float) -> list
     rows_t = spread_rows(val.rows, args.gate_rows)
     rows_p = spread_rows(para_rows, args.gate_rows)
     ungated = load_model(checkpoint).model.eval()
+    state = load_checkpoint(checkpoint, with_trainer_state=False).model_state
 
     def miou(model, rows):
         """(reconciled, identifier-only) mIoU: the decoder scores every object, kept or not, so the identifier
         answer is where pruning the LLM's input shows first."""
         res = evaluate_model_masks(model, val.processed_dir, rows, ("reconciled", "identifier"), progress=False)
         return res["reconciled"].metrics["overall"]["miou"], res["identifier"].metrics["overall"]["miou"]
+
+    def fine_tune(ratio, steps):
+        """The trained model fine-tuned for ``steps`` with the gate at ``ratio`` (None: gate off, the control);
+        None where the gate cannot be built."""
+        name = "control" if ratio is None else f"gated_{ratio:g}"
+        gate = [] if ratio is None else ["model.gate.enabled=true", f"model.gate.keep_ratio={ratio}",
+                                         f"model.gate.anneal_steps={max(1, steps // 2)}"]
+        try:
+            cfg = compose("train", base + gate + [f"trainer.max_steps={steps}", "trainer.warmup_steps=0",
+                                                  f"out_dir={out / name}"])
+            obj = to_objects(cfg)
+            seed_everything(obj.trainer.seed)
+            model = Scene3DModel(pipeline_config(cfg.model))
+        except Exception as e:  # scene3d.gating missing or broken: report, do not hide
+            print(f"gating at keep ratio {ratio:g}: unavailable ({type(e).__name__}: {e})")
+            return None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("segmenter.gate.") or not p.requires_grad
+                                      for k, p in model.named_parameters() if k in missing), "weights do not fit"
+        ds = training_dataset(obj.data, obj.trainer.seed, reworder=reword_row)
+        trainer_cfg = dataclasses.replace(obj.trainer, lr=obj.trainer.lr * 0.3)
+        Trainer(trainer_cfg, model, ds, collate_referring, out_dir=out / name, resolved_config=cfg).fit()
+        return model.eval()
 
     (base_t, ident_t), (base_p, ident_p) = miou(ungated, rows_t), miou(ungated, rows_p)
     # the prefill half: the first --gate-scenes held-out scenes, each with its first 2 template questions
@@ -284,30 +331,20 @@ def gated(args, base, out: Path, checkpoint, val, para_rows, sps: float) -> list
         with torch.inference_mode():
             scenes.append(ungated.encode(points, points.instance)[0])
     texts = [r["text"] for r in rows_t if r["scene_id"] == sids[0]][:2]
+    # gated steps cost about twice an ungated one (a prefix per question)
+    steps = args.gate_steps or max(10, int(0.9 * args.gate_minutes * 60 / (sps * 2.0)))
+    t = time.perf_counter()
+    control = fine_tune(None, steps)
+    (ctl_t, cid_t), (ctl_p, cid_p) = miou(control, rows_t), miou(control, rows_p)
+    print(f"control fine-tune (gate off, {steps} steps, {(time.perf_counter() - t) / 60:.2f} min): template "
+          f"{ctl_t:.4f} ({ctl_t - base_t:+.4f}), paraphrase {ctl_p:.4f} ({ctl_p - base_p:+.4f}); identifier-only "
+          f"{cid_t:.4f} | {cid_p:.4f}", flush=True)
     results = []
-    steps = max(10, int(0.9 * args.gate_minutes * 60 / (sps * 2.0)))  # gated steps: one prefix per question
     for ratio in ratios:
         t = time.perf_counter()
-        try:
-            cfg = compose("train", base + ["model.gate.enabled=true", f"model.gate.keep_ratio={ratio}",
-                                           f"model.gate.anneal_steps={max(1, steps // 2)}",
-                                           f"trainer.max_steps={steps}", "trainer.warmup_steps=0",
-                                           f"out_dir={out / f'gated_{ratio:g}'}"])
-            obj = to_objects(cfg)
-            seed_everything(obj.trainer.seed)
-            model = Scene3DModel(pipeline_config(cfg.model))
-        except Exception as e:  # scene3d.gating missing or broken: report, do not hide
-            print(f"gating at keep ratio {ratio:g}: unavailable ({type(e).__name__}: {e})")
+        model = fine_tune(ratio, steps)
+        if model is None:
             continue
-        state = load_checkpoint(checkpoint, with_trainer_state=False).model_state
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and all(k.startswith("segmenter.gate.") or not p.requires_grad
-                                      for k, p in model.named_parameters() if k in missing), "weights do not fit"
-        ds = training_dataset(obj.data, obj.trainer.seed, reworder=reword_row)
-        trainer_cfg = dataclasses.replace(obj.trainer, lr=obj.trainer.lr * 0.3)
-        Trainer(trainer_cfg, model, ds, collate_referring, out_dir=out / f"gated_{ratio:g}",
-                resolved_config=cfg).fit()
-        model.eval()
         (m_t, i_t), (m_p, i_p) = miou(model, rows_t), miou(model, rows_p)
         gate = model.segmenter.gate
         model.segmenter.gate = None  # prefill_report builds the gated prefix itself, per question
@@ -321,23 +358,25 @@ def gated(args, base, out: Path, checkpoint, val, para_rows, sps: float) -> list
                "time": with_gate["ms"] / none["ms"] - 1, "tokens": (none["tokens"], with_gate["tokens"]),
                "ms": (none["ms"], with_gate["ms"])}
         results.append(row)
-        print(f"gated, keep ratio {ratio:g}: template {m_t:.4f} ({m_t - base_t:+.4f}), paraphrase {m_p:.4f} "
-              f"({m_p - base_p:+.4f}); identifier-only {i_t:.4f} ({i_t - ident_t:+.4f}) | {i_p:.4f} "
-              f"({i_p - ident_p:+.4f}); prefix {row['tokens'][0]} -> {row['tokens'][1]} tokens, FLOPs "
+        print(f"gated, keep ratio {ratio:g}: template {m_t:.4f} ({m_t - ctl_t:+.4f} vs control), paraphrase "
+              f"{m_p:.4f} ({m_p - ctl_p:+.4f}); identifier-only {i_t:.4f} ({i_t - cid_t:+.4f}) | {i_p:.4f} "
+              f"({i_p - cid_p:+.4f}); prefix {row['tokens'][0]} -> {row['tokens'][1]} tokens, FLOPs "
               f"{row['flops']:+.0%}, time {row['ms'][0]:.0f} -> {row['ms'][1]:.0f} ms ({row['time']:+.0%}); "
               f"{steps} fine-tune steps, {row['minutes']:.2f} min", flush=True)
     if results:
         print(f"\ngating (issue 20; {len(rows_t)} template + {len(rows_p)} paraphrase rows, the same for every "
-              f"row; prefill over {len(scenes)} held-out scenes x {len(texts)} questions, median of "
-              f"{args.gate_repeats}):")
-        print(f"{'keep':>5} {'template':>9} {'change':>7} {'paraphr.':>9} {'change':>7} {'identifier t|p':>15} "
+              f"row; {steps} fine-tune steps each; changes against the control fine-tune (gate off); prefill over "
+              f"{len(scenes)} held-out scenes x {len(texts)} questions, median of {args.gate_repeats}):")
+        print(f"{'keep':>8} {'template':>9} {'change':>7} {'paraphr.':>9} {'change':>7} {'identifier t|p':>15} "
               f"{'prefix tok':>11} {'FLOPs':>6} {'ms':>8} {'time':>6}")
-        print(f"{'none':>5} {base_t:9.4f} {'':7s} {base_p:9.4f} {'':7s} {ident_t:7.4f}|{ident_p:.4f} "
+        print(f"{'trained':>8} {base_t:9.4f} {'':7s} {base_p:9.4f} {'':7s} {ident_t:7.4f}|{ident_p:.4f} "
               f"{results[0]['tokens'][0]:11d} {'':6s} {results[0]['ms'][0]:8.0f}")
+        print(f"{'control':>8} {ctl_t:9.4f} {ctl_t - base_t:+7.4f} {ctl_p:9.4f} {ctl_p - base_p:+7.4f} "
+              f"{cid_t:7.4f}|{cid_p:.4f} {results[0]['tokens'][0]:11d}")
         for r in results:
             it, ip = r["identifier"]
-            print(f"{r['ratio']:5.2f} {r['template']:9.4f} {r['template'] - base_t:+7.4f} {r['paraphrase']:9.4f} "
-                  f"{r['paraphrase'] - base_p:+7.4f} {it:7.4f}|{ip:.4f} {r['tokens'][1]:11d} {r['flops']:+6.0%} "
+            print(f"{r['ratio']:8.2f} {r['template']:9.4f} {r['template'] - ctl_t:+7.4f} {r['paraphrase']:9.4f} "
+                  f"{r['paraphrase'] - ctl_p:+7.4f} {it:7.4f}|{ip:.4f} {r['tokens'][1]:11d} {r['flops']:+6.0%} "
                   f"{r['ms'][1]:8.0f} {r['time']:+6.0%}")
     return results
 
