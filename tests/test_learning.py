@@ -8,7 +8,8 @@ against trivial predictors computed independently below: the scene's largest obj
 the LLM's states (model architecture 3), this is a check of the LLM path; the report (``-s``) also prints the
 identifier-only figure. Architecture 2 (sentence state at the [SEG] after the answer), 300 steps at lr 3e-3:
 0.471 against 0.000 / 0.117 / 0.233; architecture 3 at that setting stalled at 0.30 (also at 450 steps), and
-reaches 0.455 (identifier-only 0.424) with 450 steps at the benchmark's lr 1e-3.
+reaches 0.455 (identifier-only 0.424) with 450 steps at the benchmark's lr 1e-3; with identifier_grounding (the
+default since) 0.467 (identifier-only 0.450).
 """
 
 from __future__ import annotations

@@ -87,8 +87,8 @@ def test_gradients_only_to_trainable(model, scene):
     model(_batch(scene)).total.backward()
     model.eval()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(n.startswith(("projector.", "decoder.", "pointer.", "lm.new_embed", "lm.new_head")) or "lora_" in n
-               for n in names)
+    assert all(n.startswith(("projector.", "decoder.", "pointer.", "lm.new_embed", "lm.new_head"))
+               or n == "grounding_scale" or "lora_" in n for n in names)
     assert any(n.startswith("projector.") for n in names) and any(n.startswith("decoder.") for n in names)
     for n, p in model.named_parameters():
         if p.requires_grad and "lora_A" not in n:  # lora_A gets no grad while lora_B is still zero
@@ -367,12 +367,14 @@ def test_similarity_loss_trains_the_decoder_to_tell_classes_apart():
     assert torch.isfinite(m(batch).obj_sim)
 
 
-def test_lm_loss_on_answer_positions_equals_the_full_shifted_loss(model, scene):
+def test_lm_loss_on_answer_positions_equals_the_full_shifted_loss(scene):
     """forward computes logits only where a label follows; the loss is the shifted cross-entropy over all
-    positions (identifier pointer included)."""
+    positions (identifier pointer included; the grounding bias per answer position is tested apart, in
+    test_shared_scene_prefix_equals_one_row_per_question and test_identifier_grounding_moves_the_answer_...)."""
     import torch.nn.functional as F
 
-    model.eval()
+    torch.manual_seed(0)
+    model = ReferringSegmenter(_config(identifier_grounding=False)).eval()
     batch = _batch(scene)
     with torch.no_grad():
         got = model(batch).lm
