@@ -296,10 +296,7 @@ def scene_rows(real: RealScene, seed: int = 0, max_per_op: int = S.MAX_PER_OP) -
             eval_type = "mt"
         else:
             eval_type = "st_w_d" if distractors else "st_wo_d"
-        anchors = None
-        if p["op"] != "attr":
-            specs = p["anchors"] if p["op"] == "between" else [p["anchor"]]
-            anchors = [S.resolve_anchor(objs, a).id for a in specs]
+        anchors = [S.resolve_anchor(objs, a).id for a in S.program_anchors(p)] or None
         unique = (not distractors) if e.kind == "single" else None
         row = {k: None for k in ROW_KEYS}
         row.update(dataset=DATASET, ann_id=f"gen{i:04d}", scene_id=real.scene_id, targets=list(e.targets),

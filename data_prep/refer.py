@@ -22,7 +22,8 @@ key               type              meaning
 ``easy``          bool | None       Nr3D / Sr3D: at most one same-class distractor (referit3d's rule)
 ``view_dep``      bool | None       Nr3D / Sr3D: the tokens contain a view-dependent word (referit3d's list)
 ``distractors``   list[int] | None  Nr3D: from ``stimulus_id``; Sr3D: ``distractor_ids``
-``anchors``       list[int] | None  Sr3D: ``anchor_ids``
+``anchors``       list[int] | None  Sr3D: ``anchor_ids``; ScanRefer / Multi3DRefer files that carry an
+                                    ``anchor_ids`` list (the synthetic ones do; the released ones do not)
 ``program``       dict | None       synthetic datasets only: the machine-readable expression
 ================  ================  ==========================================================================
 
@@ -81,6 +82,17 @@ _SCENE_RE = re.compile(r"^scene\d{4}_\d{2}$")
 
 class ReferFormatError(ValueError):
     """A referring-dataset file is malformed (the message names the file and the row)."""
+
+
+def _anchor_ids(entry: Mapping, where: str) -> Optional[list[int]]:
+    """An entry's optional ``anchor_ids`` (a list of object ids) -> sorted ids; None where it has none (an
+    empty list too: the row names no anchor)."""
+    ids = entry.get("anchor_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list):
+        raise ReferFormatError(f"{where}: anchor_ids must be a list, got {ids!r}")
+    return sorted({_int(a, where, "anchor_ids[]") for a in ids}) or None
 
 
 def _row(**kw) -> dict:
@@ -208,7 +220,7 @@ def read_scanrefer(path: str | Path, raw2nyu: Mapping[str, int],
         _require(e, ("scene_id", "object_id", "object_name", "ann_id", "description"), where)
         parsed.append((_check_scene(e["scene_id"], where), _int(e["object_id"], where, "object_id"),
                        str(e["object_name"]).replace("_", " "), _int(e["ann_id"], where, "ann_id"),
-                       str(e["description"]).strip(), e.get("program"), where))
+                       str(e["description"]).strip(), e.get("program"), _anchor_ids(e, where), where))
     if population is None:
         pop: dict[str, dict[int, str]] = {}
         for sid, oid, name, *_ in parsed:
@@ -216,7 +228,7 @@ def read_scanrefer(path: str | Path, raw2nyu: Mapping[str, int],
         population = pop
     uniq = unique_objects(population, raw2nyu)
     rows, seen = [], set()
-    for sid, oid, name, ann, text, program, where in parsed:
+    for sid, oid, name, ann, text, program, anchors, where in parsed:
         if oid not in uniq.get(sid, {}):
             raise ValueError(f"{where}: object {oid} of {sid} is not in the uniqueness population")
         key = (sid, oid, ann)
@@ -225,7 +237,7 @@ def read_scanrefer(path: str | Path, raw2nyu: Mapping[str, int],
         seen.add(key)
         u = uniq[sid][oid]
         rows.append(_row(dataset=dataset, ann_id=f"{oid}_{ann}", scene_id=sid, targets=[oid], text=text,
-                         object_name=name, unique=u, multiple=not u, program=program))
+                         object_name=name, unique=u, multiple=not u, anchors=anchors, program=program))
     return rows
 
 
@@ -254,7 +266,7 @@ def read_multi3drefer(path: str | Path, dataset: str = "multi3drefer", progress:
         rows.append(_row(dataset=dataset, ann_id=ann, scene_id=sid, targets=targets,
                          text=str(e["description"]).strip(),
                          object_name=str(e.get("object_name", "")).replace("_", " ") or None,
-                         eval_type=et, program=e.get("program")))
+                         eval_type=et, anchors=_anchor_ids(e, where), program=e.get("program")))
     return rows
 
 

@@ -4,6 +4,8 @@
 
     out_dir/referring/synth_scanrefer_{train,val}.json     ScanRefer format, single target, + "program"
     out_dir/referring/synth_multi3drefer_{train,val}.json  Multi3DRefer format: zero / single / multi target
+                                                           (both + "anchor_ids": the program's anchors'
+                                                           object ids, [] for attributes, as Sr3D names them)
     out_dir/referring/synth_sr3d.csv                       Sr3D columns (+ "program"), is_train per scene split
 
 and returns their paths. Each expression comes from a machine-readable ``program`` (a dict, below) whose
@@ -180,6 +182,13 @@ def select(objs: list[Obj], label: str, color: Optional[str] = None) -> list[Obj
     return [o for o in objs if not o.structural and o.label == label and (color is None or o.color == color)]
 
 
+def program_anchors(program: dict) -> list[dict]:
+    """The anchor specs of a program, in order (none for ``attr``)."""
+    if program["op"] == "between":
+        return list(program["anchors"])
+    return [program["anchor"]] if "anchor" in program else []
+
+
 def resolve_anchor(objs: list[Obj], spec: dict) -> Optional[Obj]:
     """The one object an anchor spec denotes, or None when it denotes zero or several."""
     found = select(objs, spec["label"], spec.get("color"))
@@ -202,8 +211,7 @@ def evaluate(program: dict, objs: list[Obj]) -> list[int]:
         if program.get("size"):
             found = _extreme(found, lambda o: o.volume, program["size"] == "large")
         return sorted(o.id for o in found)
-    anchors = program["anchors"] if op == "between" else [program["anchor"]]
-    resolved = [resolve_anchor(objs, a) for a in anchors]
+    resolved = [resolve_anchor(objs, a) for a in program_anchors(program)]
     if any(a is None for a in resolved):
         raise ValueError(f"anchor of {program} does not denote exactly one object")
     ids = {a.id for a in resolved}
@@ -383,6 +391,8 @@ def write_referring_files(out_dir, layout: dict, seed: int) -> dict[str, Path]:
         for m_id, e in enumerate(scene_expressions(objs, vocabulary, colors, rng)):
             label = e.program["label"]
             tokens = tokenize(e.text)
+            anchor_objs = [resolve_anchor(objs, a) for a in program_anchors(e.program)]
+            anchor_ids = [a.id for a in anchor_objs]
             if e.kind == "zero":
                 eval_type = "zt_w_d" if select(objs, label) else "zt_wo_d"
             elif e.kind == "multi":
@@ -391,7 +401,7 @@ def write_referring_files(out_dir, layout: dict, seed: int) -> dict[str, Path]:
                 eval_type = "st_w_d" if _distractor_class_present(objs, label, e.targets) else "st_wo_d"
             multi[split].append({"scene_id": sid, "object_name": label.replace(" ", "_"), "ann_id": str(m_id),
                                  "description": e.text, "object_ids": e.targets, "eval_type": eval_type,
-                                 "program": e.program})
+                                 "anchor_ids": anchor_ids, "program": e.program})
             if e.kind != "single":
                 continue
             t = e.targets[0]
@@ -399,10 +409,8 @@ def write_referring_files(out_dir, layout: dict, seed: int) -> dict[str, Path]:
             ann_per_object[t] = ann + 1
             scanrefer[split].append({"scene_id": sid, "object_id": str(t), "object_name": label.replace(" ", "_"),
                                      "ann_id": str(ann), "description": e.text, "token": tokens,
-                                     "program": e.program})
+                                     "anchor_ids": anchor_ids, "program": e.program})
             if e.program["op"] in SR3D_TYPES:
-                anchors = e.program["anchors"] if e.program["op"] == "between" else [e.program["anchor"]]
-                anchor_objs = [resolve_anchor(objs, a) for a in anchors]
                 distractors = sorted(o.id for o in select(objs, label) if o.id != t)
                 coarse, ref = SR3D_TYPES[e.program["op"]]
                 stimulus = "-".join([sid, label.replace(" ", "_"), str(1 + len(distractors)), str(t)]
@@ -411,7 +419,7 @@ def write_referring_files(out_dir, layout: dict, seed: int) -> dict[str, Path]:
                     "scan_id": sid, "target_id": t, "distractor_ids": str(distractors), "utterance": e.text,
                     "stimulus_id": stimulus, "coarse_reference_type": coarse, "reference_type": ref,
                     "instance_type": label, "anchors_types": str([a.label for a in anchor_objs]),
-                    "anchor_ids": str([a.id for a in anchor_objs]), "tokens": str(tokens), "dataset": "sr3d",
+                    "anchor_ids": str(anchor_ids), "tokens": str(tokens), "dataset": "sr3d",
                     "mentions_target_class": True, "correct_guess": True, "is_train": split == "train",
                     "program": json.dumps(e.program, sort_keys=True)})
     paths: dict[str, Path] = {}

@@ -30,6 +30,11 @@ from data_prep.synth import generate_dataset
 from scene3d.utils.io import expand_path, write_json_atomic
 
 
+#: bumped when the files made change (2: rows carry their programs' ``anchors``); a root made with another
+#: format is made again
+FORMAT = 2
+
+
 class SyntheticData(NamedTuple):
     root: Path
     processed: Path
@@ -43,7 +48,8 @@ def prepare_synthetic(root, num_scenes: int = 8, seed: int = 0, preset: str = "t
                       workers: int = 1, progress: bool = True) -> SyntheticData:
     root = Path(root)
     ready = root / "READY.json"
-    want = {"num_scenes": num_scenes, "seed": seed, "preset": preset, "val_fraction": val_fraction}
+    want = {"num_scenes": num_scenes, "seed": seed, "preset": preset, "val_fraction": val_fraction,
+            "format": FORMAT}
     paths = _paths(root)
     if ready.exists():
         try:

@@ -338,6 +338,26 @@ def test_take_spreads_scenes_and_shared_decoding_equals_expanded():
         shared.take([0, 2])
 
 
+def test_anchor_loss_on_rows_that_name_anchors(model, scene):
+    """Rows that name anchors add ``anchor_weight`` x losses.anchor_loss to the total, and it trains the relation
+    layers; rows that name none add nothing; an anchor id the scene lacks is an error naming it."""
+    model.eval()  # no dropout: the two forwards differ only by the anchors
+    model.zero_grad(set_to_none=True)
+    with_anchor = model(_batch(scene, anchors=[[40], []]))
+    without = model(_batch(scene, anchors=[[], []]))
+    assert float(without.anchor) == 0.0 and float(with_anchor.anchor) > 0.0
+    assert float(with_anchor.total - without.total) == pytest.approx(
+        model.config.anchor_weight * float(with_anchor.anchor), rel=1e-4)
+    with_anchor.anchor.backward()
+    assert model.decoder.grounding.relation[0].qkv.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="anchor object id 99"):
+        model(_batch(scene, anchors=[[99], []]))
+    off = ReferringSegmenter(_config(anchor_weight=0.0))
+    off.eval()
+    assert float(off(_batch(scene, anchors=[[40], []])).anchor) == 0.0
+
+
 def test_similarity_loss_trains_the_decoder_to_tell_classes_apart():
     """With ``rank_pairs`` the decoder's object similarity is trained on "same class" pairs where classes are
     known; a few steps on that loss alone separate the classes (objects of one class share a feature direction)."""

@@ -197,6 +197,10 @@ def check_files(paths, layout):
             if n == 1:
                 assert clear, e
             check_text(e["description"], e["program"])
+            p = e["program"]
+            anchors = [] if p["op"] == "attr" else [anchor_of(objs, a)["object_id"] for a in (
+                p["anchors"] if p["op"] == "between" else [p["anchor"]])]
+            assert e["anchor_ids"] == anchors, e  # what anchor supervision trains on
             kinds.add(e["eval_type"])
             counts["multi3drefer"] += 1
     with open(paths["sr3d"], newline="") as f:
@@ -276,6 +280,9 @@ def test_files_readable_by_refer_readers(tmp_path):
     # three chairs, one table: unique exactly where the target's class occurs once among described objects
     m = R.read_multi3drefer(paths["multi3drefer_val"], dataset="synth_multi3drefer")
     assert {r["scene_id"] for r in m} == {"scene5001_00"}
+    for r in m + rows:  # the anchors travel into the rows; attribute rows name none
+        assert (r["anchors"] is None) == (r["program"]["op"] == "attr"), r
+    assert any(r["anchors"] for r in m)
     sr = R.read_sr3d(paths["sr3d"])
     assert sr and all(r["program"] for r in sr)
     assert any(r["view_dep"] for r in sr)

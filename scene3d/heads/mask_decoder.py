@@ -29,6 +29,7 @@ output                 shape
 ``obj_logits``         [M]                   target logit per object (ragged like ``obj_offset``)
 ``query_point_logits`` list of [Q, N_b]      per-query mask logits of each scene
 ``null_logits``        [B] or None           "no target" logit per question (``null_object``)
+``anchor_attention``   list of [L, M_b, M_b]  the grounding head's anchor-head attention per question (or None)
 =====================  ====================  ==========================================================
 """
 
@@ -96,6 +97,9 @@ class DecoderOutput(NamedTuple):
     #: the "no target" logit of each question (``[]`` for one question, ``[B]`` from :meth:`MaskDecoder.forward`);
     #: None unless ``config.null_object``
     null_logits: Optional[torch.Tensor] = None
+    #: per question, the attention ``[L, M, M]`` of the grounding head's anchor head (head 0 of each relation
+    #: layer; ``scene3d.models.losses.anchor_loss``); None without relation layers
+    anchor_attention: Optional[list] = None
 
 
 class SceneEncoding(NamedTuple):
@@ -193,7 +197,8 @@ class MaskDecoder(nn.Module):
         out = []
         for i in range(b):
             pl = qm[i].max(0).values if qm.shape[2] else qm.new_zeros(0)
-            out.append(DecoderOutput(pl, g.obj_logits[i], qm[i], None if g.null_logits is None else g.null_logits[i]))
+            out.append(DecoderOutput(pl, g.obj_logits[i], qm[i], None if g.null_logits is None else g.null_logits[i],
+                                     None if g.anchor_attention is None else g.anchor_attention[i]))
         return out
 
     def forward(self, seg: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, point_feat: torch.Tensor,
@@ -220,5 +225,6 @@ class MaskDecoder(nn.Module):
 def stack_outputs(outs: list) -> DecoderOutput:
     """Per-question outputs laid out as one ragged :class:`DecoderOutput` (``null_logits [B]``)."""
     null = torch.stack([o.null_logits for o in outs]) if outs and outs[0].null_logits is not None else None
+    att = [o.anchor_attention for o in outs] if outs and outs[0].anchor_attention is not None else None
     return DecoderOutput(torch.cat([o.point_logits for o in outs]), torch.cat([o.obj_logits for o in outs]),
-                         [o.query_point_logits for o in outs], null)
+                         [o.query_point_logits for o in outs], null, att)

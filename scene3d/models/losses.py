@@ -8,7 +8,9 @@
   (when classes are known) and Sr3D ``distractors`` — weigh ``hard_negative_weight`` instead of 1
   (:func:`object_targets`);
 * ``obj_rank``: softmax cross-entropy over a question's objects and the "no target" logit (:func:`rank_loss`);
-* ``obj_sim``: BCE of the grounding head's object similarity against "same class" (:func:`similarity_loss`).
+* ``obj_sim``: BCE of the grounding head's object similarity against "same class" (:func:`similarity_loss`);
+* ``anchor``: where a row names its anchors, ``-log`` of the attention every other object's anchor head puts
+  on them (:func:`anchor_loss`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ReferringLoss(NamedTuple):
     obj: torch.Tensor
     obj_rank: torch.Tensor
     obj_sim: torch.Tensor
+    anchor: torch.Tensor
 
 
 def loss_positions(labels: torch.Tensor):
@@ -106,6 +109,37 @@ def similarity_loss(grounding, tokens, object_class: Optional[torch.Tensor]) -> 
         terms.append(F.binary_cross_entropy_with_logits(grounding.similarity_logits(obj[o0 : o0 + m])[off],
                                                         same[off]))
     return torch.stack(terms).mean() if terms else obj.sum() * 0.0
+
+
+def anchor_loss(attention: Optional[Sequence[torch.Tensor]], anchor_rows: Sequence[Optional[torch.Tensor]],
+                eps: float = 1e-6) -> Optional[torch.Tensor]:
+    """Anchor supervision of the grounding head's anchor head (head 0 of each relation layer).
+
+    ``attention[b]`` ``[L, M, M]`` is question ``b``'s attention (row i: where object i looks), ``anchor_rows[b]``
+    the local rows of its anchors (None or empty: the row names none). For each such question, every object
+    that is not an anchor should look at the anchors: ``-log`` of its attention mass on them, mean over those
+    objects and the layers, then over the questions. None when no question names an anchor (or there is no
+    attention), so the caller can add nothing.
+
+    Why: "the chair closest to the window" needs every chair to compare its own distance to the window with
+    the other chairs'; the pair features hold that rank, but only an object attending to the window reads it.
+    Trained on the answer alone, the attention never found the window (README, "Where the template split is
+    lost"); ReferIt3D-style models supervise the anchor for the same reason (e.g. an anchor-prediction loss)."""
+    if attention is None:
+        return None
+    terms = []
+    for att, rows in zip(attention, anchor_rows):
+        if rows is None or not rows.numel():
+            continue
+        m = att.shape[-1]
+        rows = rows.to(att.device)
+        others = torch.ones(m, dtype=torch.bool, device=att.device)
+        others[rows] = False
+        if not bool(others.any()):
+            continue
+        mass = att[:, others][:, :, rows].float().sum(-1)  # (L, M - |A|)
+        terms.append(-(mass + eps).log().mean())
+    return torch.stack(terms).mean() if terms else None
 
 
 def local_rows(tokens, b: int, ids: Sequence[int], what: str) -> torch.Tensor:

@@ -108,15 +108,16 @@ class Scene3DModel(nn.Module):
                 for b, oid in zip(obj_batch, scene.tokens.object_ids.tolist())
             ], dtype=torch.long)
         distractors = [list(r.get("distractors") or []) for r in rows]
+        anchors = [list(r.get("anchors") or []) for r in rows]
         mb = QueryBatch(scene=scene, texts=[r["text"] for r in rows], targets=[list(r["targets"]) for r in rows],
-                        distractors=distractors, object_class=object_class,
+                        distractors=distractors, anchors=anchors, object_class=object_class,
                         shared=shared, scene_index=index)
         ref = self.segmenter(mb)
         tok = self.tokenizer3d.losses(points, tok_out).total
         total = ref.total + self.config.tokenizer_loss_weight * tok
         return {"loss": total, "lm": ref.lm.detach(), "mask_bce": ref.mask_bce.detach(),
                 "mask_dice": ref.mask_dice.detach(), "obj": ref.obj.detach(), "obj_rank": ref.obj_rank.detach(),
-                "obj_sim": ref.obj_sim.detach(),
+                "obj_sim": ref.obj_sim.detach(), "anchor": ref.anchor.detach(),
                 "proposal": tok.detach()}
 
     @torch.no_grad()

@@ -46,8 +46,8 @@ from scene3d.models import generation
 from scene3d.models.cache import SceneCache
 from scene3d.models.generation import Prediction  # noqa: F401  (re-exported: the result type of predict)
 from scene3d.models.pointer import IdentifierPointer, point
-from scene3d.models.losses import (ReferringLoss, dice_loss, local_rows, loss_positions, object_targets, rank_loss,
-                                   similarity_loss)
+from scene3d.models.losses import (ReferringLoss, anchor_loss, dice_loss, local_rows, loss_positions, object_targets,
+                                   rank_loss, similarity_loss)
 from scene3d.models.sequence import PackedSequences, gather_states, pack
 from scene3d.structures.scene_inputs import SceneInputs
 
@@ -80,6 +80,10 @@ class ReferringConfig:
     #: BCE of the decoder's object similarity (``MaskDecoderConfig.rank_pairs``) against "same class", on
     #: samples whose object classes are known (``losses.similarity_loss``)
     sim_weight: float = 0.5
+    #: anchor supervision (``losses.anchor_loss``): on rows that name their anchors (``QueryBatch.anchors``:
+    #: Sr3D's ``anchor_ids``, the synthetic programs' anchors), every other object's anchor head (head 0 of
+    #: each relation layer) is asked to attend to them; 0 turns it off
+    anchor_weight: float = 0.5
     threshold: float = 0.5
     #: which path leads the reconciled result: "identifiers" (the objects the answer names; the decoder's
     #: objects when it names none) or "decoder" (the decoder's objects, :func:`scene3d.models.generation.decoder_objects`;
@@ -160,7 +164,8 @@ class ReferringConfig:
 class QueryBatch:
     """``B`` referring questions, question ``b`` on scene ``b`` of ``scene``.
 
-    ``targets[b]`` / ``distractors[b]`` are source object ids (matched against ``tokens.object_ids``);
+    ``targets[b]`` / ``distractors[b]`` / ``anchors[b]`` are source object ids (matched against
+    ``tokens.object_ids``; ``anchors[b]`` empty or None where the row names no anchor);
     ``object_class [M]`` (optional) gives same-class hard negatives; ``seeds[b]`` (optional) seeds the
     identifier shuffle in training (a shared prefix uses the seed of its scene's first question). When
     several questions share a scene, ``shared`` (the distinct scenes) and ``scene_index`` (the scene of each
@@ -172,6 +177,7 @@ class QueryBatch:
     texts: list
     targets: list
     distractors: Optional[list] = None
+    anchors: Optional[list] = None
     object_class: Optional[torch.Tensor] = None
     seeds: Optional[list] = None
     shared: Optional[SceneInputs] = None
@@ -179,7 +185,7 @@ class QueryBatch:
 
     def __post_init__(self) -> None:
         b = self.scene.batch_size
-        for name in ("texts", "targets", "distractors", "seeds"):
+        for name in ("texts", "targets", "distractors", "anchors", "seeds"):
             v = getattr(self, name)
             if v is not None and len(v) != b:
                 raise ValueError(f"{name} has {len(v)} entries for {b} scenes")
@@ -263,7 +269,15 @@ class ReferringSegmenter(nn.Module):
         sim = similarity_loss(self.decoder.grounding, t, batch.object_class)
         total = (c.lm_weight * lm_loss + c.bce_weight * bce + c.dice_weight * dice + c.obj_weight * obj
                  + c.rank_weight * rank + c.sim_weight * sim)
-        return ReferringLoss(total, lm_loss, bce, dice, obj, rank, sim)
+        anchor = None
+        if c.anchor_weight > 0 and batch.anchors is not None:
+            anchor = anchor_loss(dec.anchor_attention, [local_rows(t, b, a, "anchor") if a else None
+                                                        for b, a in enumerate(batch.anchors)])
+        if anchor is None:
+            anchor = total.new_zeros(())
+        else:
+            total = total + c.anchor_weight * anchor
+        return ReferringLoss(total, lm_loss, bce, dice, obj, rank, sim, anchor)
 
     def answer_logits(self, logits: torch.Tensor, hidden: torch.Tensor, obj_states: torch.Tensor,
                       obj_slots: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
