@@ -287,7 +287,8 @@ def test_relation_layers_learn_the_chair_closest_to_the_anchor():
     named by a class word. The rank feature (superlative_rank) holds the answer for the pair (chair, anchor);
     the relation layer's attention must find the anchor from the words and bring that pair's geometry to each
     chair. Chance is 1 / (number of chairs), about 0.3; measured 0.98. (On this clean toy the attention finds
-    the anchor; in the trained SmolLM2 model it did not: README, "Where the template split is lost".)"""
+    the anchor; in the trained SmolLM2 model it did not until the anchor head was supervised: README, "Anchor
+    supervision".)"""
     cfg = MaskDecoderConfig(llm_dim=24, point_dim=8, obj_dim=6, dim=32, num_queries=2, num_layers=1, num_heads=4,
                             relation_layers=1, pair_hidden=16, rank_pairs=True)
     g = torch.Generator().manual_seed(0)

@@ -123,8 +123,8 @@ def anchor_loss(attention: Optional[Sequence[torch.Tensor]], anchor_rows: Sequen
 
     Why: "the chair closest to the window" needs every chair to compare its own distance to the window with
     the other chairs'; the pair features hold that rank, but only an object attending to the window reads it.
-    Trained on the answer alone, the attention never found the window (README, "Where the template split is
-    lost"); ReferIt3D-style models supervise the anchor for the same reason (e.g. an anchor-prediction loss)."""
+    Trained on the answer alone, the attention never found the window and the superlatives stayed at chance
+    (README, "Anchor supervision"); ReferIt3D-style models add an anchor-prediction loss for the same reason."""
     if attention is None:
         return None
     terms = []

@@ -82,7 +82,9 @@ class ReferringConfig:
     sim_weight: float = 0.5
     #: anchor supervision (``losses.anchor_loss``): on rows that name their anchors (``QueryBatch.anchors``:
     #: Sr3D's ``anchor_ids``, the synthetic programs' anchors), every other object's anchor head (head 0 of
-    #: each relation layer) is asked to attend to them; 0 turns it off
+    #: each relation layer) is asked to attend to them; 0 turns it off. Measured on SmolLM2 x 4 layers, 30
+    #: CPU-minutes (bench/learn_synthetic.py): closest / farthest 0.52 / 0.43 -> 0.94 / 0.94, reconciled
+    #: template | paraphrase 0.823 | 0.638 -> 0.906 | 0.699
     anchor_weight: float = 0.5
     threshold: float = 0.5
     #: which path leads the reconciled result: "identifiers" (the objects the answer names; the decoder's
