@@ -204,6 +204,14 @@ def test_multi3drefer_reader(tmp_path):
         (tmp_path / "b.json").write_text(json.dumps([bad]))
         with pytest.raises(R.ReferFormatError, match=msg):
             R.read_multi3drefer(tmp_path / "b.json")
+    # the optional anchor_ids (the synthetic files carry them): sorted, distinct; [] or absent -> None
+    (tmp_path / "a.json").write_text(json.dumps([dict(e(0, [4], "st_wo_d"), anchor_ids=[5, 2, 5]),
+                                                 dict(e(1, [4], "st_wo_d"), anchor_ids=[]), e(2, [4], "st_wo_d")]))
+    assert [r["anchors"] for r in R.read_multi3drefer(tmp_path / "a.json")] == [[2, 5], None, None]
+    for ids, msg in [("5", "anchor_ids must be a list"), ([-1], r"anchor_ids\[\]"), (["x"], r"anchor_ids\[\]")]:
+        (tmp_path / "b.json").write_text(json.dumps([dict(e(0, [4], "st_wo_d"), anchor_ids=ids)]))
+        with pytest.raises(R.ReferFormatError, match=rf"b\.json entry 0: {msg}"):
+            R.read_multi3drefer(tmp_path / "b.json")
 
 
 def test_decode_stimulus_id():
