@@ -88,9 +88,23 @@ def breakdown(res, rows) -> str:
     for r, s in zip(rows, res.per_sample):
         prog = r.get("program") or {}
         n = len(r["targets"])
-        for g in (f"op={prog.get('op', '?')}", f"targets={min(n, 2)}{'+' if n >= 2 else ''}"):
+        keys = [f"op={prog.get('op', '?')}", f"targets={min(n, 2)}{'+' if n >= 2 else ''}"]
+        if str(r.get("dataset", "")).endswith("_paraphrase"):  # which of the split's sentence frames, and whether a synonym
+            keys += paraphrase_groups(r["text"])
+        for g in keys:
             groups.setdefault(g, []).append(float(s["iou"]))
     return "  ".join(f"{g} {np.mean(v):.2f} (n={len(v)})" for g, v in sorted(groups.items()))
+
+
+def paraphrase_groups(text: str) -> list:
+    """Groups of a paraphrase-split text (data_prep/paraphrase.py): its frame (ScanRefer's "this is a ..."
+    sentences or Sr3D's "select the ... that is ...") and whether it names a class by a synonym."""
+    from data_prep.paraphrase import OPENINGS, SYNONYMS
+
+    t = " ".join(text.lower().split())
+    scanrefer = t.startswith(tuple(OPENINGS)) or t.startswith("there are")
+    syn = any(f" {w}" in f" {t}" for ws in SYNONYMS.values() for w in ws)
+    return [f"frame={'scanrefer' if scanrefer else 'sr3d'}", f"synonym={'yes' if syn else 'no'}"]
 
 
 PATHS = ("reconciled", "identifier", "decoder")
