@@ -369,20 +369,22 @@ def gated(args, base, out: Path, checkpoint, val, para_rows, sps) -> list:
         none, with_gate = cost
         row = {"ratio": ratio, "steps": steps, "minutes": (time.perf_counter() - t) / 60, "template": m_t,
                "paraphrase": m_p, "identifier": (i_t, i_p), "flops": with_gate["flops"] / none["flops"] - 1,
+               "flops_all": with_gate["flops_all"] / none["flops_all"] - 1,
                "time": with_gate["ms"] / none["ms"] - 1, "tokens": (none["tokens"], with_gate["tokens"]),
                "ms": (none["ms"], with_gate["ms"])}
         results.append(row)
         print(f"gated, keep ratio {ratio:g}: template {m_t:.4f} ({m_t - ctl_t:+.4f} vs control), paraphrase "
               f"{m_p:.4f} ({m_p - ctl_p:+.4f}); identifier-only {i_t:.4f} ({i_t - cid_t:+.4f}) | {i_p:.4f} "
               f"({i_p - cid_p:+.4f}); prefix {row['tokens'][0]} -> {row['tokens'][1]} tokens, FLOPs "
-              f"{row['flops']:+.0%}, time {row['ms'][0]:.0f} -> {row['ms'][1]:.0f} ms ({row['time']:+.0%}); "
+              f"{row['flops']:+.0%} (system turn included: {row['flops_all']:+.0%}), time {row['ms'][0]:.0f} -> {row['ms'][1]:.0f} ms ({row['time']:+.0%}); "
               f"{steps} fine-tune steps, {row['minutes']:.2f} min", flush=True)
     if results:
         print(f"\ngating (issue 20; {len(rows_t)} template + {len(rows_p)} paraphrase rows, the same for every "
-              f"row; {steps} fine-tune steps each; changes against the control fine-tune (gate off); prefill over "
+              f"row; {steps} fine-tune steps each; changes against the control fine-tune (gate off); FLOPs: the "
+              f"scene's own prefill, the system turn coming from the model's cache; all: the whole prefix; prefill over "
               f"{len(scenes)} held-out scenes x {len(texts)} questions, median of {args.gate_repeats}):")
         print(f"{'keep':>8} {'template':>9} {'change':>7} {'paraphr.':>9} {'change':>7} {'identifier t|p':>15} "
-              f"{'prefix tok':>11} {'FLOPs':>6} {'ms':>8} {'time':>6}")
+              f"{'prefix tok':>11} {'FLOPs':>6} {'all':>5} {'ms':>8} {'time':>6}")
         print(f"{'trained':>8} {base_t:9.4f} {'':7s} {base_p:9.4f} {'':7s} {ident_t:7.4f}|{ident_p:.4f} "
               f"{results[0]['tokens'][0]:11d} {'':6s} {results[0]['ms'][0]:8.0f}")
         print(f"{'control':>8} {ctl_t:9.4f} {ctl_t - base_t:+7.4f} {ctl_p:9.4f} {ctl_p - base_p:+7.4f} "
@@ -391,6 +393,7 @@ def gated(args, base, out: Path, checkpoint, val, para_rows, sps) -> list:
             it, ip = r["identifier"]
             print(f"{r['ratio']:8.2f} {r['template']:9.4f} {r['template'] - ctl_t:+7.4f} {r['paraphrase']:9.4f} "
                   f"{r['paraphrase'] - ctl_p:+7.4f} {it:7.4f}|{ip:.4f} {r['tokens'][1]:11d} {r['flops']:+6.0%} "
+                  f"{r['flops_all']:+5.0%} "
                   f"{r['ms'][1]:8.0f} {r['time']:+6.0%}")
     return results
 

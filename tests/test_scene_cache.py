@@ -364,3 +364,46 @@ def test_generate_rules_on_a_script(model):
     assert answers[3] == [o2, seg] and answers[4] == [o1, o2, seg]
     assert steps.fed == answers  # finished rows are not fed again
     assert hidden.tolist() == [[0.0, 2.0], [1.0, 1.0], [2.0, n + 1.0], [3.0, 2.0], [4.0, 3.0]]  # state at [SEG]
+
+
+def test_system_turn_is_encoded_once_and_again_when_the_weights_change(model, scene, monkeypatch):
+    """The system turn's keys/values are computed once and reused by every scene cache; an in-place change to
+    any LLM weight (an optimizer step) makes the next scene cache encode it again; what a scene cache holds
+    stays equal to encoding its whole prefix from scratch."""
+    from scene3d.models import cache as cache_mod
+
+    model.__dict__.pop("_system_turn_kv", None)
+    calls = []
+    real = cache_mod.system_turn_cache
+
+    def spy(m, embeds):
+        held = m.__dict__.get("_system_turn_kv")
+        out = real(m, embeds)
+        calls.append(m.__dict__["_system_turn_kv"] is not held)  # True: encoded now
+        return out
+
+    monkeypatch.setattr(cache_mod, "system_turn_cache", spy)
+    a = SceneCache(model, scene)
+    b = SceneCache(model, scene)
+    assert a.system_len > 0 and calls == [True, False]
+    for la, lb in zip(a.cache.layers, b.cache.layers):  # two private copies, equal
+        assert la.keys is not lb.keys and torch.equal(la.keys, lb.keys)
+    w = next(p for p in model.lm.parameters() if p.requires_grad)
+    with torch.no_grad():
+        w.add_(0.5)
+    try:
+        c = SceneCache(model, scene)
+        assert calls == [True, False, True]
+        with torch.no_grad():
+            emb, _, prompt = model.prefix_embeds(scene)
+            x = torch.cat([emb, model.lm.embed(c.head_ids[None])[0]])
+            ref = model.lm(x[None], use_cache=True)
+        for lc, lr in zip(c.cache.layers, ref.cache.layers):
+            torch.testing.assert_close(lc.keys, lr.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lc.values, lr.values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c.last_logits, ref.logits[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c.obj_states, ref.hidden[0, prompt.placeholder_pos], atol=1e-5, rtol=1e-5)
+        assert any(not torch.allclose(la.keys, lc.keys) for la, lc in zip(a.cache.layers, c.cache.layers))
+    finally:
+        with torch.no_grad():
+            w.sub_(0.5)

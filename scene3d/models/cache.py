@@ -15,21 +15,58 @@ same numbers as re-encoding the whole sequence (``tests/test_scene_cache.py`` co
 ``prefix_len``         int, tokens in the scene prefix (``ScenePrompt.prefix_len``)
 ``head_ids``           [Lh] long, ids of the question head cached behind the scene prefix
 ``cached_len``         int, ``prefix_len + Lh``
+``system_len``         int, leading tokens taken from the model's system-turn cache (not computed here)
 ``slot_of_object``     [M] long, identifier of each object (-1 where left out)
 ``last_logits``        [V] logits after the last cached token
 ``obj_states``         [P, H] the LLM's states at the prefix's object tokens; ``obj_slots [P]`` their identifiers
 =====================  ==========================================================================
 
 Not available with a query-conditioned gate: the gate changes which objects enter the prefix per query.
+
+The system turn (``PromptConfig.system``: the chat template's system message and the start of the user turn,
+44 of SmolLM2's tokens) opens every prompt on every scene, gated or not. Its keys/values are computed once per
+state of the LLM's weights (:func:`system_turn_cache`, as serving stacks cache a shared prompt head) and every
+scene cache starts from a copy of them, so a scene's prefill runs over its own tokens only: identifiers, object
+tokens, the end of the scene and the question head. The rest of the computation is unchanged (rotary positions
+continue behind the system turn; ``tests/test_scene_cache.py`` compares against whole-sequence encoding).
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 
-from scene3d.llm.prompt import build_query
+from scene3d.llm.prompt import _tok, build_query
+
+
+def _weights_key(lm, device, dtype) -> tuple:
+    """What the system turn's keys/values depend on: every parameter of the LLM (identity and in-place version:
+    an optimizer step or a LoRA merge changes one of them), the device, the dtype and inference mode."""
+    return (str(device), str(dtype), torch.is_inference_mode_enabled(),
+            tuple((weakref.ref(p), p._version) for p in lm.parameters()))
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    if a[:3] != b[:3] or len(a[3]) != len(b[3]):
+        return False
+    return all(ra() is not None and ra() is rb() and va == vb for (ra, va), (rb, vb) in zip(a[3], b[3]))
+
+
+def system_turn_cache(model, embeds: torch.Tensor):
+    """A private copy of the LLM's keys/values over the system turn ``embeds [Ls, H]`` (the first ``Ls`` rows of
+    every prefix), computed on the first call and again only when the weights changed (:func:`_weights_key`).
+    Kept on the model as a plain attribute: never saved, never a buffer."""
+    key = _weights_key(model.lm, embeds.device, embeds.dtype)
+    held = model.__dict__.get("_system_turn_kv")
+    if held is None or held[1] != embeds.shape[0] or not _same_key(held[0], key) \
+            or not torch.equal(held[3], embeds):
+        with torch.no_grad():
+            out = model.lm(embeds[None], use_cache=True, logits_at=torch.tensor([embeds.shape[0] - 1]))
+        held = (key, embeds.shape[0], out.cache, embeds.detach().clone())
+        model.__dict__["_system_turn_kv"] = held
+    return copy.deepcopy(held[2])
 
 
 class SceneCache:
@@ -50,11 +87,16 @@ class SceneCache:
             embeds, self.slot_of_object, prompt = model.prefix_embeds(scene)  # (Lp, H)
             head = model.lm.embed(self.head_ids.to(embeds.device)[None])[0]  # (Lh, H)
             x = torch.cat([embeds, head.to(embeds.dtype)])
-            last = torch.tensor([x.shape[0] - 1], device=x.device)
-            out = model.lm(x[None], use_cache=True, logits_at=last)  # logits of the last token only
+            # the system turn opens every prefix (build_prefix): its keys/values come from the model's copy
+            ls = len(_tok(model.text_tokenizer, model.config.prompt.system))
+            ls = ls if ls < x.shape[0] else 0
+            past = system_turn_cache(model, x[:ls]) if ls else None
+            last = torch.tensor([x.shape[0] - 1 - ls], device=x.device)
+            out = model.lm(x[None, ls:], cache=past, use_cache=True, logits_at=last)  # logits of the last token
         self.cache = out.cache
+        self.system_len = ls
         # the LLM's states at the object tokens and their identifiers (the identifier pointer's keys)
-        self.obj_states = out.hidden[0, prompt.placeholder_pos.to(x.device)]  # (P, H)
+        self.obj_states = out.hidden[0, prompt.placeholder_pos.to(x.device) - ls]  # (P, H)
         self.obj_slots = prompt.slot_of_object[prompt.placeholder_obj]  # (P,)
         self.prefix_len = int(embeds.shape[0])
         self.cached_len = int(x.shape[0])
