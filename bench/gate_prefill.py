@@ -58,8 +58,8 @@ TEXTS = ["the brown chair left of the desk", "the table near the window", "all t
 
 def prefill_flops(cfg, length: int, past: int = 0) -> int:
     """Matmul FLOPs (2 per multiply-add) of a Llama/Qwen-style decoder over a causal prefill of ``length``
-    tokens behind ``past`` cached ones, from its Hugging Face config. Per layer, with hidden ``H``, ``n_h`` query heads and ``n_kv``
-    key/value heads of width ``d``, MLP width ``I`` (SwiGLU: gate, up, down):
+    tokens behind ``past`` cached ones, from its Hugging Face config. Per layer, with hidden ``H``, ``n_h``
+    query heads and ``n_kv`` key/value heads of width ``d``, MLP width ``I`` (SwiGLU: gate, up, down):
 
         projections  2 L H (n_h d)  [q]  + 2 * 2 L H (n_kv d)  [k, v]  + 2 L (n_h d) H  [o]
         attention    2 * 2 n_h d * (L P + L (L + 1) / 2)   [q k^T and p v over the causal pairs, P = past]

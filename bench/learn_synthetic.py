@@ -376,12 +376,14 @@ def gated(args, base, out: Path, checkpoint, val, para_rows, sps) -> list:
         print(f"gated, keep ratio {ratio:g}: template {m_t:.4f} ({m_t - ctl_t:+.4f} vs control), paraphrase "
               f"{m_p:.4f} ({m_p - ctl_p:+.4f}); identifier-only {i_t:.4f} ({i_t - cid_t:+.4f}) | {i_p:.4f} "
               f"({i_p - cid_p:+.4f}); prefix {row['tokens'][0]} -> {row['tokens'][1]} tokens, FLOPs "
-              f"{row['flops']:+.0%} (system turn included: {row['flops_all']:+.0%}), time {row['ms'][0]:.0f} -> {row['ms'][1]:.0f} ms ({row['time']:+.0%}); "
+              f"{row['flops']:+.0%} (system turn included: {row['flops_all']:+.0%}), time {row['ms'][0]:.0f} -> "
+              f"{row['ms'][1]:.0f} ms ({row['time']:+.0%}); "
               f"{steps} fine-tune steps, {row['minutes']:.2f} min", flush=True)
     if results:
         print(f"\ngating (issue 20; {len(rows_t)} template + {len(rows_p)} paraphrase rows, the same for every "
               f"row; {steps} fine-tune steps each; changes against the control fine-tune (gate off); FLOPs: the "
-              f"scene's own prefill, the system turn coming from the model's cache; all: the whole prefix; prefill over "
+              f"scene's own prefill, the system turn coming from the model's cache; all: the whole prefix; "
+              f"prefill over "
               f"{len(scenes)} held-out scenes x {len(texts)} questions, median of {args.gate_repeats}):")
         print(f"{'keep':>8} {'template':>9} {'change':>7} {'paraphr.':>9} {'change':>7} {'identifier t|p':>15} "
               f"{'prefix tok':>11} {'FLOPs':>6} {'all':>5} {'ms':>8} {'time':>6}")

@@ -389,6 +389,7 @@ def test_system_turn_is_encoded_once_and_again_when_the_weights_change(model, sc
     for la, lb in zip(a.cache.layers, b.cache.layers):  # two private copies, equal
         assert la.keys is not lb.keys and torch.equal(la.keys, lb.keys)
     w = next(p for p in model.lm.parameters() if p.requires_grad)
+    saved = w.detach().clone()  # restored bit for bit: the module's other tests share this model
     with torch.no_grad():
         w.add_(0.5)
     try:
@@ -406,4 +407,4 @@ def test_system_turn_is_encoded_once_and_again_when_the_weights_change(model, sc
         assert any(not torch.allclose(la.keys, lc.keys) for la, lc in zip(a.cache.layers, c.cache.layers))
     finally:
         with torch.no_grad():
-            w.sub_(0.5)
+            w.copy_(saved)

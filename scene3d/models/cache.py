@@ -59,12 +59,12 @@ def system_turn_cache(model, embeds: torch.Tensor):
     every prefix), computed on the first call and again only when the weights changed (:func:`_weights_key`).
     Kept on the model as a plain attribute: never saved, never a buffer."""
     key = _weights_key(model.lm, embeds.device, embeds.dtype)
-    held = model.__dict__.get("_system_turn_kv")
-    if held is None or held[1] != embeds.shape[0] or not _same_key(held[0], key) \
-            or not torch.equal(held[3], embeds):
+    held = model.__dict__.get("_system_turn_kv")  # (weights key, system-turn embeddings, their cache)
+    # the key first: it also holds the device, where torch.equal across devices would raise
+    if held is None or not _same_key(held[0], key) or not torch.equal(held[1], embeds):
         with torch.no_grad():
             out = model.lm(embeds[None], use_cache=True, logits_at=torch.tensor([embeds.shape[0] - 1]))
-        held = (key, embeds.shape[0], out.cache, embeds.detach().clone())
+        held = (key, embeds.detach().clone(), out.cache)
         model.__dict__["_system_turn_kv"] = held
     return copy.deepcopy(held[2])
 
