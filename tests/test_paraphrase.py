@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_prep import paraphrase as P
-from data_prep.rewording import reword_row, rewordings
+from data_prep.rewording import SYNONYMS, phrasings, renamings, reword, reword_row, rewordings
 from data_prep import synth_refer as S
 from data_prep.synthetic import prepare_synthetic
 from scene3d.data.assembly import alignment_rows
@@ -96,9 +96,19 @@ def test_training_never_sees_the_paraphrase_words_or_frames(bench):
 
 def test_rewording_never_uses_the_paraphrase_words_or_frames(bench):
     # every wording data.rewording may give a training row (data_prep/rewording.py) is held to the same checks
-    texts = [t for r in read_jsonl(bench.train) for t in rewordings(r["program"])]
-    assert len(texts) > 3 * len(read_jsonl(bench.train))
+    # Every phrasing in every request frame with the classes' own names, and every phrasing with every
+    # renaming of the classes (data_prep.rewording.SYNONYMS). A renaming only swaps the class nouns, so its
+    # texts in request frames hold nothing more of the split than these two sets do (checked below: no
+    # training synonym holds a word of the split's synonyms); listing that product too would take minutes.
+    progs = list({json.dumps(r["program"], sort_keys=True): r["program"] for r in read_jsonl(bench.train)}.values())
+    texts = [t for prog in progs for t in rewordings(prog, synonyms=False)]
+    texts += [t for prog in progs for renamed in renamings(prog) for t in phrasings(renamed)]
+    assert len(texts) > 3 * len(progs)
     assert_disjoint_from_split(texts, bench)
+    split_words = set().union(*(words(syn) for syns in P.SYNONYMS.values() for syn in syns))
+    for label, syns in SYNONYMS.items():
+        for syn in syns:
+            assert not words(syn) & split_words, (label, syn)
 
 
 def test_rewording_in_the_training_dataset(bench):
@@ -259,3 +269,54 @@ def test_wording_counted_in_the_real_annotations(real_data):
         assert any(phrase.startswith(q) and n >= 1 for q, n in found.items()), phrase
     for opening in P.OPENINGS:
         assert found[opening + " a"] >= 1
+
+
+def test_rewordings_keep_the_program_slots_and_each_op_its_own_words(bench):
+    # every wording still names the target class, the colour / size, the anchors and the view: the targets
+    # stay exact; "close ..." belongs to the closest op only (Sr3D's "close to" is closest), so the near op's
+    # wordings never hold it; relations are also said in a clause or a second sentence ("a chair. the one ...")
+    progs = {json.dumps(r["program"], sort_keys=True): r["program"] for r in read_jsonl(bench.train)}
+    ops = set()
+    for prog in progs.values():
+        texts = rewordings(prog)
+        ops.add(prog["op"])
+        for t in texts:
+            padded = " " + " ".join(S.tokenize(t)) + " "
+            names = (prog["label"], *SYNONYMS.get(prog["label"], ()))
+            assert any(f" {n} " in padded or f" {S.plural(n)} " in padded for n in names), t
+            for spec in prog.get("anchors") or ([prog["anchor"]] if "anchor" in prog else []):
+                assert any(" " + " ".join(S.tokenize(S.noun_phrase({**spec, "label": n}))) + " " in padded
+                           for n in (spec["label"], *SYNONYMS.get(spec["label"], ()))), (t, spec)
+            if prog.get("color"):
+                assert f" {prog['color']} " in padded, t
+            if prog.get("view"):  # said as the direction looked in, or the side looked from
+                assert f" {prog['view']} " in padded or f" {S.OPPOSITE[prog['view']]} " in padded, t
+            if prog["op"] == "near":
+                assert not any(w.startswith("clos") for w in words(t)), t
+        if prog["op"] != "attr":
+            assert any(". the one" in t for t in texts), prog
+        if prog["op"] == "closest":
+            assert any("closest" in words(t) for t in texts)
+    assert {"closest", "farthest", "near", "on"} <= ops
+
+
+def test_reword_renames_classes_with_training_synonyms_only():
+    # about RENAME_P of the draws name the classes otherwise, target and anchor alike, and only by
+    # data_prep.rewording.SYNONYMS (never the split's); the other draws keep the names
+    import numpy as np
+
+    from data_prep.rewording import RENAME_P
+
+    prog = {"op": "closest", "label": "sofa", "anchor": {"label": "box", "color": "red"}}
+    rng = np.random.default_rng(0)
+    texts = [reword(prog, rng) for _ in range(600)]
+    renamed = [t for t in texts if not words(t) & {"sofa", "sofas"}]
+    assert all(words(t) & {"settee", "settees"} for t in renamed)
+    assert abs(len(renamed) / len(texts) - RENAME_P) < 0.06
+    anchors = [t for t in renamed if "red box" not in t]
+    assert anchors and all(("red carton" in t) or ("red crate" in t) for t in anchors)
+    split = set().union(*(words(s) for syns in P.SYNONYMS.values() for s in syns))
+    assert not set().union(*(words(t) for t in texts)) & (split - {"box", "monitor", "can", "trash"})
+    # whole sentences are said as they are, never inside a request frame
+    assert all(t.count(".") <= 2 and ".." not in t and not re.search(r"\w look at", t) for t in texts)
+    assert any(t.endswith(". the one closest to the red box.") for t in texts)
