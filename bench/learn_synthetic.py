@@ -8,8 +8,9 @@ tiny random LLM and for the pretrained SmolLM2, side by side in one run.
 ``--llm`` chooses (comma-separated; default both where SmolLM2 is installed). SmolLM2 trains with
 ``llm=smollm2``, its first ``--smollm2-layers`` layers (``llm.num_layers``) and LoRA r=16, for
 ``--smollm2-minutes``, and with ``data.rewording=--smollm2-rewording`` (0.5: half the training rows, drawn
-per item and epoch, get another wording of their program, data_prep/rewording.py; measured over 30 minutes:
-template | paraphrase 0.813 | 0.447 without, 0.792 | 0.611 with; the tiny
+per item and epoch, get another wording of their program, data_prep/rewording.py; measured over 30 minutes
+at 4 layers: template | paraphrase 0.813 | 0.447 without, 0.792 | 0.611 with; at 8 layers with the relative
+clauses and training synonyms, paraphrase ~0.79-0.80, README; the tiny
 model's fixed vocabulary lacks most of those words, so it trains without); everything else (data, head, hydra
 overrides after ``--``) is the same.
 
