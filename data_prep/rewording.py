@@ -41,6 +41,12 @@ def _np(spec: dict) -> str:
     return "the " + " ".join(w for w in (spec.get("color"), spec["label"]) if w)
 
 
+def _a(words: str) -> str:
+    """``words`` with its indefinite article (real-scan labels such as "office chair" / "armchair" are
+    reworded too)."""
+    return ("an " if words[:1] in "aeiou" else "a ") + words
+
+
 def _attr(p: dict) -> list[str]:
     size, color, label = p.get("size"), p.get("color"), p["label"]
     if p.get("all"):
@@ -52,7 +58,7 @@ def _attr(p: dict) -> list[str]:
         return out
     adj = " ".join(w for w in (size, color) if w)
     adj_sp = f"{adj} " if adj else ""
-    out = [f"a {adj_sp}{label}", f"{adj_sp}{label}"]
+    out = [_a(f"{adj_sp}{label}"), f"{adj_sp}{label}"]
     if color:
         pre = f"{size} " if size else ""
         out += [f"the {pre}{label} in {color}", f"the {pre}{color} colored {label}"]
@@ -61,7 +67,7 @@ def _attr(p: dict) -> list[str]:
     if size:  # the size said after the thing, as a second phrase or sentence
         col = f"{color} " if color else ""
         for word in _SIZE_WORDS[size]:
-            out += [f"the {col}{label}, the {word} one", f"a {col}{label}. the {word} one."]
+            out += [f"the {col}{label}, the {word} one", f"{_a(col + label)}. the {word} one."]
     return out
 
 
@@ -75,7 +81,7 @@ _SIZE_WORDS = {"large": ("large", "big"), "small": ("small", "little")}
 #: target's words), ``ts`` (their plural) and ``r`` (the relation with its anchors); the multi-target op says
 #: them in the plural. No copula ("is", "are", "that"): the paraphrase split's frames stay unseen.
 _CLAUSES_ONE = ("the {t} which stands {r}", "the {t} located {r}", "the {t} positioned {r}",
-                "the {t} which can be found {r}", "a {t}. the one {r}.", "look at the {ts}. the one {r}.",
+                "the {t} which can be found {r}", "{a_t}. the one {r}.", "look at the {ts}. the one {r}.",
                 "the {t}: the one {r}")
 _CLAUSES_ALL = ("the {ts} which stand {r}", "the {ts} located {r}", "the {ts} positioned {r}",
                 "{ts}. the ones {r}.", "look at the {ts}. all the ones {r}.", "the {ts}: every one {r}")
@@ -85,7 +91,7 @@ def _clauses(p: dict, relations: list[str], many: bool = False) -> list[str]:
     """Every relative / two-sentence frame around every relation phrase of ``relations``."""
     t = p["label"]
     frames = _CLAUSES_ALL if many else _CLAUSES_ONE
-    return [f.format(t=t, ts=plural(t), r=r) for r in relations for f in frames]
+    return [f.format(t=t, a_t=_a(t), ts=plural(t), r=r) for r in relations for f in frames]
 
 
 def _closest(p: dict) -> list[str]:
