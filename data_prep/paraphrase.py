@@ -87,6 +87,7 @@ import numpy as np
 
 from data_prep import synth_refer as S
 from scene3d.utils.io import write_json_atomic
+from scene3d.utils.text import indefinite
 
 #: synthetic label -> what real annotators write for it instead (counts: module doc)
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -156,10 +157,6 @@ def _noun(label: str, rng: np.random.Generator) -> str:
     return _pick(SYNONYMS[label], rng) if label in SYNONYMS else label
 
 
-def _indefinite(words: str) -> str:
-    return ("an " if words[:1] in "aeiou" else "a ") + words
-
-
 def _np(spec: dict, rng: np.random.Generator) -> str:
     """Definite noun phrase of an anchor spec, with the label's synonym."""
     return "the " + " ".join(w for w in (spec.get("color"), _noun(spec["label"], rng)) if w)
@@ -187,7 +184,7 @@ def render_paraphrase(program: dict, rng: np.random.Generator) -> str:
         if frame == "sr3d":
             text = f"{_pick(VERBS, rng)} the {head}"
             return text + (f" that is the {size}" if size else "")
-        text = f"there are {head}." if many else f"{_pick(OPENINGS, rng)} {_indefinite(head)}."
+        text = f"there are {head}." if many else f"{_pick(OPENINGS, rng)} {indefinite(head)}."
         return text + (f" it is the {size} one." if size else "")
     rel = f"{_pick(RELATIONS[op], rng)} {_anchors(program, rng)}"
     view = f"facing the {program['view']} wall, " if op in S.VIEW_OPS else ""
@@ -197,7 +194,7 @@ def render_paraphrase(program: dict, rng: np.random.Generator) -> str:
         return f"{view}{verb}the {head} that {'are' if many else 'is'} {rel}"
     if many:
         return f"there are {head}. {view}they are {rel}."
-    return f"{_pick(OPENINGS, rng)} {_indefinite(head)}. {view}it is {rel}."
+    return f"{_pick(OPENINGS, rng)} {indefinite(head)}. {view}it is {rel}."
 
 
 def program_rng(seed: int, scene_id: str, program: dict) -> np.random.Generator:

@@ -27,24 +27,18 @@ near op's.
 
 from __future__ import annotations
 
-import json
+import copy
 from typing import Callable
 
 import numpy as np
 
-from data_prep.synth_refer import OPPOSITE, render
-from scene3d.utils.text import plural
+from data_prep.synth_refer import OPPOSITE, program_anchors, render
+from scene3d.utils.text import indefinite, plural
 
 
 def _np(spec: dict) -> str:
     """An anchor's noun phrase, as the template says it."""
     return "the " + " ".join(w for w in (spec.get("color"), spec["label"]) if w)
-
-
-def _a(words: str) -> str:
-    """``words`` with its indefinite article (real-scan labels such as "office chair" / "armchair" are
-    reworded too)."""
-    return ("an " if words[:1] in "aeiou" else "a ") + words
 
 
 def _attr(p: dict) -> list[str]:
@@ -58,7 +52,7 @@ def _attr(p: dict) -> list[str]:
         return out
     adj = " ".join(w for w in (size, color) if w)
     adj_sp = f"{adj} " if adj else ""
-    out = [_a(f"{adj_sp}{label}"), f"{adj_sp}{label}"]
+    out = [indefinite(f"{adj_sp}{label}"), f"{adj_sp}{label}"]
     if color:
         pre = f"{size} " if size else ""
         out += [f"the {pre}{label} in {color}", f"the {pre}{color} colored {label}"]
@@ -67,7 +61,7 @@ def _attr(p: dict) -> list[str]:
     if size:  # the size said after the thing, as a second phrase or sentence
         col = f"{color} " if color else ""
         for word in _SIZE_WORDS[size]:
-            out += [f"the {col}{label}, the {word} one", f"{_a(col + label)}. the {word} one."]
+            out += [f"the {col}{label}, the {word} one", f"{indefinite(col + label)}. the {word} one."]
     return out
 
 
@@ -91,7 +85,7 @@ def _clauses(p: dict, relations: list[str], many: bool = False) -> list[str]:
     """Every relative / two-sentence frame around every relation phrase of ``relations``."""
     t = p["label"]
     frames = _CLAUSES_ALL if many else _CLAUSES_ONE
-    return [f.format(t=t, a_t=_a(t), ts=plural(t), r=r) for r in relations for f in frames]
+    return [f.format(t=t, a_t=indefinite(t), ts=plural(t), r=r) for r in relations for f in frames]
 
 
 def _closest(p: dict) -> list[str]:
@@ -183,7 +177,7 @@ RENAME_P = 0.3
 
 def _labelled(program: dict) -> list[dict]:
     """The specs of ``program`` that carry a class name: the program itself and its anchors."""
-    return [program, *program.get("anchors", ()), *([program["anchor"]] if "anchor" in program else [])]
+    return [program, *program_anchors(program)]
 
 
 def renamings(program: dict) -> list[dict]:
@@ -195,9 +189,9 @@ def renamings(program: dict) -> list[dict]:
         for prog in out:
             label = _labelled(prog)[i]["label"]
             for syn in SYNONYMS.get(label, ()):
-                copy = json.loads(json.dumps(prog))
-                _labelled(copy)[i]["label"] = syn
-                grown.append(copy)
+                renamed = copy.deepcopy(prog)
+                _labelled(renamed)[i]["label"] = syn
+                grown.append(renamed)
         out += grown
     return out
 
@@ -212,12 +206,12 @@ def rewordings(program: dict, synonyms: bool = True) -> list[str]:
 
 def _rename(program: dict, rng: np.random.Generator) -> dict:
     """A copy of ``program`` whose classes with synonyms are each named by one drawn uniformly."""
-    copy = json.loads(json.dumps(program))
-    for spec in _labelled(copy):
+    renamed = copy.deepcopy(program)
+    for spec in _labelled(renamed):
         syns = SYNONYMS.get(spec["label"])
         if syns:
             spec["label"] = syns[int(rng.integers(len(syns)))]
-    return copy
+    return renamed
 
 
 def reword(program: dict, rng: np.random.Generator) -> str:

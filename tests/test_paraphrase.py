@@ -8,11 +8,12 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from data_prep import paraphrase as P
-from data_prep.rewording import SYNONYMS, phrasings, renamings, reword, reword_row, rewordings
+from data_prep.rewording import RENAME_P, SYNONYMS, phrasings, renamings, reword, reword_row, rewordings
 from data_prep import synth_refer as S
 from data_prep.synthetic import prepare_synthetic
 from scene3d.data.assembly import alignment_rows
@@ -272,7 +273,7 @@ def test_wording_counted_in_the_real_annotations(real_data):
 
 
 def test_rewordings_keep_the_program_slots_and_each_op_its_own_words(bench):
-    # every wording still names the target class, the colour / size, the anchors and the view: the targets
+    # every wording still names the target class, the colour, the anchors and the view: the targets
     # stay exact; "close ..." belongs to the closest op only (Sr3D's "close to" is closest), so the near op's
     # wordings never hold it; relations are also said in a clause or a second sentence ("a chair. the one ...")
     progs = {json.dumps(r["program"], sort_keys=True): r["program"] for r in read_jsonl(bench.train)}
@@ -303,10 +304,6 @@ def test_rewordings_keep_the_program_slots_and_each_op_its_own_words(bench):
 def test_reword_renames_classes_with_training_synonyms_only():
     # about RENAME_P of the draws name the classes otherwise, target and anchor alike, and only by
     # data_prep.rewording.SYNONYMS (never the split's); the other draws keep the names
-    import numpy as np
-
-    from data_prep.rewording import RENAME_P
-
     prog = {"op": "closest", "label": "sofa", "anchor": {"label": "box", "color": "red"}}
     rng = np.random.default_rng(0)
     texts = [reword(prog, rng) for _ in range(600)]

@@ -18,3 +18,9 @@ def plural(word: str) -> str:
     else:
         last += "s"
     return f"{head} {last}" if head else last
+
+
+def indefinite(words: str) -> str:
+    """``words`` behind its indefinite article by the first letter (``a chair``, ``an orange chair``): enough
+    for the class and colour names the project writes."""
+    return ("an " if words[:1] in "aeiou" else "a ") + words
