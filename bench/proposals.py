@@ -29,6 +29,12 @@ the ratios, not the absolute values.
     .venv/bin/python bench/proposals.py                      # everything (about 8 min on 2 loaded cores)
     .venv/bin/python bench/proposals.py --learned-steps 0    # geometric and merge only
     .venv/bin/python bench/proposals.py --learned-steps 0 --no-merge   # geometric only
+    .venv/bin/python bench/proposals.py --learned-steps 0 --no-merge --instance-model DIR   # + learned instance
+    .venv/bin/python bench/proposals.py --learned-steps 0 --no-merge --instance-steps 1200  # trained here
+
+``instance``: the learned instance proposals (:mod:`scene3d.tokenizer.instance_proposals`: a spconv U-Net's
+classes and centre votes, grouped, scored by a learned IoU estimate, NMS), trained on scene0000_01 (with
+``--instance-synthetic`` also on the synthetic training scenes), or loaded with ``--instance-model``.
 """
 
 from __future__ import annotations
@@ -131,6 +137,40 @@ def merge_fn(model):
         return g.masks, g.scores
 
     return run
+
+
+def instance_fn(model):
+    def run(scan: Scan):
+        p = model.propose(scan.coord, scan.color, scan.name)
+        return p.masks, p.scores
+
+    return run
+
+
+def train_instance(real: list[Scan], train: list[Scan], args):
+    """The learned instance proposals (:mod:`scene3d.tokenizer.instance_proposals`) trained on scene0000_01
+    (and with ``--instance-synthetic`` the synthetic training scenes; never scene0000_02)."""
+    from scene3d.tokenizer.instance_proposals import TrainScan, train_instance_model
+
+    def as_train(s: Scan) -> TrainScan:
+        sem = np.zeros(len(s.instance), np.int64)
+        ok = s.instance >= 0
+        sem[ok] = [s.classes.get(int(i), 0) for i in s.instance[ok]]
+        return TrainScan(s.name, s.coord, s.color, s.instance, sem)
+
+    scans = [as_train(s) for s in real if s.name == REAL[0][0]]
+    if not scans:
+        raise SystemExit(f"--instance-steps: {REAL[0][0]} not found")
+    if args.instance_synthetic:
+        scans += [as_train(s) for s in train]
+    assert all(s.name != REAL[1][0] for s in scans), "the held-out scan must not be trained on"
+    t = time.perf_counter()
+    model = train_instance_model(scans, steps=args.instance_steps, seed=args.seed)
+    print(f"instance proposals: {args.instance_steps} steps on {[s.name for s in scans]} in "
+          f"{time.perf_counter() - t:.0f} s")
+    if args.save_instance:
+        model.save(args.save_instance)
+    return model
 
 
 def _points(scan: Scan, with_instance: bool):
@@ -246,6 +286,13 @@ def main(argv=None) -> int:
     ap.add_argument("--merge-seed", type=int, default=901, help="seed of the merge model's MLPs (not of the scenes)")
     ap.add_argument("--save-merge", type=Path, default=None, help="write the trained merge model (safetensors) here")
     ap.add_argument("--checkpoint", default=None, help="take the learned head from this scene3d checkpoint")
+    ap.add_argument("--instance-model", type=Path, default=None,
+                    help="learned instance proposals: a model directory (scene3d prep proposals)")
+    ap.add_argument("--instance-steps", type=int, default=0,
+                    help="train the learned instance proposals here on scene0000_01 for this many steps (0: no)")
+    ap.add_argument("--instance-synthetic", action="store_true",
+                    help="the instance proposals also train on the synthetic training scenes")
+    ap.add_argument("--save-instance", type=Path, default=None, help="write the trained instance model here")
     ap.add_argument("--sizes", default="20000,80000,300000")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as json")
@@ -264,6 +311,20 @@ def main(argv=None) -> int:
         train = synthetic_scans(args.work / f"train_{args.preset}_s{args.seed + 1}_n{args.train_scenes}",
                                 args.train_scenes, args.seed + 1, args.preset)
         methods["merge"] = merge_fn(train_merge(train, real, args))
+    if args.instance_model is not None:
+        from scene3d.tokenizer.instance_proposals import InstanceProposer
+
+        im = InstanceProposer.load(args.instance_model)
+        if REAL[1][0] in im.meta.get("trained_on", []):
+            raise SystemExit(f"{args.instance_model} was trained on the held-out {REAL[1][0]}")
+        print(f"instance proposals: {args.instance_model} (trained on {im.meta.get('trained_on')}, "
+              f"{im.meta.get('steps')} steps)")
+        methods["instance"] = instance_fn(im)
+    elif args.instance_steps > 0:
+        if args.instance_synthetic and train is None:
+            train = synthetic_scans(args.work / f"train_{args.preset}_s{args.seed + 1}_n{args.train_scenes}",
+                                    args.train_scenes, args.seed + 1, args.preset)
+        methods["instance"] = instance_fn(train_instance(real, train or [], args))
     if args.checkpoint:
         methods["learned"] = learned_fn(load_learned(args.checkpoint))
     elif args.learned_steps > 0:

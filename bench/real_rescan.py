@@ -10,7 +10,8 @@ Chance level: a uniformly random object of the scene (any object with points, as
 baseline), computed exactly as the mean over every object of the scores of "always predict that object"
 (no sampling noise). With ``--checkpoint`` the model is scored through scene3d.engine.evaluate (the same path
 as ``scene3d eval``), for each of ``--objects`` (``gt``: ground-truth instances; ``proposals``: the geometric
-proposals, scored against the ground-truth target points) and each mask path (reconciled, identifier-only,
+proposals, or with ``--proposal-model`` the learned instance proposals, scored against the ground-truth target
+points) and each mask path (reconciled, identifier-only,
 decoder-only). Without ``--rows`` the rows are generated here (``--per-op 8``, as the experiment's comment does).
 """
 
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mask", default="reconciled,identifier,decoder",
                     help="comma-separated mask paths of a prediction to score")
     ap.add_argument("--objects", default="gt,proposals", help="comma-separated object sources: gt, proposals")
+    ap.add_argument("--proposal-model", type=Path, default=None,
+                    help="proposals from this learned instance-proposal model (scene3d prep proposals; trained "
+                         "without scene0000_02) instead of the geometric ones")
     args = ap.parse_args(argv)
     from data_prep import real_refer
     from scene3d.data.referring import read_jsonl
@@ -77,6 +81,12 @@ def main(argv=None) -> int:
           "rescan generalisation, not new rooms)")
     c = chance(rows, args.processed)
     print(line(f"chance (random object of {c['objects']})", c))
+    if args.proposal_model is not None:
+        from scene3d.tokenizer.instance_proposals import InstanceProposer
+
+        trained_on = InstanceProposer.load(args.proposal_model).meta.get("trained_on", [])
+        if set(trained_on) & {r["scene_id"] for r in rows}:
+            raise SystemExit(f"{args.proposal_model} was trained on an evaluated scan ({trained_on})")
     if args.checkpoint:
         import torch
 
@@ -87,8 +97,11 @@ def main(argv=None) -> int:
         masks = [m.strip() for m in args.mask.split(",") if m.strip()]
         for objects in [o.strip() for o in args.objects.split(",") if o.strip()]:
             t0 = time.perf_counter()
-            res = evaluate_model_masks(model.model, args.processed, rows, masks, progress=False, objects=objects)
-            what = "ground-truth objects" if objects == "gt" else "geometric proposals"
+            pm = args.proposal_model if objects == "proposals" else None
+            res = evaluate_model_masks(model.model, args.processed, rows, masks, progress=False, objects=objects,
+                                       proposal_model=pm)
+            what = ("ground-truth objects" if objects == "gt" else
+                    "geometric proposals" if pm is None else f"learned instance proposals ({pm})")
             counts = ", ".join(f"{sid}: {v['num_objects']}" for sid, v in sorted(res[masks[0]].objects.items()))
             print(f"-- {what} ({counts}; {time.perf_counter() - t0:.0f} s)")
             for m in masks:

@@ -26,7 +26,9 @@ arrays                          ``coord=`` [N, 3] (+ ``color``, ``normal``, ``in
 
 **Where the objects come from** (``segment(..., objects=)``): ``"auto"`` (default) takes the scene's instances
 when it has any, else proposals of the default kind, :data:`DEFAULT_PROPOSALS`; ``"instances"`` insists on
-instances; ``"proposals"`` takes geometric proposals even when the scene has instances
+instances; ``"proposals"`` takes proposals even when the scene has instances: the learned instance proposals
+of ``Segmenter.proposal_model`` when one is set (:mod:`scene3d.tokenizer.instance_proposals`, trained on
+annotated scans with ``scene3d prep proposals``; ``object_source`` ``"instance"``), else the geometric ones
 (:func:`scene3d.tokenizer.geometric_proposals.proposal_objects`: plane removal + normal / colour / convexity
 graph merging, nothing learned); ``"learned"`` the tokenizer's proposal head (class-agnostic clustering of
 centre votes). The geometric proposals are the default for scans without instances because they measured
@@ -70,6 +72,7 @@ field             shape / dtype       meaning
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,7 +414,8 @@ class SegmentResult(NamedTuple):
     ``source``           str             ``identifiers`` (named by the answer), ``decoder`` (scores >=
                                          threshold) or ``none`` (zero targets)
     ``proposals``        bool            objects came from proposals (geometric or learned), not instances
-    ``object_source``    str             ``instances``, ``geometric`` or ``learned`` (proposal head)
+    ``object_source``    str             ``instances``, ``geometric``, ``instance`` (learned instance
+                                         proposals, ``Segmenter.proposal_model``) or ``learned`` (proposal head)
     ``num_proposals``    int             proposals the model was given (0 with instances)
     ``num_candidates``   int             geometric: overlapping proposals before they were made disjoint
     ``unknown_words``    list[str]       words of the query the model's tokenizer reads as its unknown
@@ -476,7 +480,7 @@ class EncodedScene(NamedTuple):
     downsample: Optional[Downsampled] = None
     oversized: np.ndarray = _NO_ROWS
     warnings: tuple = ()
-    object_source: str = "instances"  # instances | geometric | learned
+    object_source: str = "instances"  # instances | geometric | instance | learned
     num_proposals: int = 0
     num_candidates: int = 0
 
@@ -493,8 +497,11 @@ class Segmenter:
 
     def __init__(self, model, device: Union[str, torch.device] = "cpu", config: Optional[dict] = None,
                  checkpoint: Optional[str] = None, step: Optional[int] = None,
-                 max_points: Optional[int] = DEFAULT_MAX_POINTS) -> None:
+                 max_points: Optional[int] = DEFAULT_MAX_POINTS, proposal_model=None) -> None:
         self.model = model.to(device).eval()
+        #: learned instance proposals (an InstanceProposer or its directory, ``scene3d prep proposals``) used
+        #: for objects="proposals" (and "auto" without instances) instead of the geometric ones; may be changed
+        self.proposal_model = proposal_model
         self.device = torch.device(device)
         self.config = config or {}
         self.checkpoint = checkpoint
@@ -503,16 +510,35 @@ class Segmenter:
         self._cached: Optional[tuple] = None  # (scene, object mode, max_points, encoding)
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir, device: Union[str, torch.device] = "cpu") -> "Segmenter":
+    def from_pretrained(cls, ckpt_dir, device: Union[str, torch.device] = "cpu",
+                        proposal_model=None) -> "Segmenter":
         """Load a checkpoint written by ``scene3d train`` (the dir, its ``checkpoints/`` parent or the run dir;
-        the newest checkpoint is used). No hydra, no pickle."""
+        the newest checkpoint is used). No hydra, no pickle. ``proposal_model``: a learned instance-proposal
+        model directory (``scene3d prep proposals``) for scans without instances."""
         from scene3d.models.loading import load_model  # the model stack loads with a model, not on import
 
         p = Path(ckpt_dir)
         if not p.exists():
             raise FileNotFoundError(f"checkpoint not found: {p}")
         loaded = load_model(p, device)
-        return cls(loaded.model, device, loaded.config, loaded.path, loaded.step)
+        return cls(loaded.model, device, loaded.config, loaded.path, loaded.step, proposal_model=proposal_model)
+
+    @property
+    def proposal_model(self):
+        """The learned instance proposals, or None (geometric proposals)."""
+        return self._proposal_model
+
+    @proposal_model.setter
+    def proposal_model(self, value) -> None:
+        if isinstance(value, (str, os.PathLike)):
+            from scene3d.tokenizer.instance_proposals import InstanceProposer  # spconv loads with a model
+
+            value = InstanceProposer.load(value)
+        elif value is not None and not hasattr(value, "propose"):
+            raise TypeError(f"proposal_model must be an InstanceProposer, a model directory or None, got "
+                            f"{type(value).__name__}")
+        self._proposal_model = value
+        self._cached = None
 
     # -- scenes ---------------------------------------------------------------------------------------------
     def load_scene(self, path=None, *, coord=None, color=None, normal=None, instance=None, superpoint=None,
@@ -562,7 +588,7 @@ class Segmenter:
             raise TypeError(f"scene must be a SceneData (from load_scene), got {type(scene).__name__}")
         mode = self.object_mode(scene, objects, proposals)
         c = self._cached
-        if c is not None and c[0] is scene and c[1] == mode and c[2] == self.max_points:
+        if c is not None and c[0] is scene and c[1] == mode and c[2] == self.max_points and c[4] is self.proposal_model:
             return c[3]
         full = scene
         scene, down = self.downsample(full)
@@ -575,13 +601,20 @@ class Segmenter:
         if down is not None:  # proposal sizes count the input points each representative stands for
             points = points.replace(weight=torch.from_numpy(down.counts).to(self.device, torch.float64))
         num_proposals = num_candidates = 0
+        source = {"instances": "instances", "learned": "learned",
+                  "proposals": "geometric" if self.proposal_model is None else "instance"}[mode]
         if mode == "instances":
             objects = points.instance
         elif mode == "proposals":
-            # open3d / scipy proposals load with a model, not on `import scene3d.api`
-            from scene3d.tokenizer.geometric_proposals import proposal_objects
+            if self.proposal_model is None:
+                # open3d / scipy proposals load with a model, not on `import scene3d.api`
+                from scene3d.tokenizer.geometric_proposals import proposal_objects
 
-            prop = proposal_objects(full.coord, full.color)
+                prop = proposal_objects(full.coord, full.color)
+            else:
+                from scene3d.tokenizer.instance_proposals import proposal_objects as instance_objects
+
+                prop = instance_objects(full.coord, full.color, self.proposal_model, what=f"scene {full.scene_id!r}")
             labels = prop.labels
             if down is not None:  # each representative takes the proposal of (one of) its input points
                 small = np.full(down.num_points, -1, np.int64)
@@ -596,7 +629,8 @@ class Segmenter:
         m = inputs.tokens.num_objects
         if m == 0:
             how = {"instances": "no instances",
-                   "proposals": "the geometric proposals found no object of at least 100 points",
+                   "proposals": "the geometric proposals found no object of at least 100 points"
+                                if self.proposal_model is None else "the learned instance proposals found no object",
                    "learned": "the proposal head found no object (ProposalConfig.min_points="
                               f"{self.model.config.tokenizer.proposal.min_points})"}[mode]
             raise ValueError(f"scene {scene.scene_id!r} ({scene.num_points} points) has no objects: {how}")
@@ -623,16 +657,15 @@ class Segmenter:
                 w = np.ones(len(p2o)) if down is None else down.counts
                 share = ", ".join(f"{int(r)} ({w[p2o == r].sum() / w.sum():.0%})" for r in oversized)
                 who = ("the proposal head did not separate the objects (a head trained on other kinds of scenes)"
-                       if mode == "learned" else "the geometric proposals did not separate the objects")
+                       if mode == "learned" else f"the {source} proposals did not separate the objects")
                 notes.append(f"proposal {share} of scene {full.scene_id!r} holds more than "
                              f"{OVERSIZED_FRACTION:.0%} of its points: {who}, so answers here are unreliable; "
                              "give instance ids if you have them")
         for note in notes:
             warnings.warn(note, DegradedSceneWarning, stacklevel=3)
-        source = {"instances": "instances", "proposals": "geometric", "learned": "learned"}[mode]
         enc = EncodedScene(inputs, mode != "instances", down, oversized, tuple(notes), source, num_proposals,
                            num_candidates)
-        self._cached = (full, mode, self.max_points, enc)
+        self._cached = (full, mode, self.max_points, enc, self.proposal_model)
         return enc
 
     def segment(self, scene: SceneData, text: Union[str, Sequence[str]], proposals: bool = False,

@@ -164,6 +164,9 @@ class EvalSchema:
     progress: bool = True
     #: gt: objects are the scene's instances; proposals: geometric proposals, masks scored against GT points
     objects: str = "gt"
+    #: with objects=proposals: a learned instance-proposal model directory (``scene3d prep proposals``)
+    #: instead of the geometric proposals
+    proposal_model: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.split not in ("val", "train"):
@@ -172,6 +175,8 @@ class EvalSchema:
             raise ValueError(f"eval.mask must be one of {MASK_SOURCES}, got {self.mask!r}")
         if self.objects not in OBJECT_SOURCES:
             raise ValueError(f"eval.objects must be one of {OBJECT_SOURCES}, got {self.objects!r}")
+        if self.proposal_model is not None and self.objects != "proposals":
+            raise ValueError("eval.proposal_model needs eval.objects=proposals")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"eval.max_samples must be >= 1 or null, got {self.max_samples}")
 

@@ -84,7 +84,8 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
         raise ValueError(f"no referring rows to evaluate in the {ev.split} split of {data.name}")
     language = text_report(loaded.model.segmenter.text_tokenizer, rows, loaded.model.segmenter.config.prompt.max_text_tokens)
     res = evaluate_model(loaded.model, split.processed_dir, rows, ev.mask, ev.strict, progress=ev.progress,
-                         objects=ev.objects)
+                         objects=ev.objects,
+                         proposal_model=expand_path(ev.proposal_model) if ev.proposal_model else None)
     ckpt = Path(loaded.path)
     src = ev.samples or (data.val if ev.split == "val" else data.train)
     # the paraphrase split (data.val=<synthetic root>/refer/val_paraphrase.jsonl) is named after its file, so
@@ -97,6 +98,6 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     write_json_atomic(metrics_path, jsonable({
         "checkpoint": str(ckpt), "step": loaded.step, "data": data.name, "split": name,
         "processed_dir": str(split.processed_dir), "mask": ev.mask, "strict": ev.strict,
-        "objects": ev.objects, "objects_per_scene": res.objects,
+        "objects": ev.objects, "proposal_model": ev.proposal_model, "objects_per_scene": res.objects,
         "num_samples": len(rows), "text": language, "metrics": res.metrics, "per_sample": res.per_sample}))
     return CheckpointEval(out_dir, pred_path, metrics_path, res.metrics, loaded.step, ckpt, res.objects)

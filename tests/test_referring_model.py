@@ -13,7 +13,7 @@ from scene3d.engine.checkpoint import (MODEL_FILE, CheckpointError, load_checkpo
                                       save_checkpoint, trainable_state_dict)
 from scene3d.gating.adapter import GateSelection
 from scene3d.models.generation import decoder_objects, reconcile
-from scene3d.models.losses import object_targets, rank_loss, similarity_loss
+from scene3d.models.losses import name_loss, object_targets, rank_loss, similarity_loss
 from scene3d.models.referring import QueryBatch, ReferringConfig, ReferringSegmenter
 from scene3d.structures.scene_inputs import SceneInputs, synthetic_scene
 
@@ -385,6 +385,48 @@ def test_similarity_loss_trains_the_decoder_to_tell_classes_apart():
     same = cls[:6, None] == cls[None, :6]
     assert p[same].min() > p[~same].max()
     assert torch.isfinite(m(batch).obj_sim)
+
+
+def test_name_loss_pulls_object_tokens_to_their_class_names():
+    """The object-name alignment loss trains the projector so that each object's LLM input embedding is
+    nearest the LLM's embedding of its class name; objects without a name are left out; the batch's total
+    counts it only with ``name_weight`` > 0 and names given."""
+    torch.manual_seed(0)
+    m = ReferringSegmenter(_config())
+    sc = synthetic_scene((6, 5), points_per_object=4, obj_dim=8, point_dim=8, seed=2)
+    cls = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 1, 2])
+    sc = SceneInputs(sc.tokens.replace(feat=torch.randn(3, 8)[cls] + 0.1 * torch.randn(11, 8)), sc.point_feat,
+                     sc.points)
+    vocab = ["chair", "table", "lamp"]
+    names = [vocab[int(c)] for c in cls]
+    names[7] = None  # unknown: not scored
+    t = sc.tokens
+    x = torch.cat([t.feat, t.center, t.size], 1)
+    scale = torch.tensor(10.0)
+    with pytest.raises(ValueError, match="names has 3 entries for 11 objects"):
+        name_loss(m.projector(x), names[:3], m.name_embeddings, scale)
+    assert float(name_loss(m.projector(x), ["chair"] * 11, m.name_embeddings, scale)) == 0.0  # one name only
+    opt = torch.optim.Adam(m.projector.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        loss = name_loss(m.projector(x), names, m.name_embeddings, scale)
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.3 * first
+    with torch.no_grad():
+        words = torch.nn.functional.normalize(m.name_embeddings(vocab), dim=-1)
+        nearest = (torch.nn.functional.normalize(m.projector(x).float(), dim=-1) @ words.T).argmax(1)
+    assert torch.equal(nearest, cls)  # the unnamed object 7 too: its features are its class's
+    m.eval()
+    with torch.no_grad():
+        on = m(QueryBatch(sc, ["the chair", "the lamp"], [[10], []], object_names=names))
+        off = m(QueryBatch(sc, ["the chair", "the lamp"], [[10], []]))
+    assert float(on.obj_name) > 0 and float(off.obj_name) == 0.0
+    assert torch.allclose(on.total - off.total, m.config.name_weight * on.obj_name, atol=1e-5)
+    with pytest.raises(ValueError, match="object_names has 2 entries for 11 objects"):
+        QueryBatch(sc, ["the chair", "the lamp"], [[10], []], object_names=names[:2])
 
 
 def test_lm_loss_on_answer_positions_equals_the_full_shifted_loss(scene):

@@ -49,6 +49,9 @@ def add_parser(sub, name, help_):
                    help="checkpoint mode: where the objects come from: the scene's ground-truth instances (gt, "
                         "default) or geometric proposals (proposals; predicted masks are scored against the "
                         "ground-truth target points, as Chat-Scene on Mask3D proposals)")
+    p.add_argument("--proposal-model", type=Path, default=None, metavar="DIR",
+                   help="with --objects proposals: take the learned instance proposals of this model directory "
+                        "(scene3d prep proposals) instead of the geometric ones")
     p.set_defaults(_accepts_overrides=True)  # checkpoint mode only; predictions mode rejects them in run()
     return p
 
@@ -156,6 +159,12 @@ def evaluate_checkpoint(args) -> int:
         overrides.append("eval.progress=false")
     if args.objects is not None:
         overrides.append(f"eval.objects={args.objects}")
+    if args.proposal_model is not None:
+        if args.objects != "proposals":
+            raise SystemExit("scene3d eval: --proposal-model needs --objects proposals")
+        if not args.proposal_model.is_dir():
+            raise SystemExit(f"scene3d eval: --proposal-model {args.proposal_model}: not a directory")
+        overrides.append(f"eval.proposal_model={args.proposal_model.resolve()}")
     try:
         cfg = to_objects(compose("eval", overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as e:
@@ -166,7 +175,8 @@ def evaluate_checkpoint(args) -> int:
     if cfg.eval.objects == "proposals":
         per = list(res.objects.values())
         counts = [o["num_objects"] for o in per]
-        print(f"objects: geometric proposals ({min(counts)}-{max(counts)} per scene over {len(per)} scenes); "
+        kind = "learned instance" if cfg.eval.proposal_model else "geometric"
+        print(f"objects: {kind} proposals ({min(counts)}-{max(counts)} per scene over {len(per)} scenes); "
               "masks scored against the ground-truth target points")
     print(format_metrics(res.metrics))
     print(TABLE_LEGEND)

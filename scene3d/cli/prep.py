@@ -1,4 +1,4 @@
-"""`scene3d prep {scannet,refer}`: wiring only; each target lives in its own module."""
+"""`scene3d prep {scannet,refer,proposals}`: wiring only; each target lives in its own module."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 TARGETS = [
     ("scannet", "scene3d.cli.prep_scannet", "raw ScanNet scans -> processed scene directories"),
     ("refer", "scene3d.cli.prep_refer", "ScanRefer / Multi3DRefer / Nr3D / Sr3D -> referring-sample jsonl"),
+    ("proposals", "scene3d.cli.prep_proposals", "train learned instance proposals on annotated scenes"),
 ]
 
 

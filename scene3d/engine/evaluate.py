@@ -21,7 +21,9 @@ numbers measure grounding and segmentation given ground-truth instances. ``propo
 proposals of :func:`scene3d.tokenizer.geometric_proposals.proposal_objects` instead (computed from
 ``coord`` / ``color`` alone; object tokens are pooled from the proposal masks): a predicted mask is then the
 points of the proposals the model chose, and it is still scored against the ground-truth target points (as
-Chat-Scene evaluates on Mask3D proposals), so a proposal that cuts or swells the target costs IoU.
+Chat-Scene evaluates on Mask3D proposals), so a proposal that cuts or swells the target costs IoU. With
+``proposal_model`` the proposals are the learned instance proposals of
+:mod:`scene3d.tokenizer.instance_proposals` (trained with ``scene3d prep proposals``) instead.
 ``EvalResult.objects`` says per scene where the objects came from and how many there were.
 """
 
@@ -112,14 +114,23 @@ def check_objects(objects: str, where: str = "objects") -> str:
 
 
 def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: Iterable[str] = ("reconciled",),
-                         strict: bool = False, progress: bool = True, objects: str = "gt") -> dict:
+                         strict: bool = False, progress: bool = True, objects: str = "gt",
+                         proposal_model=None) -> dict:
     """Run ``model.predict`` on every row (scene by scene, each scene loaded once) and score each of ``masks``.
-    ``objects``: ``gt`` (instances) or ``proposals`` (geometric proposals; module docstring).
+    ``objects``: ``gt`` (instances) or ``proposals`` (geometric proposals, or with ``proposal_model`` (an
+    :class:`~scene3d.tokenizer.instance_proposals.InstanceProposer` or its directory) the learned instance
+    proposals; module docstring).
 
     ``model``: a :class:`~scene3d.models.pipeline.Scene3DModel` (anything with ``predict(points, texts)``).
     Returns ``{mask: EvalResult}``. Rows must carry ``dataset``, ``scene_id``, ``ann_id``, ``text``, ``targets``.
     """
     check_objects(objects)
+    if proposal_model is not None and objects != "proposals":
+        raise ValueError(f"proposal_model is used with objects='proposals' only, got objects={objects!r}")
+    if isinstance(proposal_model, (str, Path)):
+        from scene3d.tokenizer.instance_proposals import InstanceProposer
+
+        proposal_model = InstanceProposer.load(proposal_model)
     masks = list(masks)
     bad = [m for m in masks if m not in MASK_SOURCES]
     if bad or not masks:
@@ -151,12 +162,17 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
         texts = [rows[i]["text"] for i in idx]
         if objects == "proposals":
             # open3d / scipy proposals load with this mode only
-            from scene3d.tokenizer.geometric_proposals import proposal_objects
+            if proposal_model is None:
+                from scene3d.tokenizer.geometric_proposals import proposal_objects
 
-            prop = proposal_objects(scene.coord, scene.color)
+                prop = proposal_objects(scene.coord, scene.color)
+            else:
+                from scene3d.tokenizer.instance_proposals import proposal_objects as instance_objects
+
+                prop = instance_objects(scene.coord, scene.color, proposal_model, what=f"scene {sid!r}")
             if prop.num_proposals == 0:
-                raise ValueError(f"scene {sid!r} ({len(scene.coord)} points): the geometric proposals found no "
-                                 "object of at least 100 points; it cannot be evaluated with objects=proposals")
+                raise ValueError(f"scene {sid!r} ({len(scene.coord)} points): the {prop.source} proposals found no "
+                                 "object; it cannot be evaluated with objects=proposals")
             sources[sid] = {"source": prop.source, "num_objects": prop.num_proposals,
                             "num_candidates": prop.num_candidates}
             split = prop.labels  # a reconciled mask splits per chosen proposal
@@ -179,10 +195,10 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
 
 
 def evaluate_model(model, processed_dir, rows: Sequence[Mapping], mask: str = "reconciled", strict: bool = False,
-                   progress: bool = True, objects: str = "gt") -> EvalResult:
+                   progress: bool = True, objects: str = "gt", proposal_model=None) -> EvalResult:
     """:func:`evaluate_model_masks` for one mask."""
     return evaluate_model_masks(model, processed_dir, rows, (mask,), strict=strict, progress=progress,
-                                objects=objects)[mask]
+                                objects=objects, proposal_model=proposal_model)[mask]
 
 
 def spread_rows(rows: Sequence[Mapping], max_samples: Optional[int]) -> list:

@@ -33,6 +33,8 @@ class ReferringLoss(NamedTuple):
     obj_rank: torch.Tensor
     obj_sim: torch.Tensor
     anchor: torch.Tensor
+    #: object-name alignment (:func:`name_loss`); 0 where no object's class name is known
+    obj_name: Optional[torch.Tensor] = None
 
 
 def loss_positions(labels: torch.Tensor):
@@ -109,6 +111,28 @@ def similarity_loss(grounding, tokens, object_class: Optional[torch.Tensor]) -> 
         terms.append(F.binary_cross_entropy_with_logits(grounding.similarity_logits(obj[o0 : o0 + m])[off],
                                                         same[off]))
     return torch.stack(terms).mean() if terms else obj.sum() * 0.0
+
+
+def name_loss(obj_embeds: torch.Tensor, names: Sequence[Optional[str]], name_embed, scale: torch.Tensor) -> torch.Tensor:
+    """Object-name alignment: cross-entropy of each object's LLM input embedding ``obj_embeds [M, H]`` (the
+    projector's output, spliced into the prompt) against the LLM's own embeddings of the class names present
+    (``name_embed(names) -> [K, H]``, the mean of each name's token embeddings, frozen), by cosine similarity
+    times ``scale``; objects whose name is None are left out. 0 with fewer than two distinct names.
+
+    Chat-3D's object-text alignment, as a side loss on every object of every scene instead of a separate stage:
+    the referring rows name a few objects of a scene, this supervises all of them, so an object token of a
+    real scan lands near the word a question uses for it ("the television ...")."""
+    if len(names) != obj_embeds.shape[0]:
+        raise ValueError(f"names has {len(names)} entries for {obj_embeds.shape[0]} objects")
+    known = [i for i, n in enumerate(names) if n]
+    vocab = sorted({names[i] for i in known})
+    if len(vocab) < 2:
+        return obj_embeds.sum() * 0.0
+    col = {n: j for j, n in enumerate(vocab)}
+    target = torch.tensor([col[names[i]] for i in known], dtype=torch.long, device=obj_embeds.device)
+    words = F.normalize(name_embed(vocab).to(obj_embeds.device).float().detach(), dim=-1)  # (K, H)
+    obj = F.normalize(obj_embeds[known].float(), dim=-1)  # (M', H)
+    return F.cross_entropy(scale.float() * obj @ words.T, target)
 
 
 def anchor_loss(attention: Optional[Sequence[torch.Tensor]], anchor_rows: Sequence[Optional[torch.Tensor]],

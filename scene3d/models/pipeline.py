@@ -94,7 +94,7 @@ class Scene3DModel(nn.Module):
         points = batch.points
         scene, tok_out = self.encode(points)
         rows = batch.samples
-        object_class = None
+        object_class = object_names = None
         labels = getattr(batch, "object_labels", None)
         index = getattr(batch, "scene_index", None)
         shared = None
@@ -107,17 +107,18 @@ class Scene3DModel(nn.Module):
                 class_code(labels[b].get(int(oid), f"?{int(oid)}"))
                 for b, oid in zip(obj_batch, scene.tokens.object_ids.tolist())
             ], dtype=torch.long)
+            object_names = [labels[b].get(int(oid)) for b, oid in zip(obj_batch, scene.tokens.object_ids.tolist())]
         distractors = [list(r.get("distractors") or []) for r in rows]
         anchors = [list(r.get("anchors") or []) for r in rows]
         mb = QueryBatch(scene=scene, texts=[r["text"] for r in rows], targets=[list(r["targets"]) for r in rows],
                         distractors=distractors, anchors=anchors, object_class=object_class,
-                        shared=shared, scene_index=index)
+                        shared=shared, scene_index=index, object_names=object_names)
         ref = self.segmenter(mb)
         tok = self.tokenizer3d.losses(points, tok_out).total
         total = ref.total + self.config.tokenizer_loss_weight * tok
         return {"loss": total, "lm": ref.lm.detach(), "mask_bce": ref.mask_bce.detach(),
                 "mask_dice": ref.mask_dice.detach(), "obj": ref.obj.detach(), "obj_rank": ref.obj_rank.detach(),
-                "obj_sim": ref.obj_sim.detach(), "anchor": ref.anchor.detach(),
+                "obj_sim": ref.obj_sim.detach(), "anchor": ref.anchor.detach(), "obj_name": ref.obj_name.detach(),
                 "proposal": tok.detach()}
 
     @torch.no_grad()

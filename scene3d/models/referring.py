@@ -46,8 +46,8 @@ from scene3d.models import generation
 from scene3d.models.cache import SceneCache
 from scene3d.models.generation import Prediction  # noqa: F401  (re-exported: the result type of predict)
 from scene3d.models.pointer import IdentifierPointer, point
-from scene3d.models.losses import (ReferringLoss, anchor_loss, dice_loss, local_rows, loss_positions, object_targets,
-                                   rank_loss, similarity_loss)
+from scene3d.models.losses import (ReferringLoss, anchor_loss, dice_loss, local_rows, loss_positions, name_loss,
+                                   object_targets, rank_loss, similarity_loss)
 from scene3d.models.sequence import PackedSequences, gather_states, pack
 from scene3d.structures.scene_inputs import SceneInputs
 
@@ -86,6 +86,11 @@ class ReferringConfig:
     #: CPU-minutes (bench/learn_synthetic.py): closest / farthest 0.52 / 0.43 -> 0.94 / 0.94, reconciled
     #: template | paraphrase 0.823 | 0.638 -> 0.906 | 0.699
     anchor_weight: float = 0.5
+    #: object-name alignment (``losses.name_loss``): every object whose class name the scene knows is pulled
+    #: towards the LLM's embedding of that name (cosine times ``name_scale``, cross-entropy over the names of
+    #: the batch); 0 turns it off
+    name_weight: float = 0.5
+    name_scale: float = 10.0
     threshold: float = 0.5
     #: which path leads the reconciled result: "identifiers" (the objects the answer names; the decoder's
     #: objects when it names none) or "decoder" (the decoder's objects, :func:`scene3d.models.generation.decoder_objects`;
@@ -184,6 +189,8 @@ class QueryBatch:
     seeds: Optional[list] = None
     shared: Optional[SceneInputs] = None
     scene_index: Optional[list] = None
+    #: class name of each object ``[M]`` (None where unknown), for the object-name alignment loss
+    object_names: Optional[list] = None
 
     def __post_init__(self) -> None:
         b = self.scene.batch_size
@@ -193,6 +200,9 @@ class QueryBatch:
                 raise ValueError(f"{name} has {len(v)} entries for {b} scenes")
         if self.object_class is not None and self.object_class.shape != (self.scene.tokens.num_objects,):
             raise ValueError(f"object_class must be [{self.scene.tokens.num_objects}]")
+        if self.object_names is not None and len(self.object_names) != self.scene.tokens.num_objects:
+            raise ValueError(f"object_names has {len(self.object_names)} entries for "
+                             f"{self.scene.tokens.num_objects} objects")
         if (self.shared is None) != (self.scene_index is None):
             raise ValueError("shared and scene_index go together")
         if self.scene_index is not None and len(self.scene_index) != b:
@@ -279,7 +289,29 @@ class ReferringSegmenter(nn.Module):
             anchor = total.new_zeros(())
         else:
             total = total + c.anchor_weight * anchor
-        return ReferringLoss(total, lm_loss, bce, dice, obj, rank, sim, anchor)
+        name = total.new_zeros(())
+        if c.name_weight > 0 and batch.object_names is not None:
+            x = torch.cat([t.feat, t.center.to(t.feat.dtype), t.size.to(t.feat.dtype)], dim=1)
+            name = name_loss(self.projector(x), batch.object_names, self.name_embeddings,
+                             x.new_tensor(c.name_scale))
+            total = total + c.name_weight * name
+        return ReferringLoss(total, lm_loss, bce, dice, obj, rank, sim, anchor, name)
+
+    def name_embeddings(self, names: Sequence[str]) -> torch.Tensor:
+        """``[K, H]``: the LLM's input embedding of each class name (mean over its tokens, as the name reads
+        inside a sentence: with a leading space), without gradient."""
+        cache = self.__dict__.setdefault("_name_ids", {})
+        dev = self.lm.new_embed.weight.device
+        rows = []
+        with torch.no_grad():
+            for n in names:
+                if n not in cache:
+                    ids = self.text_tokenizer(" " + n, add_special_tokens=False)["input_ids"]
+                    if not ids:
+                        raise ValueError(f"class name {n!r} has no tokens")
+                    cache[n] = torch.tensor(ids, dtype=torch.long)
+                rows.append(self.lm.embed(cache[n].to(dev)[None])[0].float().mean(0))
+        return torch.stack(rows)
 
     def answer_logits(self, logits: torch.Tensor, hidden: torch.Tensor, obj_states: torch.Tensor,
                       obj_slots: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

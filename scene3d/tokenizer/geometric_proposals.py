@@ -100,17 +100,22 @@ class GeometricProposals(NamedTuple):
         score, the larger first among equal scores (measured on scene0000_01: recall@0.5 0.37 against 0.19
         smaller-first), skipping any that shares more than ``max_overlap`` of its points with those taken;
         points already claimed stay with the first. Ids are 0..K-1 in the order taken."""
-        n = self.masks.shape[1]
-        out = np.full(n, -1, np.int64)
-        sizes = self.masks.sum(1)
-        taken = []
-        for j in np.lexsort((-sizes, -self.scores)):
-            m = self.masks[j]
-            if (out[m] >= 0).sum() > max_overlap * sizes[j]:
-                continue
-            out[m & (out < 0)] = len(taken)
-            taken.append(j)
-        return out, self.scores[np.asarray(taken, np.int64)]
+        return flatten_masks(self.masks, self.scores, max_overlap)
+
+
+def flatten_masks(masks: np.ndarray, scores: np.ndarray, max_overlap: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping proposals ``masks [P, N]`` with ``scores [P]`` made disjoint (:meth:`GeometricProposals.flatten`)."""
+    n = masks.shape[1]
+    out = np.full(n, -1, np.int64)
+    sizes = masks.sum(1)
+    taken = []
+    for j in np.lexsort((-sizes, -scores)):
+        m = masks[j]
+        if (out[m] >= 0).sum() > max_overlap * sizes[j]:
+            continue
+        out[m & (out < 0)] = len(taken)
+        taken.append(j)
+    return out, scores[np.asarray(taken, np.int64)]
 
 
 def _cells(coord: np.ndarray, voxel: float):
@@ -327,7 +332,7 @@ class ProposalObjects(NamedTuple):
     scores: np.ndarray  # [K] stability score of each
     num_proposals: int  # K: disjoint proposals handed to the model
     num_candidates: int  # overlapping proposals before the flattening (GeometricProposals.num_proposals)
-    source: str  # "geometric"
+    source: str  # "geometric" or "instance" (scene3d.tokenizer.instance_proposals)
 
 
 def proposal_objects(coord: np.ndarray, color: Optional[np.ndarray] = None,
@@ -339,4 +344,5 @@ def proposal_objects(coord: np.ndarray, color: Optional[np.ndarray] = None,
     return ProposalObjects(labels, scores, len(scores), g.num_proposals, "geometric")
 
 
-__all__ = ["GeometricConfig", "GeometricProposals", "ProposalObjects", "geometric_proposals", "proposal_objects"]
+__all__ = ["GeometricConfig", "GeometricProposals", "ProposalObjects", "flatten_masks", "geometric_proposals",
+           "proposal_objects"]
