@@ -172,3 +172,32 @@ def test_cli_prep_proposals(syn, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "scene9999_00" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_semantic_prior_joins_the_object_tokens(trained, scenes, tmp_path):
+    """``tokenizer.semantic_model``: each object's features get the frozen model's class probabilities averaged
+    over its points; the model is not trained with the tokenizer and not in its state dict."""
+    from scene3d.data.referring import scene_to_tensors
+    from scene3d.structures import PointBatch
+    from scene3d.tokenizer.backbone import BackboneConfig
+    from scene3d.tokenizer.model import ObjectTokenizer, ObjectTokenizerConfig
+    from scene3d.tokenizer.relation import RelationConfig
+
+    d = trained.save(tmp_path / "sem")
+    cfg = dict(voxel_size=0.08, out_dim=32, backbone=BackboneConfig(channels=(8, 16)), relation=RelationConfig(dim=32),
+               geometry_dim=16)
+    torch.manual_seed(0)
+    tok = ObjectTokenizer(ObjectTokenizerConfig(semantic_model=str(d), **cfg)).eval()
+    plain = ObjectTokenizer(ObjectTokenizerConfig(**cfg))
+    assert tok.project[0].in_features == plain.project[0].in_features + 41
+    assert not any(k.startswith("_semantic") for k in tok.state_dict())
+    s = scenes[2]
+    pts = PointBatch.from_list([scene_to_tensors(s)], scene_ids=[s.scene_id])
+    out = tok(pts, pts.instance)
+    prior = tok.semantic_prior(pts, out.tokens.point2obj, out.tokens.num_objects)
+    probs = trained.point_probs(s.coord, s.color)
+    for row, oid in enumerate(out.tokens.object_ids.tolist()):
+        np.testing.assert_allclose(prior[row].numpy(), probs[s.instance == oid].mean(0), atol=1e-5)
+    assert torch.allclose(prior.sum(1), torch.ones(len(prior)), atol=1e-4)
+    with pytest.raises(FileNotFoundError, match="no instance-proposal model file"):
+        ObjectTokenizer(ObjectTokenizerConfig(semantic_model=str(tmp_path / "none"), **cfg))

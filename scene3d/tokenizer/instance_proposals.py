@@ -57,8 +57,11 @@ FORMAT = 1
 class InstanceConfig:
     voxel: float = 0.04
     channels: tuple = (32, 48, 64, 96, 128)
-    radii: tuple = (0.04, 0.06, 0.08, 0.12)  # metres between cells joined into one candidate
-    min_points: int = 50  # input points of a candidate
+    radii: tuple = (0.04, 0.06, 0.08, 0.12)  # metres between cells of one predicted class joined into one candidate
+    agnostic_radii: tuple = ()  # the same over all non-structural cells, whatever their class
+    min_points: int = 50  # input points of a candidate ...
+    min_cells: int = 5  # ... and cells (a denser scan of the same surface has more points, not more cells)
+    max_proposals: int = 200  # the best this many after suppression (llm=smollm2 has 200 object identifiers)
     nms_iou: float = 0.3
     score_hidden: int = 64
     structural: tuple = STRUCTURAL
@@ -66,10 +69,11 @@ class InstanceConfig:
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         self.radii = tuple(float(r) for r in self.radii)
+        self.agnostic_radii = tuple(float(r) for r in self.agnostic_radii)
         self.structural = tuple(int(c) for c in self.structural)
         if self.voxel <= 0 or not self.radii or min(self.radii) <= 0:
             raise ValueError(f"voxel and radii must be > 0 in {self}")
-        if self.min_points < 1 or not 0 < self.nms_iou <= 1:
+        if self.min_points < 1 or self.min_cells < 1 or self.max_proposals < 1 or not 0 < self.nms_iou <= 1:
             raise ValueError(f"min_points must be >= 1 and nms_iou in (0, 1] in {self}")
 
 
@@ -156,8 +160,11 @@ def cells(coord: np.ndarray, color: np.ndarray, voxel: float) -> Cells:
     z = coord[:, 2] - np.percentile(coord[:, 2], 1)
     feat = np.concatenate([rgb, z[:, None] / 3.0], 1)
     g = np.floor((coord - coord.min(0)) / voxel).astype(np.int64)
-    uniq, inverse, count = np.unique(g, axis=0, return_inverse=True, return_counts=True)
+    span = g.max(0) + 1
+    key = (g[:, 0] * span[1] + g[:, 1]) * span[2] + g[:, 2]  # one integer per cell: a 1-D unique is much faster
+    ukey, inverse, count = np.unique(key, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
+    uniq = np.stack([ukey // (span[1] * span[2]), (ukey // span[2]) % span[1], ukey % span[2]], 1)
     f = np.stack([np.bincount(inverse, feat[:, j], len(uniq)) for j in range(feat.shape[1])], 1) / count[:, None]
     return Cells(uniq, f.astype(np.float32), inverse, count)
 
@@ -245,20 +252,23 @@ class _Candidates(NamedTuple):
 def _candidates(centre: np.ndarray, voted: np.ndarray, cls: np.ndarray, fg: np.ndarray, count: np.ndarray,
                 cfg: InstanceConfig) -> _Candidates:
     out, rad, sh = [], [], []
-    for c in np.unique(cls[fg]):
-        idx = np.nonzero(fg & (cls == c))[0]
+    groups = [(np.nonzero(fg & (cls == c))[0], cfg.radii) for c in np.unique(cls[fg])]
+    if cfg.agnostic_radii:
+        groups.append((np.nonzero(fg)[0], cfg.agnostic_radii))
+    for idx, radii in groups:
         if count[idx].sum() < cfg.min_points:
             continue
         for shifted, pts in ((1, voted[idx]), (0, centre[idx])):
             tree = cKDTree(pts)
-            for r in cfg.radii:
+            for r in radii:
                 pairs = tree.query_pairs(r, output_type="ndarray")
                 adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(idx), len(idx)))
                 _, comp = connected_components(adj, directed=False)
                 size = np.bincount(comp, weights=count[idx])
+                ncell = np.bincount(comp)
                 order = np.argsort(comp, kind="stable")
                 bounds = np.searchsorted(comp[order], np.arange(len(size) + 1))
-                for k in np.nonzero(size >= cfg.min_points)[0]:
+                for k in np.nonzero((size >= cfg.min_points) & (ncell >= cfg.min_cells))[0]:
                     out.append(idx[order[bounds[k]:bounds[k + 1]]])
                     rad.append(r)
                     sh.append(shifted)
@@ -273,12 +283,13 @@ def _membership(cand: list, v: int) -> csr_matrix:
 
 def _features(cand: _Candidates, member: csr_matrix, feat: np.ndarray, prob: np.ndarray, voted: np.ndarray,
               centre: np.ndarray, count: np.ndarray, structural: Sequence[int]) -> np.ndarray:
-    """Per candidate: log points, log extents (sorted), mean non-structural probability, mean probability and
+    """Per candidate: log cells, log extents (sorted), mean non-structural probability, mean probability and
     share of its majority class, spread of its votes, distance of the mean vote from its box centre, radius,
-    which set, its height range, and the point-weighted mean and the max of its cells' backbone features."""
-    w = member.multiply(count[None, :]).tocsr()
-    n = np.asarray(w.sum(1)).ravel()
-    mean = lambda x: np.asarray(w @ x) / n[:, None]  # noqa: E731
+    which set, its height range, and the mean and the max of its cells' backbone features (cells weigh the
+    same whatever their point counts)."""
+    # statistics over cells, not points, so that they do not change with the scan's point density
+    n = np.asarray(member.sum(1)).ravel()
+    mean = lambda x: np.asarray(member @ x) / n[:, None]  # noqa: E731
     non_struct = 1.0 - prob[:, list(structural)].sum(1, keepdims=True)
     hard = np.zeros_like(prob)
     hard[np.arange(len(prob)), prob.argmax(1)] = 1
@@ -362,6 +373,18 @@ class InstanceProposer(nn.Module):
         return cl, cand, member, x, maj
 
     @torch.no_grad()
+    def point_probs(self, coord: np.ndarray, color: Optional[np.ndarray] = None, what: str = "scan") -> np.ndarray:
+        """``[N, 41]`` float32: each point's nyu40 class probabilities (those of its cell)."""
+        was = self.training
+        self.eval()
+        try:
+            coord, color = _check_scan(coord, color, what)
+            cl = cells(coord, color, self.cfg.voxel)
+            return self.net(cl)[1].softmax(1).numpy()[cl.inverse]
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
     def propose(self, coord: np.ndarray, color: Optional[np.ndarray] = None, what: str = "scan") -> InstanceProposals:
         """Proposals of one scan (``coord [N, 3]`` metres, ``color [N, 3]`` 0..255 or 0..1 or None)."""
         was = self.training
@@ -372,9 +395,12 @@ class InstanceProposer(nn.Module):
             if not cand.cells:
                 return InstanceProposals(np.zeros((0, n), bool), np.zeros(0, np.float32), np.zeros(0, np.int64), 0)
             scores = torch.sigmoid(self.score(torch.from_numpy(x))).numpy()
-            keep = _nms(member, cl.count, scores, self.cfg.nms_iou)
-            cell_mask = member[keep].toarray() > 0
-            return InstanceProposals(cell_mask[:, cl.inverse], scores[keep], maj[keep], len(cand.cells))
+            keep = _nms(member, cl.count, scores, self.cfg.nms_iou)[: self.cfg.max_proposals]
+            cell_mask = np.zeros((len(keep), len(cl.count)), bool)
+            for row, k in enumerate(keep):
+                cell_mask[row, cand.cells[k]] = True
+            masks = np.take(cell_mask, cl.inverse, axis=1)  # [K, N]: each point takes its cell's membership
+            return InstanceProposals(masks, scores[keep], maj[keep], len(cand.cells))
         finally:
             self.train(was)
 
@@ -493,9 +519,19 @@ def train_instance_model(scans: Sequence[TrainScan], steps: int = 1200, cfg: Opt
     if log:
         log(f"instance U-Net: {steps} steps on {[s.name for s in scans]} in {time.perf_counter() - t0:.0f} s")
     net.eval()
+    return fit_scorer(model, scans, score_passes, rng)
+
+
+def fit_scorer(model: InstanceProposer, scans: Sequence[TrainScan], passes: int = 6,
+               rng: Optional[np.random.Generator] = None) -> InstanceProposer:
+    """(Re)fit the score MLP of ``model`` on the candidates of ``passes`` passes over each scan (the first
+    unaugmented, the others through :func:`augment`) against their best IoU with the ground truth."""
+    cfg = model.cfg
+    rng = rng if rng is not None else np.random.default_rng(0)
+    model.net.eval()
     xs, ys = [], []
     for scan in scans:
-        for k in range(score_passes):
+        for k in range(passes):
             s = scan if k == 0 else augment(scan, rng)
             cl, cand, member, x, _ = model.candidates(s.coord, s.color, s.name)
             if not cand.cells:
@@ -505,6 +541,7 @@ def train_instance_model(scans: Sequence[TrainScan], steps: int = 1200, cfg: Opt
     if not xs:
         raise ValueError(f"no candidates on the training scans {[s.name for s in scans]}: too few steps?")
     x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    model.score = ScoreMLP(_feature_dim(cfg), cfg.score_hidden)  # a fresh fit
     model.score.mean.copy_(x.mean(0))
     model.score.std.copy_(x.std(0).clamp_min(1e-6))
     opt = torch.optim.AdamW(model.score.mlp.parameters(), lr=1e-3, weight_decay=1e-3)
@@ -529,5 +566,5 @@ def proposal_objects(coord: np.ndarray, color: Optional[np.ndarray], model: Inst
     return ProposalObjects(labels, scores, len(scores), p.num_proposals, "instance")
 
 
-__all__ = ["InstanceConfig", "InstanceProposals", "InstanceProposer", "TrainScan", "proposal_objects",
+__all__ = ["InstanceConfig", "InstanceProposals", "InstanceProposer", "TrainScan", "fit_scorer", "proposal_objects",
            "scan_from_scene", "train_instance_model"]

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -47,6 +48,10 @@ class ObjectTokenizerConfig:
     use_geometry: bool = True  # octree geometry code (needs scene3d.tokenizer.geometry)
     geometry_dim: int = 64
     geometry_voxel_size: float = 0.02
+    #: a learned instance-proposal model directory (``scene3d prep proposals``, frozen): the nyu40 class
+    #: probabilities it gives each point, averaged over each object, join the object's pooled features (as
+    #: Chat-Scene's object features come from encoders trained on ScanNet); None: none
+    semantic_model: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.voxel_size > 0 or not self.geometry_voxel_size > 0:
@@ -91,7 +96,17 @@ class ObjectTokenizer(nn.Module):
         if cfg.use_geometry:
             self.geometry = GeometryEncoder(GeometryEncoderConfig(out_dim=cfg.geometry_dim))
             geo_dim = cfg.geometry_dim
-        d_in = token_dim(c) + geo_dim
+        # frozen and not a submodule (object.__setattr__ keeps nn.Module from registering it): neither trained
+        # nor saved in checkpoints, which name its directory in their config instead
+        object.__setattr__(self, "_semantic", None)
+        sem_dim = 0
+        if cfg.semantic_model:
+            from scene3d.tokenizer.instance_proposals import NUM_CLASSES, InstanceProposer
+
+            sem = InstanceProposer.load(Path(cfg.semantic_model).expanduser()).requires_grad_(False)
+            object.__setattr__(self, "_semantic", sem)
+            sem_dim = NUM_CLASSES
+        d_in = token_dim(c) + geo_dim + sem_dim
         self.project = nn.Sequential(nn.Linear(d_in, cfg.out_dim), nn.GELU(), nn.Linear(cfg.out_dim, cfg.out_dim))
         self.relation = RelationContext(cfg.relation)
 
@@ -114,6 +129,26 @@ class ObjectTokenizer(nn.Module):
                               origin=vox.origin, voxel_size=vox.voxel_size)
         return self.geometry(code)
 
+    @torch.no_grad()
+    def semantic_prior(self, points: PointBatch, point2obj: torch.Tensor, num_objects: int) -> torch.Tensor:
+        """``[M, 41]``: the frozen semantic model's class probabilities averaged over each object's points."""
+        probs = torch.zeros(points.num_points, self._semantic.net.semantic[-1].out_features, dtype=torch.float32)
+        color = points.color
+        for b in range(points.batch_size):
+            sel = (points.batch == b).cpu()
+            if not bool(sel.any()):
+                continue
+            c = None if color is None else (color[sel.to(color.device)].float().cpu().numpy() * 255.0)
+            probs[sel] = torch.from_numpy(self._semantic.point_probs(
+                points.coord[sel.to(points.coord.device)].float().cpu().numpy(), c,
+                what=f"scene {points.scene_ids[b]!r}" if getattr(points, "scene_ids", None) else "scene"))
+        probs = probs.to(point2obj.device)
+        has = point2obj >= 0
+        out = torch.zeros(num_objects, probs.shape[1], device=probs.device)
+        out.index_add_(0, point2obj[has], probs[has])
+        n = torch.bincount(point2obj[has], minlength=num_objects).clamp_min(1)
+        return out / n[:, None]
+
     def forward(self, points: PointBatch, objects: Optional[torch.Tensor] = None) -> TokenizerOutput:
         """Tokens for ``points``; objects per point from ``objects [N]`` if given, else the GT instances in
         training mode and clustered proposals in eval mode."""
@@ -134,6 +169,8 @@ class ObjectTokenizer(nn.Module):
         parts = [pooled.feat]
         if self.geometry is not None:
             parts.append(self.geometry_code(points, pooled.point2obj, pooled.num_objects).to(pooled.feat.dtype))
+        if self._semantic is not None:
+            parts.append(self.semantic_prior(points, pooled.point2obj, pooled.num_objects).to(pooled.feat.dtype))
         feat = self.project(torch.cat(parts, 1))  # (M, out_dim)
         feat = self.relation(feat, pooled.center, pooled.size, pooled.obj_offset)
         tokens = pooled.replace_feature(feat)
