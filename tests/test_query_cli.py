@@ -72,6 +72,30 @@ def test_query_mesh_file_uses_proposals(setup, tmp_path, capsys):
     assert rc == 0 and "objects from proposals" in out and "points:" in out and not _wrote(out)
 
 
+def test_query_mesh_file_with_a_learned_proposal_model(setup, tmp_path, capsys):
+    import trimesh
+
+    from scene3d.data.scene import load_processed_scene
+    from scene3d.tokenizer.instance_proposals import InstanceConfig, scan_from_scene, train_instance_model
+
+    ckpt, scene_dir, scan = setup
+    torch.manual_seed(0)
+    model = train_instance_model([scan_from_scene(load_processed_scene(scene_dir))], steps=40, progress=False,
+                                 cfg=InstanceConfig(voxel=0.08, channels=(8, 16), radii=(0.1, 0.2), min_points=20),
+                                 lr=5e-3, score_passes=1)
+    model.save(tmp_path / "inst")
+    mesh = trimesh.load(next(scan.glob("*_vh_clean_2.ply")), process=False)
+    mesh.export(tmp_path / "room.obj")
+    rc = main(["query", str(ckpt), str(tmp_path / "room.obj"), "the table", "--no-pictures", "--proposal-model",
+               str(tmp_path / "inst")])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "learned instance model" in out and "points:" in out
+    rc = main(["query", str(ckpt), str(tmp_path / "room.obj"), "the table", "--no-pictures", "--proposal-model",
+               str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("case", ["missing_ckpt", "not_a_cloud", "empty_text"])
 def test_query_errors(setup, tmp_path, capsys, case):
     ckpt, scene_dir, _ = setup

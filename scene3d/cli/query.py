@@ -1,4 +1,4 @@
-"""`scene3d query CKPT SCENE "text" [--out DIR] [--device cpu]`: segment the points a sentence refers to.
+"""`scene3d query CKPT SCENE "text" [--out DIR] [--device cpu] [--proposal-model DIR]`: segment the points a sentence refers to.
 
 ``CKPT`` is a checkpoint dir (or its run dir); ``SCENE`` anything :meth:`scene3d.api.Segmenter.load_scene`
 reads (processed / Pointcept / raw ScanNet scan dir, mmdet3d export, mesh or point cloud file). Prints the
@@ -27,6 +27,9 @@ def add_parser(sub, name, help_):
     p.add_argument("--max-points", type=int, default=None,
                    help="voxel-downsample scenes with more points before the model sees them (default: the API's "
                         "200000; 0: never); masks still cover every point")
+    p.add_argument("--proposal-model", type=Path, default=None, metavar="DIR",
+                   help="a scan without instances gets the learned instance proposals of this model directory "
+                        "(scene3d prep proposals) instead of the geometric ones")
     p.set_defaults(_accepts_overrides=False)
     return p
 
@@ -77,11 +80,12 @@ def run(args) -> int:
         print("scene3d query: error: --max-points must be >= 0", file=sys.stderr)
         return 2
     try:
-        seg = Segmenter.from_pretrained(args.checkpoint, device=args.device)
+        seg = Segmenter.from_pretrained(args.checkpoint, device=args.device, proposal_model=args.proposal_model)
         if args.max_points is not None:
             seg.max_points = args.max_points or None
         scene = seg.load_scene(args.scene)
-        kind = "instances" if scene.has_instances else "proposals (geometric)"
+        kind = ("instances" if scene.has_instances else "proposals (geometric)" if args.proposal_model is None
+                else f"proposals (learned instance model {args.proposal_model})")
         print(f"scene {scene.scene_id} ({scene.source}): {scene.num_points} points, objects from {kind}")
         with warnings.catch_warnings():  # printed below as the result's own "warning:" lines
             warnings.simplefilter("ignore", DegradedSceneWarning)
