@@ -419,12 +419,16 @@ def test_name_loss_pulls_object_tokens_to_their_class_names():
         words = torch.nn.functional.normalize(m.name_embeddings(vocab), dim=-1)
         nearest = (torch.nn.functional.normalize(m.projector(x).float(), dim=-1) @ words.T).argmax(1)
     assert torch.equal(nearest, cls)  # the unnamed object 7 too: its features are its class's
+    m.config = dataclasses.replace(m.config, name_weight=0.5)
     m.eval()
     with torch.no_grad():
         on = m(QueryBatch(sc, ["the chair", "the lamp"], [[10], []], object_names=names))
         off = m(QueryBatch(sc, ["the chair", "the lamp"], [[10], []]))
-    assert float(on.obj_name) > 0 and float(off.obj_name) == 0.0
-    assert torch.allclose(on.total - off.total, m.config.name_weight * on.obj_name, atol=1e-5)
+        m.config = dataclasses.replace(m.config, name_weight=0.0)
+        default = m(QueryBatch(sc, ["the chair", "the lamp"], [[10], []], object_names=names))
+    assert float(on.obj_name) > 0 and float(off.obj_name) == 0.0 and float(default.obj_name) == 0.0
+    assert torch.allclose(on.total - off.total, 0.5 * on.obj_name, atol=1e-5)
+    assert torch.allclose(default.total, off.total)
     with pytest.raises(ValueError, match="object_names has 2 entries for 11 objects"):
         QueryBatch(sc, ["the chair", "the lamp"], [[10], []], object_names=names[:2])
 
