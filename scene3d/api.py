@@ -612,6 +612,7 @@ class Segmenter:
 
                 prop = proposal_objects(full.coord, full.color)
             else:
+                # spconv loads with a model, not on `import scene3d.api`
                 from scene3d.tokenizer.instance_proposals import proposal_objects as instance_objects
 
                 prop = instance_objects(full.coord, full.color, self.proposal_model, what=f"scene {full.scene_id!r}")

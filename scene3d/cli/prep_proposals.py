@@ -23,6 +23,7 @@ def add_parser(sub, name, help_):
 
 
 def run(args) -> int:
+    # lazy: `scene3d --help` and the other commands do not load spconv / torch
     from scene3d.data.scene import load_processed_scene
     from scene3d.tokenizer.instance_proposals import scan_from_scene, train_instance_model
 

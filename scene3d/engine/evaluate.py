@@ -128,6 +128,7 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
     if proposal_model is not None and objects != "proposals":
         raise ValueError(f"proposal_model is used with objects='proposals' only, got objects={objects!r}")
     if isinstance(proposal_model, (str, Path)):
+        # the learned proposals load with this mode only
         from scene3d.tokenizer.instance_proposals import InstanceProposer
 
         proposal_model = InstanceProposer.load(proposal_model)
@@ -161,12 +162,13 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
         idx = by_scene[sid]
         texts = [rows[i]["text"] for i in idx]
         if objects == "proposals":
-            # open3d / scipy proposals load with this mode only
             if proposal_model is None:
+                # open3d / scipy proposals load with this mode only
                 from scene3d.tokenizer.geometric_proposals import proposal_objects
 
                 prop = proposal_objects(scene.coord, scene.color)
             else:
+                # the learned proposals load with this mode only
                 from scene3d.tokenizer.instance_proposals import proposal_objects as instance_objects
 
                 prop = instance_objects(scene.coord, scene.color, proposal_model, what=f"scene {sid!r}")

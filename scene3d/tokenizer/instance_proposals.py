@@ -41,8 +41,13 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from torch import nn
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from scene3d.sparse.spconv_compat import sparse_tensor
 from scene3d.tokenizer.backbone import BackboneConfig, SparseUNet
+from scene3d.tokenizer.geometric_proposals import ProposalObjects, flatten_masks
+from scene3d.utils.io import write_json_atomic
 
 #: nyu40 ids of wall, floor and ceiling: never proposals (ScanNet's instance benchmark leaves them out)
 STRUCTURAL = (1, 2, 22)
@@ -409,10 +414,6 @@ class InstanceProposer(nn.Module):
     # ---- files ---------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
         """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each to a temp file, then renamed)."""
-        from safetensors.torch import save_file
-
-        from scene3d.utils.io import write_json_atomic
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / (MODEL_FILE + ".tmp")
@@ -425,9 +426,6 @@ class InstanceProposer(nn.Module):
     @classmethod
     def load(cls, directory) -> "InstanceProposer":
         """A model written by :meth:`save` (safetensors, never unpickled)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         d = Path(directory).expanduser()
         cfg_path, model_path = d / CONFIG_FILE, d / MODEL_FILE
         for p in (cfg_path, model_path):
@@ -561,8 +559,6 @@ def proposal_objects(coord: np.ndarray, color: Optional[np.ndarray], model: Inst
                      what: str = "scan"):
     """The proposals made disjoint for the tokenizer (as :func:`scene3d.tokenizer.geometric_proposals.proposal_objects`:
     best first, skipping any that shares more than 10% of its points with those taken)."""
-    from scene3d.tokenizer.geometric_proposals import ProposalObjects, flatten_masks
-
     p = model.propose(coord, color, what)
     labels, scores = flatten_masks(p.masks, p.scores)
     return ProposalObjects(labels, scores, len(scores), p.num_proposals, "instance")

@@ -101,6 +101,7 @@ class ObjectTokenizer(nn.Module):
         object.__setattr__(self, "_semantic", None)
         sem_dim = 0
         if cfg.semantic_model:
+            # instance_proposals imports this package's backbone: importing it at the top would be circular
             from scene3d.tokenizer.instance_proposals import NUM_CLASSES, InstanceProposer
 
             sem = InstanceProposer.load(Path(cfg.semantic_model).expanduser()).requires_grad_(False)
