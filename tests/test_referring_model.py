@@ -358,6 +358,19 @@ def test_anchor_loss_on_rows_that_name_anchors(model, scene):
     assert float(off(_batch(scene, anchors=[[40], []])).anchor) == 0.0
 
 
+def _descend(params, loss_fn, steps: int) -> tuple[float, float]:
+    """Adam (lr 1e-2) on ``loss_fn()`` for ``steps`` steps: (first loss, last loss)."""
+    opt = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses[0], losses[-1]
+
+
 def test_similarity_loss_trains_the_decoder_to_tell_classes_apart():
     """With ``rank_pairs`` the decoder's object similarity is trained on "same class" pairs where classes are
     known; a few steps on that loss alone separate the classes (objects of one class share a feature direction)."""
@@ -371,15 +384,8 @@ def test_similarity_loss_trains_the_decoder_to_tell_classes_apart():
     batch = QueryBatch(sc, ["the chair", "the lamp"], [[10], []], object_class=cls)
     g = m.decoder.grounding
     assert float(similarity_loss(g, sc.tokens, None)) == 0.0  # no classes: no loss
-    opt = torch.optim.Adam(m.decoder.parameters(), lr=1e-2)
-    first = None
-    for _ in range(30):
-        loss = similarity_loss(g, sc.tokens, cls)
-        first = float(loss.detach()) if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(loss) < 0.3 * first
+    first, last = _descend(m.decoder.parameters(), lambda: similarity_loss(g, sc.tokens, cls), 30)
+    assert last < 0.3 * first
     with torch.no_grad():
         p = torch.sigmoid(g.similarity_logits(g.obj_proj(sc.tokens.feat[:6])))
     same = cls[:6, None] == cls[None, :6]
@@ -406,15 +412,9 @@ def test_name_loss_pulls_object_tokens_to_their_class_names():
     with pytest.raises(ValueError, match="names has 3 entries for 11 objects"):
         name_loss(m.projector(x), names[:3], m.name_embeddings, scale)
     assert float(name_loss(m.projector(x), ["chair"] * 11, m.name_embeddings, scale)) == 0.0  # one name only
-    opt = torch.optim.Adam(m.projector.parameters(), lr=1e-2)
-    first = None
-    for _ in range(40):
-        loss = name_loss(m.projector(x), names, m.name_embeddings, scale)
-        first = float(loss.detach()) if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(loss) < 0.3 * first
+    first, last = _descend(m.projector.parameters(), lambda: name_loss(m.projector(x), names, m.name_embeddings,
+                                                                       scale), 40)
+    assert last < 0.3 * first
     with torch.no_grad():
         words = torch.nn.functional.normalize(m.name_embeddings(vocab), dim=-1)
         nearest = (torch.nn.functional.normalize(m.projector(x).float(), dim=-1) @ words.T).argmax(1)
