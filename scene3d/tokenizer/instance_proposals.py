@@ -7,7 +7,8 @@
       v per cell: nyu40 class logits [V, 41] and the offset to its instance's box centre [V, 3]
       | cells of a non-structural class (not wall / floor / ceiling), one class at a time:
       |   connected components of the cells within r of each other, for each r of ``radii``, on the voted
-      |   centres (cell + offset) and on the cells themselves (PointGroup's dual sets)   -> candidates
+      |   centres (cell + offset) and on the cells themselves (PointGroup's dual sets); the same over all
+      |   non-structural cells at ``agnostic_radii``                                     -> candidates
       v score MLP: each candidate's predicted IoU with its best ground-truth instance, from its size, extent,
       |   class confidence and purity, the spread of its votes and its mean / max backbone features
       v non-maximum suppression (IoU > ``nms_iou``, counted in points)                   -> proposals
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
