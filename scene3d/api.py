@@ -507,7 +507,7 @@ class Segmenter:
         self.checkpoint = checkpoint
         self.step = step
         self.max_points = max_points
-        self._cached: Optional[tuple] = None  # (scene, object mode, max_points, encoding)
+        self._cached: Optional[tuple] = None  # (scene, object mode, max_points, encoding, proposal model)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device: Union[str, torch.device] = "cpu",
