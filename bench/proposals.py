@@ -150,13 +150,10 @@ def instance_fn(model):
 def train_instance(real: list[Scan], train: list[Scan], args):
     """The learned instance proposals (:mod:`scene3d.tokenizer.instance_proposals`) trained on scene0000_01
     (and with ``--instance-synthetic`` the synthetic training scenes; never scene0000_02)."""
-    from scene3d.tokenizer.instance_proposals import TrainScan, train_instance_model
+    from scene3d.tokenizer.instance_proposals import TrainScan, semantic_of, train_instance_model
 
     def as_train(s: Scan) -> TrainScan:
-        sem = np.zeros(len(s.instance), np.int64)
-        ok = s.instance >= 0
-        sem[ok] = [s.classes.get(int(i), 0) for i in s.instance[ok]]
-        return TrainScan(s.name, s.coord, s.color, s.instance, sem)
+        return TrainScan(s.name, s.coord, s.color, s.instance, semantic_of(s.instance, s.classes))
 
     scans = [as_train(s) for s in real if s.name == REAL[0][0]]
     if not scans:

@@ -81,10 +81,12 @@ def main(argv=None) -> int:
           "rescan generalisation, not new rooms)")
     c = chance(rows, args.processed)
     print(line(f"chance (random object of {c['objects']})", c))
+    proposer = None
     if args.proposal_model is not None:
         from scene3d.tokenizer.instance_proposals import InstanceProposer
 
-        trained_on = InstanceProposer.load(args.proposal_model).meta.get("trained_on", [])
+        proposer = InstanceProposer.load(args.proposal_model)
+        trained_on = proposer.meta.get("trained_on", [])
         if set(trained_on) & {r["scene_id"] for r in rows}:
             raise SystemExit(f"{args.proposal_model} was trained on an evaluated scan ({trained_on})")
     if args.checkpoint:
@@ -97,11 +99,11 @@ def main(argv=None) -> int:
         masks = [m.strip() for m in args.mask.split(",") if m.strip()]
         for objects in [o.strip() for o in args.objects.split(",") if o.strip()]:
             t0 = time.perf_counter()
-            pm = args.proposal_model if objects == "proposals" else None
+            pm = proposer if objects == "proposals" else None
             res = evaluate_model_masks(model.model, args.processed, rows, masks, progress=False, objects=objects,
                                        proposal_model=pm)
             what = ("ground-truth objects" if objects == "gt" else
-                    "geometric proposals" if pm is None else f"learned instance proposals ({pm})")
+                    "geometric proposals" if pm is None else f"learned instance proposals ({args.proposal_model})")
             counts = ", ".join(f"{sid}: {v['num_objects']}" for sid, v in sorted(res[masks[0]].objects.items()))
             print(f"-- {what} ({counts}; {time.perf_counter() - t0:.0f} s)")
             for m in masks:

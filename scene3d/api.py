@@ -72,7 +72,6 @@ field             shape / dtype       meaning
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -530,13 +529,11 @@ class Segmenter:
 
     @proposal_model.setter
     def proposal_model(self, value) -> None:
-        if isinstance(value, (str, os.PathLike)):
-            from scene3d.tokenizer.instance_proposals import InstanceProposer  # spconv loads with a model
+        if value is not None:
+            # spconv loads with a model, not on `import scene3d.api`
+            from scene3d.tokenizer.instance_proposals import as_proposer
 
-            value = InstanceProposer.load(value)
-        elif value is not None and not hasattr(value, "propose"):
-            raise TypeError(f"proposal_model must be an InstanceProposer, a model directory or None, got "
-                            f"{type(value).__name__}")
+            value = as_proposer(value)
         self._proposal_model = value
         self._cached = None
 
@@ -606,16 +603,10 @@ class Segmenter:
         if mode == "instances":
             objects = points.instance
         elif mode == "proposals":
-            if self.proposal_model is None:
-                # open3d / scipy proposals load with a model, not on `import scene3d.api`
-                from scene3d.tokenizer.geometric_proposals import proposal_objects
+            # open3d / scipy / spconv proposals load with a model, not on `import scene3d.api`
+            from scene3d.tokenizer.instance_proposals import scan_objects
 
-                prop = proposal_objects(full.coord, full.color)
-            else:
-                # spconv loads with a model, not on `import scene3d.api`
-                from scene3d.tokenizer.instance_proposals import proposal_objects as instance_objects
-
-                prop = instance_objects(full.coord, full.color, self.proposal_model, what=f"scene {full.scene_id!r}")
+            prop = scan_objects(full.coord, full.color, self.proposal_model, what=f"scene {full.scene_id!r}")
             labels = prop.labels
             if down is not None:  # each representative takes the proposal of (one of) its input points
                 small = np.full(down.num_points, -1, np.int64)

@@ -127,11 +127,11 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
     check_objects(objects)
     if proposal_model is not None and objects != "proposals":
         raise ValueError(f"proposal_model is used with objects='proposals' only, got objects={objects!r}")
-    if isinstance(proposal_model, (str, Path)):
-        # the learned proposals load with this mode only
-        from scene3d.tokenizer.instance_proposals import InstanceProposer
+    if objects == "proposals":
+        # open3d / scipy / spconv proposals load with this mode only
+        from scene3d.tokenizer.instance_proposals import as_proposer, scan_objects
 
-        proposal_model = InstanceProposer.load(proposal_model)
+        proposal_model = as_proposer(proposal_model)
     masks = list(masks)
     bad = [m for m in masks if m not in MASK_SOURCES]
     if bad or not masks:
@@ -162,16 +162,7 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
         idx = by_scene[sid]
         texts = [rows[i]["text"] for i in idx]
         if objects == "proposals":
-            if proposal_model is None:
-                # open3d / scipy proposals load with this mode only
-                from scene3d.tokenizer.geometric_proposals import proposal_objects
-
-                prop = proposal_objects(scene.coord, scene.color)
-            else:
-                # the learned proposals load with this mode only
-                from scene3d.tokenizer.instance_proposals import proposal_objects as instance_objects
-
-                prop = instance_objects(scene.coord, scene.color, proposal_model, what=f"scene {sid!r}")
+            prop = scan_objects(scene.coord, scene.color, proposal_model, what=f"scene {sid!r}")
             if prop.num_proposals == 0:
                 raise ValueError(f"scene {sid!r} ({len(scene.coord)} points): the {prop.source} proposals found no "
                                  "object; it cannot be evaluated with objects=proposals")

@@ -103,11 +103,10 @@ class Scene3DModel(nn.Module):
             labels = None if labels is None else [labels[i] for i in index]
         if labels is not None and scene.tokens.object_ids is not None:
             obj_batch = scene.tokens.obj_batch.tolist()
-            object_class = torch.tensor([
-                class_code(labels[b].get(int(oid), f"?{int(oid)}"))
-                for b, oid in zip(obj_batch, scene.tokens.object_ids.tolist())
-            ], dtype=torch.long)
-            object_names = [labels[b].get(int(oid)) for b, oid in zip(obj_batch, scene.tokens.object_ids.tolist())]
+            oids = scene.tokens.object_ids.tolist()
+            object_names = [labels[b].get(int(oid)) for b, oid in zip(obj_batch, oids)]
+            object_class = torch.tensor([class_code(f"?{int(oid)}" if name is None else name)
+                                         for name, oid in zip(object_names, oids)], dtype=torch.long)
         distractors = [list(r.get("distractors") or []) for r in rows]
         anchors = [list(r.get("anchors") or []) for r in rows]
         mb = QueryBatch(scene=scene, texts=[r["text"] for r in rows], targets=[list(r["targets"]) for r in rows],

@@ -293,9 +293,8 @@ class ReferringSegmenter(nn.Module):
             total = total + c.anchor_weight * anchor
         name = total.new_zeros(())
         if c.name_weight > 0 and batch.object_names is not None:
-            x = torch.cat([t.feat, t.center.to(t.feat.dtype), t.size.to(t.feat.dtype)], dim=1)
-            name = name_loss(self.projector(x), batch.object_names, self.name_embeddings,
-                             x.new_tensor(c.name_scale))
+            name = name_loss(self.object_embeds(t, t.feat), batch.object_names, self.name_embeddings,
+                             t.feat.new_tensor(c.name_scale))
             total = total + c.name_weight * name
         return ReferringLoss(total, lm_loss, bce, dice, obj, rank, sim, anchor, name)
 
@@ -439,10 +438,16 @@ class ReferringSegmenter(nn.Module):
         o0 = int(t.obj_offset[b - 1]) if b else 0
         dev = feat.device
         emb = self.lm.embed(prompt.input_ids.to(dev)[None])[0]  # (L, H)
-        rows = (prompt.placeholder_obj + o0).to(dev)
-        x = torch.cat([feat[rows], t.center[rows].to(feat.dtype), t.size[rows].to(feat.dtype)], dim=1)
-        obj = self.projector(x).to(self.lm.new_embed.weight.dtype)  # (P, H)
-        return emb.index_put((prompt.placeholder_pos.to(dev),), obj)
+        obj = self.object_embeds(t, feat, (prompt.placeholder_obj + o0).to(dev))
+        return emb.index_put((prompt.placeholder_pos.to(dev),), obj.to(self.lm.new_embed.weight.dtype))
+
+    def object_embeds(self, tokens, feat: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """LLM input embeddings ``[P, H]`` of objects ``rows`` (all when None): the projector over each one's
+        feature row of ``feat [M, C]`` and its box centre and size."""
+        center, size = tokens.center, tokens.size
+        if rows is not None:
+            feat, center, size = feat[rows], center[rows], size[rows]
+        return self.projector(torch.cat([feat, center.to(feat.dtype), size.to(feat.dtype)], dim=1))
 
     def prefix_embeds(self, scene: SceneInputs):
         """Embeddings ``[Lp, H]`` of the scene prefix of one scene (no gate, identity identifiers), the

@@ -29,7 +29,9 @@ A model is a directory: ``model.safetensors`` (U-Net, heads, score MLP and its i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +50,8 @@ from safetensors.torch import load_file, save_file
 from scene3d.sparse.spconv_compat import sparse_tensor
 from scene3d.tokenizer.backbone import BackboneConfig, SparseUNet
 from scene3d.tokenizer.geometric_proposals import ProposalObjects, flatten_masks
+from scene3d.tokenizer.geometric_proposals import proposal_objects as geometric_objects
+from scene3d.tokenizer.proposals import instance_centers
 from scene3d.utils.io import write_json_atomic
 
 #: nyu40 ids of wall, floor and ceiling: never proposals (ScanNet's instance benchmark leaves them out)
@@ -119,18 +123,25 @@ class TrainScan(NamedTuple):
     semantic: np.ndarray
 
 
+def semantic_of(instance: np.ndarray, classes: dict) -> np.ndarray:
+    """``[N]`` nyu40 id of each point's object (``classes``: object id -> nyu40 id); 0 where the point has no
+    object or its object has no class."""
+    inst = np.asarray(instance, np.int64)
+    ids = np.array(sorted(classes), np.int64)
+    semantic = np.zeros(len(inst), np.int64)
+    if len(ids):
+        pos = np.clip(np.searchsorted(ids, inst), 0, len(ids) - 1)
+        hit = (inst >= 0) & (ids[pos] == inst)
+        semantic[hit] = np.array([classes[int(i)] for i in ids], np.int64)[pos[hit]]
+    return semantic
+
+
 def scan_from_scene(scene) -> TrainScan:
     """A :class:`TrainScan` from a processed (or export) scene of :func:`scene3d.data.scene.load_processed_scene`."""
     if scene.instance is None:
         raise ValueError(f"scene {scene.scene_id!r} has no instance labels: it cannot train proposals")
-    nyu = {int(o.id): int(o.nyu40_id) for o in scene.objects}
     inst = np.asarray(scene.instance, np.int64)
-    lut_ids = np.array(sorted(nyu), np.int64)
-    semantic = np.zeros(len(inst), np.int64)
-    if len(lut_ids):
-        pos = np.clip(np.searchsorted(lut_ids, inst), 0, len(lut_ids) - 1)
-        hit = (inst >= 0) & (lut_ids[pos] == inst)
-        semantic[hit] = np.array([nyu[int(i)] for i in lut_ids], np.int64)[pos[hit]]
+    semantic = semantic_of(inst, {int(o.id): int(o.nyu40_id) for o in scene.objects})
     if len(np.unique(inst[inst >= 0])) < 2:
         raise ValueError(f"scene {scene.scene_id!r} has fewer than two annotated objects: it cannot train proposals")
     color = np.zeros((len(inst), 3), np.float32) if scene.color is None else np.asarray(scene.color, np.float32)
@@ -143,6 +154,7 @@ class Cells(NamedTuple):
     feat: np.ndarray  # [V, IN_CHANNELS]
     inverse: np.ndarray  # [N] cell of each point
     count: np.ndarray  # [V] points per cell
+    centre: np.ndarray  # [V, 3] mean position of each cell's points
 
 
 def _check_scan(coord: np.ndarray, color: Optional[np.ndarray], what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -175,8 +187,11 @@ def cells(coord: np.ndarray, color: np.ndarray, voxel: float) -> Cells:
     ukey, inverse, count = np.unique(key, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     uniq = np.stack([ukey // (span[1] * span[2]), (ukey // span[2]) % span[1], ukey % span[2]], 1)
-    f = np.stack([np.bincount(inverse, feat[:, j], len(uniq)) for j in range(feat.shape[1])], 1) / count[:, None]
-    return Cells(uniq, f.astype(np.float32), inverse, count)
+
+    def mean(x: np.ndarray) -> np.ndarray:  # per cell, over its points
+        return np.stack([np.bincount(inverse, x[:, j], len(uniq)) for j in range(x.shape[1])], 1) / count[:, None]
+
+    return Cells(uniq, mean(feat).astype(np.float32), inverse, count, mean(coord).astype(np.float32))
 
 
 def augment(scan: TrainScan, rng: np.random.Generator) -> TrainScan:
@@ -222,19 +237,6 @@ class InstanceNet(nn.Module):
         return f, self.semantic(f), self.offset(f)
 
 
-def _box_centres(coord: np.ndarray, instance: np.ndarray) -> np.ndarray:
-    """Axis-aligned box centre of each point's instance ``[N, 3]`` (rows with instance < 0: zeros)."""
-    out = np.zeros_like(coord)
-    sel = instance >= 0
-    ids, inv = np.unique(instance[sel], return_inverse=True)
-    lo = np.full((len(ids), 3), np.inf, np.float32)
-    hi = np.full((len(ids), 3), -np.inf, np.float32)
-    np.minimum.at(lo, inv, coord[sel])
-    np.maximum.at(hi, inv, coord[sel])
-    out[sel] = ((lo + hi) / 2)[inv]
-    return out
-
-
 def _cell_targets(scan: TrainScan, cl: Cells, structural: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per cell: majority nyu40 class (-100 where no annotated point) and the mean offset of its object
     points to their box centres (NaN where none)."""
@@ -245,7 +247,8 @@ def _cell_targets(scan: TrainScan, cl: Cells, structural: Sequence[int]) -> tupl
     votes[:, 0] = 0
     cls = np.where(votes.sum(1) > 0, votes.argmax(1), -100)
     obj = (scan.instance >= 0) & ~np.isin(sem, structural) & (sem > 0)
-    off = _box_centres(scan.coord, scan.instance) - scan.coord
+    coord, inst = torch.from_numpy(scan.coord), torch.from_numpy(scan.instance)
+    off = (instance_centers(coord, inst, torch.zeros_like(inst)) - coord).numpy()  # box centre of each object
     n = np.bincount(cl.inverse[obj], minlength=v)
     tgt = np.stack([np.bincount(cl.inverse[obj], off[obj, j], v) for j in range(3)], 1) / np.maximum(n, 1)[:, None]
     tgt[n == 0] = np.nan
@@ -366,9 +369,7 @@ class InstanceProposer(nn.Module):
         cl = cells(coord, color, self.cfg.voxel)
         f, logits, off = self.net(cl)
         prob = logits.softmax(1).numpy()
-        feat, off = f.numpy(), off.numpy()
-        centre = (np.stack([np.bincount(cl.inverse, coord[:, j], len(cl.count)) for j in range(3)], 1)
-                  / cl.count[:, None]).astype(np.float32)
+        feat, off, centre = f.numpy(), off.numpy(), cl.centre
         fg = prob[:, list(self.cfg.structural)].sum(1) < 0.5
         objectness = prob.copy()
         objectness[:, list(self.cfg.structural)] = -1
@@ -380,24 +381,28 @@ class InstanceProposer(nn.Module):
         x, maj = _features(cand, member, feat, prob, centre + off, centre, cl.count, self.cfg.structural)
         return cl, cand, member, x, maj
 
-    @torch.no_grad()
-    def point_probs(self, coord: np.ndarray, color: Optional[np.ndarray] = None, what: str = "scan") -> np.ndarray:
-        """``[N, 41]`` float32: each point's nyu40 class probabilities (those of its cell)."""
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Eval mode (batch-norm statistics fixed) for the block, the previous mode afterwards."""
         was = self.training
         self.eval()
         try:
-            coord, color = _check_scan(coord, color, what)
-            cl = cells(coord, color, self.cfg.voxel)
-            return self.net(cl)[1].softmax(1).numpy()[cl.inverse]
+            yield
         finally:
             self.train(was)
 
     @torch.no_grad()
+    def point_probs(self, coord: np.ndarray, color: Optional[np.ndarray] = None, what: str = "scan") -> np.ndarray:
+        """``[N, 41]`` float32: each point's nyu40 class probabilities (those of its cell)."""
+        with self._evaluating():
+            coord, color = _check_scan(coord, color, what)
+            cl = cells(coord, color, self.cfg.voxel)
+            return self.net(cl)[1].softmax(1).numpy()[cl.inverse]
+
+    @torch.no_grad()
     def propose(self, coord: np.ndarray, color: Optional[np.ndarray] = None, what: str = "scan") -> InstanceProposals:
         """Proposals of one scan (``coord [N, 3]`` metres, ``color [N, 3]`` 0..255 or 0..1 or None)."""
-        was = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             cl, cand, member, x, maj = self.candidates(coord, color, what)
             n = len(cl.inverse)
             if not cand.cells:
@@ -409,8 +414,6 @@ class InstanceProposer(nn.Module):
                 cell_mask[row, cand.cells[k]] = True
             masks = np.take(cell_mask, cl.inverse, axis=1)  # [K, N]: each point takes its cell's membership
             return InstanceProposals(masks, scores[keep], maj[keep], len(cand.cells))
-        finally:
-            self.train(was)
 
     # ---- files ---------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
@@ -556,6 +559,25 @@ def fit_scorer(model: InstanceProposer, scans: Sequence[TrainScan], passes: int 
     return model.eval()
 
 
+def as_proposer(value) -> Optional[InstanceProposer]:
+    """``value`` as a model: None stays None, a directory (str / path) is loaded, a model is itself."""
+    if value is None or hasattr(value, "propose"):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return InstanceProposer.load(value)
+    raise TypeError(f"proposal_model must be an InstanceProposer, a model directory or None, got "
+                    f"{type(value).__name__}")
+
+
+def scan_objects(coord: np.ndarray, color: Optional[np.ndarray], model: Optional[InstanceProposer],
+                 what: str = "scan") -> ProposalObjects:
+    """Disjoint proposal objects of one scan: this module's with ``model``, else the geometric ones
+    (:func:`scene3d.tokenizer.geometric_proposals.proposal_objects`). What evaluation and the API take."""
+    if model is None:
+        return geometric_objects(coord, color)
+    return proposal_objects(coord, color, model, what)
+
+
 def proposal_objects(coord: np.ndarray, color: Optional[np.ndarray], model: InstanceProposer,
                      what: str = "scan"):
     """The proposals made disjoint for the tokenizer (as :func:`scene3d.tokenizer.geometric_proposals.proposal_objects`:
@@ -565,5 +587,5 @@ def proposal_objects(coord: np.ndarray, color: Optional[np.ndarray], model: Inst
     return ProposalObjects(labels, scores, len(scores), p.num_proposals, "instance")
 
 
-__all__ = ["InstanceConfig", "InstanceProposals", "InstanceProposer", "TrainScan", "fit_scorer", "proposal_objects",
-           "scan_from_scene", "train_instance_model"]
+__all__ = ["InstanceConfig", "InstanceProposals", "InstanceProposer", "TrainScan", "as_proposer", "fit_scorer",
+           "proposal_objects", "scan_from_scene", "scan_objects", "semantic_of", "train_instance_model"]

@@ -145,10 +145,7 @@ class ObjectTokenizer(nn.Module):
                 what=f"scene {points.scene_ids[b]!r}" if getattr(points, "scene_ids", None) else "scene"))
         probs = probs.to(point2obj.device)
         has = point2obj >= 0
-        out = torch.zeros(num_objects, probs.shape[1], device=probs.device)
-        out.index_add_(0, point2obj[has], probs[has])
-        n = torch.bincount(point2obj[has], minlength=num_objects).clamp_min(1)
-        return out / n[:, None]
+        return scatter_pool(probs[has], point2obj[has], num_objects, "mean")
 
     def forward(self, points: PointBatch, objects: Optional[torch.Tensor] = None) -> TokenizerOutput:
         """Tokens for ``points``; objects per point from ``objects [N]`` if given, else the GT instances in
