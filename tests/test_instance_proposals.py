@@ -86,6 +86,14 @@ def test_proposals_are_ranked_and_suppressed(trained, scans):
     np.fill_diagonal(iou, 0)
     assert iou.max() <= CFG.nms_iou + 1e-9
     assert (p.masks.sum(1) >= CFG.min_points).all()
+    assert p.num_dropped == 0
+    capped = InstanceProposer(dataclasses.replace(CFG, max_proposals=1), trained.meta)
+    capped.load_state_dict(trained.state_dict())
+    with pytest.warns(UserWarning, match=rf"scene 'c': {p.num_proposals} proposals after suppression; the "
+                                         rf"{p.num_proposals - 1} lowest-scored past max_proposals=1 are dropped"):
+        one = capped.propose(scans[2].coord, scans[2].color, what="scene 'c'")
+    assert one.num_proposals == 1 and one.num_dropped == p.num_proposals - 1
+    assert np.array_equal(one.masks[0], p.masks[0])
     obj = proposal_objects(scans[2].coord, scans[2].color, trained)
     assert obj.source == "instance" and obj.num_candidates == p.num_proposals >= obj.num_proposals > 0
     assert set(np.unique(obj.labels)) <= set(range(-1, obj.num_proposals))

@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -99,6 +100,7 @@ class InstanceProposals(NamedTuple):
     ``scores``      [P] float       predicted IoU with a ground-truth object, descending
     ``classes``     [P] int         majority predicted nyu40 id of each proposal
     ``num_candidates`` int          candidates before non-maximum suppression
+    ``num_dropped`` int             proposals left after suppression but past ``max_proposals`` (warned)
     ==============  ==============  ======================================================================
     """
 
@@ -106,6 +108,7 @@ class InstanceProposals(NamedTuple):
     scores: np.ndarray
     classes: np.ndarray
     num_candidates: int
+    num_dropped: int = 0
 
     @property
     def num_proposals(self) -> int:
@@ -408,12 +411,17 @@ class InstanceProposer(nn.Module):
             if not cand.cells:
                 return InstanceProposals(np.zeros((0, n), bool), np.zeros(0, np.float32), np.zeros(0, np.int64), 0)
             scores = torch.sigmoid(self.score(torch.from_numpy(x))).numpy()
-            keep = _nms(member, cl.count, scores, self.cfg.nms_iou)[: self.cfg.max_proposals]
+            keep = _nms(member, cl.count, scores, self.cfg.nms_iou)
+            dropped = max(len(keep) - self.cfg.max_proposals, 0)
+            if dropped:
+                warnings.warn(f"{what}: {len(keep)} proposals after suppression; the {dropped} lowest-scored past "
+                              f"max_proposals={self.cfg.max_proposals} are dropped", stacklevel=2)
+                keep = keep[: self.cfg.max_proposals]
             cell_mask = np.zeros((len(keep), len(cl.count)), bool)
             for row, k in enumerate(keep):
                 cell_mask[row, cand.cells[k]] = True
             masks = np.take(cell_mask, cl.inverse, axis=1)  # [K, N]: each point takes its cell's membership
-            return InstanceProposals(masks, scores[keep], maj[keep], len(cand.cells))
+            return InstanceProposals(masks, scores[keep], maj[keep], len(cand.cells), dropped)
 
     # ---- files ---------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
