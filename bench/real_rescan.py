@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     ap.add_argument("--proposal-model", type=Path, default=None,
                     help="proposals from this learned instance-proposal model (scene3d prep proposals; trained "
                          "without scene0000_02) instead of the geometric ones")
+    ap.add_argument("--label-model", type=Path, default=None,
+                    help="for a checkpoint whose prompt writes object class names (model.referring.object_labels): "
+                         "the instance-proposal model that names the objects (default: --proposal-model, else the "
+                         "checkpoint's model.label_model)")
     args = ap.parse_args(argv)
     from data_prep import real_refer
     from scene3d.data.referring import read_jsonl
@@ -96,6 +100,15 @@ def main(argv=None) -> int:
         from scene3d.models.loading import load_model
 
         model = load_model(Path(args.checkpoint).expanduser(), device="cuda" if torch.cuda.is_available() else "cpu")
+        if model.model.config.referring.object_labels:
+            namer = args.label_model or args.proposal_model
+            if namer is not None:
+                model.model.set_label_model(namer)
+            who = namer or model.model.config.label_model
+            trained_on = model.model.label_model.meta.get("trained_on", []) if model.model.label_model else []
+            if set(trained_on) & {r["scene_id"] for r in rows}:
+                raise SystemExit(f"label model {who} was trained on an evaluated scan ({trained_on})")
+            print(f"object names in the prompt: predicted by {who} (trained on {', '.join(trained_on) or '?'})")
         masks = [m.strip() for m in args.mask.split(",") if m.strip()]
         for objects in [o.strip() for o in args.objects.split(",") if o.strip()]:
             t0 = time.perf_counter()

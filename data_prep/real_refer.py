@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import zlib
 from pathlib import Path
@@ -55,7 +54,7 @@ from data_prep import synth_refer as S
 from data_prep.refer import ROW_KEYS
 from scene3d.constants import META_FILE, SCENE_ARRAYS
 from scene3d.data.exports import find_mmdet_export
-from scene3d.data.labels import CLASS_LABELS_20, STRUCTURE_NYU40_IDS
+from scene3d.data.labels import CLASS_LABELS_20, LABEL_FIXES, STRUCTURE_NYU40_IDS, clean_label
 from scene3d.data.npy import SceneFormatError
 from scene3d.data.scene import Scene, load_processed_scene
 
@@ -71,7 +70,6 @@ ON_OVERLAP = 0.5           # fraction of t's xy footprint that must lie over a's
 STRUCTURAL_LABELS = frozenset({"wall", "floor", "ceiling"})
 GENERIC_LABELS = frozenset({"otherprop", "otherfurniture", "otherstructure", "object", "objects", "unknown",
                             "unannotated", "stuff", ""})
-LABEL_FIXES = {"refridgerator": "refrigerator"}
 
 #: colour names :func:`color_names` can give (also the vocabulary of zero-target "the <colour> <label>" rows)
 COLORS = ("black", "blue", "brown", "gray", "green", "orange", "pink", "purple", "red", "white", "yellow")
@@ -151,11 +149,6 @@ def object_colors(color: np.ndarray, instance: np.ndarray, ids: Sequence[int]) -
 # ======================================================================================================
 # scene -> objects of synth_refer
 # ======================================================================================================
-def clean_label(label: str) -> str:
-    text = re.sub(r"\s+", " ", str(label).replace("_", " ")).strip().lower()
-    return LABEL_FIXES.get(text, text)
-
-
 def support_of(objs: Sequence[S.Obj]) -> dict[int, Optional[int]]:
     """{t id: id of the object t rests on, or None} by the geometric rule of the module doc (structural
     objects are neither supported nor supporters)."""

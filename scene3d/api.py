@@ -496,8 +496,12 @@ class Segmenter:
 
     def __init__(self, model, device: Union[str, torch.device] = "cpu", config: Optional[dict] = None,
                  checkpoint: Optional[str] = None, step: Optional[int] = None,
-                 max_points: Optional[int] = DEFAULT_MAX_POINTS, proposal_model=None) -> None:
+                 max_points: Optional[int] = DEFAULT_MAX_POINTS, proposal_model=None, label_model=None) -> None:
         self.model = model.to(device).eval()
+        if label_model is not None:
+            # names the objects of a model whose prompt writes class names (referring.object_labels); the
+            # checkpoint's own model.label_model otherwise
+            self.model.set_label_model(label_model)
         #: learned instance proposals (an InstanceProposer or its directory, ``scene3d prep proposals``) used
         #: for objects="proposals" (and "auto" without instances) instead of the geometric ones; may be changed
         self.proposal_model = proposal_model
@@ -510,17 +514,19 @@ class Segmenter:
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device: Union[str, torch.device] = "cpu",
-                        proposal_model=None) -> "Segmenter":
+                        proposal_model=None, label_model=None) -> "Segmenter":
         """Load a checkpoint written by ``scene3d train`` (the dir, its ``checkpoints/`` parent or the run dir;
         the newest checkpoint is used). No hydra, no pickle. ``proposal_model``: a learned instance-proposal
-        model directory (``scene3d prep proposals``) for scans without instances."""
+        model directory (``scene3d prep proposals``) for scans without instances; ``label_model``: one that
+        names the objects, for a model whose prompt writes class names (default: the checkpoint's own)."""
         from scene3d.models.loading import load_model  # the model stack loads with a model, not on import
 
         p = Path(ckpt_dir)
         if not p.exists():
             raise FileNotFoundError(f"checkpoint not found: {p}")
         loaded = load_model(p, device)
-        return cls(loaded.model, device, loaded.config, loaded.path, loaded.step, proposal_model=proposal_model)
+        return cls(loaded.model, device, loaded.config, loaded.path, loaded.step, proposal_model=proposal_model,
+                   label_model=label_model)
 
     @property
     def proposal_model(self):

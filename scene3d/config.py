@@ -167,6 +167,9 @@ class EvalSchema:
     #: with objects=proposals: a learned instance-proposal model directory (``scene3d prep proposals``)
     #: instead of the geometric proposals
     proposal_model: Optional[str] = None
+    #: an instance-proposal model directory that names the objects for a model whose prompt writes class names
+    #: (``model.referring.object_labels``); None: the checkpoint's ``model.label_model``
+    label_model: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.split not in ("val", "train"):

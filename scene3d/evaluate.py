@@ -69,6 +69,8 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     obj: EvalConfig = cfg if isinstance(cfg, EvalConfig) else to_objects(cfg)
     device = obj.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(expand_path(obj.checkpoint), device=device)
+    if obj.eval.label_model:
+        loaded.model.set_label_model(expand_path(obj.eval.label_model))
     data = obj.data
     if data is None:
         saved = loaded.config.get("data")
@@ -99,5 +101,7 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
         "checkpoint": str(ckpt), "step": loaded.step, "data": data.name, "split": name,
         "processed_dir": str(split.processed_dir), "mask": ev.mask, "strict": ev.strict,
         "objects": ev.objects, "proposal_model": ev.proposal_model, "objects_per_scene": res.objects,
+        "label_model": (ev.label_model or loaded.model.config.label_model
+                        if loaded.model.config.referring.object_labels else None),
         "num_samples": len(rows), "text": language, "metrics": res.metrics, "per_sample": res.per_sample}))
     return CheckpointEval(out_dir, pred_path, metrics_path, res.metrics, loaded.step, ckpt, res.objects)

@@ -209,3 +209,43 @@ def test_semantic_prior_joins_the_object_tokens(trained, scenes, tmp_path):
     assert torch.allclose(prior.sum(1), torch.ones(len(prior)), atol=1e-4)
     with pytest.raises(FileNotFoundError, match="no instance-proposal model file"):
         ObjectTokenizer(ObjectTokenizerConfig(semantic_model=str(tmp_path / "none"), **cfg))
+
+
+def test_label_model_names_the_objects_for_a_model_that_reads_names(trained, syn, scenes, tmp_path, monkeypatch):
+    """``referring.object_labels``: training writes the annotated names (the label model is not needed), inference
+    writes the label model's (each object's most probable class over its points); without one, one clear error.
+    The label model is loaded from ``model.label_model`` and never enters the checkpoint."""
+    from scene3d.data.labels import clean_label, nyu40_name
+    from scene3d.data.referring import ReferringDataset, collate_referring, scene_to_tensors
+    from scene3d.structures import PointBatch
+
+    d = trained.save(tmp_path / "names")
+    torch.manual_seed(0)
+    model = Scene3DModel(small_config(object_labels=True)).eval()
+    s = scenes[2]
+    pts = PointBatch.from_list([scene_to_tensors(s)], scene_ids=[s.scene_id])
+    with pytest.raises(ValueError, match="needs a label model to name the objects"):
+        model.encode(pts, pts.instance)
+    # training: the annotated names, whatever the label model would say
+    seen = []
+    real_forward = model.segmenter.forward
+    monkeypatch.setattr(model.segmenter, "forward", lambda b: seen.append(b.scenes()[0].object_names) or real_forward(b))
+    data = ReferringDataset(syn.processed, syn.train, max_points=1500)
+    model.train()
+    batch = collate_referring([data[0]])
+    assert torch.isfinite(model(batch)["loss"])
+    annotated = {int(o.id): clean_label(o.label) for o in load_processed_scene(syn.processed / batch.points.scene_ids[0]).objects}
+    assert seen[0] and seen[0] == [annotated[int(i)] for i in model.encode(batch.points, names=False)[0].tokens.object_ids]
+    model.eval()
+    # inference: the label model's names
+    model.set_label_model(str(d))
+    inputs, _ = model.encode(pts, pts.instance)
+    probs = trained.point_probs(s.coord, s.color)
+    for row, oid in enumerate(inputs.tokens.object_ids.tolist()):
+        assert inputs.object_names[row] == nyu40_name(int(probs[s.instance == oid].mean(0)[1:].argmax()) + 1)
+    # from the config's path, through evaluation; not in the state dict
+    named = Scene3DModel(dataclasses.replace(small_config(object_labels=True), label_model=str(d))).eval()
+    assert named.label_model is not None and not any("label" in k for k in named.state_dict())
+    rows = [json.loads(x) for x in syn.train.read_text().splitlines() if x.strip()][:2]
+    res = evaluate_model(named, syn.processed, rows, progress=False)
+    assert len(res.per_sample) == 2

@@ -117,3 +117,27 @@ def test_bad_inputs(tv):
         build_prompt(tok, v, 2, "a chair", targets=[2])
     with pytest.raises(ValueError):
         identifier_permutation(K + 1, K, seed=0)
+
+
+def test_object_names_sit_between_identifier_and_token(tv):
+    """``names``: each prompted object's class name is written after its identifier, before its token (so the
+    token's state has read it); it follows its object through the identifier shuffle and the top-K keep."""
+    tok, v = tv
+    cfg = PromptConfig()
+    names = ["chair", None, "brown table"]
+    p = build_prompt(tok, v, 3, "the chair", targets=[0], config=cfg, names=names)
+    expect = _ids(tok, cfg.system)
+    for k, n in enumerate(names):
+        expect += [v.obj_token_ids[k]] + (_ids(tok, " " + n) if n else []) + [v.placeholder_id]
+    expect += _ids(tok, cfg.scene_end)
+    assert p.input_ids[: p.prefix_len].tolist() == expect
+    assert p.placeholder_pos.tolist() == [i for i, t in enumerate(expect) if t == v.placeholder_id]
+    # shuffled identifiers and a kept subset: the name before each placeholder is its own object's
+    p = build_prompt(tok, v, 3, "the chair", targets=[0], seed=4, keep=torch.tensor([0, 2]), config=cfg, names=names)
+    ids = p.input_ids.tolist()
+    for pos, obj in zip(p.placeholder_pos.tolist(), p.placeholder_obj.tolist()):
+        want = _ids(tok, " " + names[obj])
+        assert ids[pos - len(want) : pos] == want and ids[pos - len(want) - 1] == v.obj_token_ids[int(p.slot_of_object[obj])]
+    assert tok.decode(_ids(tok, " brown table")) .strip() in tok.decode(ids[: p.prefix_len])
+    with pytest.raises(ValueError, match="names has 2 entries for 3 objects"):
+        build_prompt(tok, v, 3, "the chair", names=["chair", "table"], config=cfg)

@@ -625,3 +625,47 @@ def test_identifier_pointer_rule():
     assert torch.isinf(out[0, :, [11, 13]]).all() and torch.isinf(out[1, :, [10, 11, 12]]).all()
     flat = point(ptr, ids, logits[:, 0], hidden[:, 0], states, slots)  # one position per row
     torch.testing.assert_close(flat, out[:, 0])
+
+
+def test_object_names_in_the_prompt(scene):
+    """``object_labels``: the prompt writes each object's name (training, the scene cache and whole prompts
+    alike), a scene without names is refused with a message naming the fix, ``take`` / ``scene`` carry the
+    names, and training swaps names at rate ``label_noise`` (never for the same name), evaluation never."""
+    torch.manual_seed(0)
+    m = ReferringSegmenter(_config(object_labels=True, label_noise=0.4)).eval()
+    names = ["chair", "table", "desk", "lamp", "sofa", "bed", "chair", "door", "table", "sink", "towel", "desk"]
+    named = dataclasses.replace(scene, object_names=names)
+    one = named.scene(1)
+    assert one.object_names == names[5:] and named.take([1, 0]).object_names == names[5:] + names[:5]
+    with pytest.raises(ValueError, match="object_names has 3 entries for 12 objects"):
+        dataclasses.replace(scene, object_names=names[:3])
+    with pytest.raises(ValueError, match="no object names: give a label model"):
+        m.predict(scene.scene(1), ["the table"])
+    tok = m.text_tokenizer
+    _, _, prompt = m.prefix_embeds(one)
+    ids = prompt.input_ids.tolist()
+    for pos, obj in zip(prompt.placeholder_pos.tolist(), prompt.placeholder_obj.tolist()):
+        want = tok(" " + one.object_names[obj], add_special_tokens=False)["input_ids"]
+        assert ids[pos - len(want) : pos] == want
+    # the cached prefix and whole prompts read the same names: the same answers and scores
+    cached = m.predict(one, ["the table", "a chair"], use_cache=True)
+    whole = m.predict(one, ["the table", "a chair"], use_cache=False)
+    for a, b in zip(cached, whole):
+        assert a.answer_ids == b.answer_ids
+        torch.testing.assert_close(a.obj_scores, b.obj_scores, atol=1e-4, rtol=1e-4)
+    # other names, other object states: the names reach the LLM
+    other = dataclasses.replace(one, object_names=["bed"] * 7)
+    assert not torch.allclose(m.predict(other, ["the table"])[0].obj_scores, cached[0].obj_scores)
+    # noise: training only, at about label_noise, always to another name of the batch
+    assert m.prompt_names(named, 1, noise=False) == names[5:]
+    swapped = total = 0
+    for _ in range(200):
+        got = m.prompt_names(named, 0, noise=True)
+        assert all(g in set(names) for g in got)
+        swapped += sum(g != n for g, n in zip(got, names[:5]))
+        total += 5
+    assert 0.3 < swapped / total < 0.5
+    m.train()
+    seq = m.pack(_batch(named))
+    m.eval()
+    assert len(seq.prompts) == 2 and torch.isfinite(m(_batch(named)).total)

@@ -52,6 +52,10 @@ def add_parser(sub, name, help_):
     p.add_argument("--proposal-model", type=Path, default=None, metavar="DIR",
                    help="with --objects proposals: take the learned instance proposals of this model directory "
                         "(scene3d prep proposals) instead of the geometric ones")
+    p.add_argument("--label-model", type=Path, default=None, metavar="DIR",
+                   help="for a model whose prompt writes object class names (model.referring.object_labels): the "
+                        "instance-proposal model directory that names the objects (default: the checkpoint's "
+                        "model.label_model)")
     p.set_defaults(_accepts_overrides=True)  # checkpoint mode only; predictions mode rejects them in run()
     return p
 
@@ -165,6 +169,10 @@ def evaluate_checkpoint(args) -> int:
         if not args.proposal_model.is_dir():
             raise SystemExit(f"scene3d eval: --proposal-model {args.proposal_model}: not a directory")
         overrides.append(f"eval.proposal_model={args.proposal_model.resolve()}")
+    if args.label_model is not None:
+        if not args.label_model.is_dir():
+            raise SystemExit(f"scene3d eval: --label-model {args.label_model}: not a directory")
+        overrides.append(f"eval.label_model={args.label_model.resolve()}")
     try:
         cfg = to_objects(compose("eval", overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as e:

@@ -30,6 +30,9 @@ def add_parser(sub, name, help_):
     p.add_argument("--proposal-model", type=Path, default=None, metavar="DIR",
                    help="a scan without instances gets the learned instance proposals of this model directory "
                         "(scene3d prep proposals) instead of the geometric ones")
+    p.add_argument("--label-model", type=Path, default=None, metavar="DIR",
+                   help="for a model whose prompt writes object class names: the instance-proposal model directory "
+                        "that names the objects (default: the checkpoint's model.label_model)")
     p.set_defaults(_accepts_overrides=False)
     return p
 
@@ -80,7 +83,8 @@ def run(args) -> int:
         print("scene3d query: error: --max-points must be >= 0", file=sys.stderr)
         return 2
     try:
-        seg = Segmenter.from_pretrained(args.checkpoint, device=args.device, proposal_model=args.proposal_model)
+        seg = Segmenter.from_pretrained(args.checkpoint, device=args.device, proposal_model=args.proposal_model,
+                                        label_model=args.label_model)
         if args.max_points is not None:
             seg.max_points = args.max_points or None
         scene = seg.load_scene(args.scene)

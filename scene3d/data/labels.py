@@ -8,6 +8,9 @@ name                        meaning
 ``CLASS_LABELS_20``         their names (ScanNet benchmark spelling: "refridgerator", "otherfurniture", ...)
 ``VALID_CLASS_IDS_200``     tsv ``id`` values of the 200 ScanNet200 benchmark classes; ``segment200`` = position
 ``CLASS_LABELS_200``        their names (the tsv ``raw_category`` of those ids)
+``clean_label``             a label as a sentence writes it ("night_stand" -> "night stand", "refridgerator" ->
+                            "refrigerator"): the generated expressions and the prompts' object names
+``nyu40_name``              :func:`clean_label` of a nyu40 id's class name
 ==========================  ===================================================================================
 
 The lists are the public benchmark definitions (ScanNet ``Tasks/Benchmark`` and the ScanNet200 benchmark);
@@ -15,6 +18,8 @@ tests check them against the real ``classes_SemVoxLabel-nyu40id.txt`` and ``scan
 """
 
 from __future__ import annotations
+
+import re
 
 from scene3d.constants import IGNORE_LABEL
 
@@ -28,6 +33,23 @@ NYU40_CLASSES = (
 
 VALID_CLASS_IDS_20 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
 CLASS_LABELS_20 = tuple(NYU40_CLASSES[i - 1] for i in VALID_CLASS_IDS_20)
+
+#: ScanNet's spelling mistakes, fixed where a label is written into a sentence
+LABEL_FIXES = {"refridgerator": "refrigerator"}
+
+
+def clean_label(label: str) -> str:
+    """``label`` as a sentence writes it: lower case, ``_`` -> space, single spaces, :data:`LABEL_FIXES`."""
+    text = re.sub(r"\s+", " ", str(label).replace("_", " ")).strip().lower()
+    return LABEL_FIXES.get(text, text)
+
+
+def nyu40_name(nyu40: int) -> str:
+    """:func:`clean_label` of nyu40 id ``nyu40``'s class (1..40)."""
+    if not 1 <= int(nyu40) <= len(NYU40_CLASSES):
+        raise ValueError(f"nyu40 id must lie in [1, {len(NYU40_CLASSES)}], got {nyu40}")
+    return clean_label(NYU40_CLASSES[int(nyu40) - 1])
+
 
 #: nyu40 ids of the classes that are structure, not objects (ScanRefer drops them from its boxes).
 STRUCTURE_NYU40_IDS = (1, 2, 22)  # wall, floor, ceiling

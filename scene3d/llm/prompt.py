@@ -8,6 +8,9 @@ same ids whatever question follows — the scene cache relies on it)::
 
 * Identifier ``k`` is written ``<OBJ{k:03d}>``; each placeholder ``<obj_feat>`` is later replaced by the object
   token of the object holding that identifier (labels there are ``IGNORE_INDEX``).
+* With object names (``names``: ``ReferringConfig.object_labels``) each object's class name is written between
+  its identifier and its token, ``<OBJ003> chair <obj_feat>``, so the state at the object token has read the
+  name (the identifier pointer and the answer match the question's words against it).
 * Identifier assignment: ``slot_of_object[j]`` is the identifier of object ``j``. In training it is a seeded
   random choice of distinct identifiers out of ``K`` (Chat-3D v2 / Chat-Scene shuffle: the identifier carries
   no class or order prior and every identifier gets trained); at evaluation it is the identity. The prefix
@@ -223,10 +226,14 @@ def identifier_permutation(num_objects: int, k: int, seed: Optional[int] = None)
     return torch.randperm(k, generator=gen)[:num_objects]
 
 
-def build_prefix(tokenizer, vocab: IdentifierVocab, slots: torch.Tensor, config: PromptConfig = PromptConfig()):
+def build_prefix(tokenizer, vocab: IdentifierVocab, slots: torch.Tensor, config: PromptConfig = PromptConfig(),
+                 names: Optional[Sequence[Optional[str]]] = None):
     """Prefix ids ``[Lp]`` and, in prompt order, placeholder positions ``[P]`` and the index into ``slots``
-    of the object each placeholder holds. ``slots [P]`` are the identifiers of the prompted objects."""
+    of the object each placeholder holds. ``slots [P]`` are the identifiers of the prompted objects;
+    ``names [P]`` (optional) their class names, written after each identifier (None or "": nothing)."""
     slots = torch.as_tensor(slots, dtype=torch.long)
+    if names is not None and len(names) != slots.numel():
+        raise ValueError(f"names has {len(names)} entries for {slots.numel()} prompted objects")
     if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= vocab.num_identifiers):
         raise ValueError(f"identifiers must lie in [0, {vocab.num_identifiers}), got {slots.tolist()}")
     if len(set(slots.tolist())) != slots.numel():
@@ -236,6 +243,8 @@ def build_prefix(tokenizer, vocab: IdentifierVocab, slots: torch.Tensor, config:
     pos, which = [], []
     for i in order.tolist():
         ids.append(vocab.obj_token_ids[int(slots[i])])
+        if names is not None and names[i]:
+            ids += _tok(tokenizer, " " + str(names[i]).strip())
         pos.append(len(ids))
         which.append(i)
         ids.append(vocab.placeholder_id)
@@ -269,20 +278,25 @@ def build_answer(tokenizer, vocab: IdentifierVocab, target_slots: Sequence[int],
 
 def build_prompt(tokenizer, vocab: IdentifierVocab, num_objects: int, text: str,
                  targets: Optional[Sequence[int]] = None, *, seed: Optional[int] = None,
-                 keep: Optional[torch.Tensor] = None, config: PromptConfig = PromptConfig()) -> ScenePrompt:
+                 keep: Optional[torch.Tensor] = None, config: PromptConfig = PromptConfig(),
+                 names: Optional[Sequence[Optional[str]]] = None) -> ScenePrompt:
     """Tokenize one sample.
 
     ``targets`` are local object indices (``None``: no answer, for inference); ``keep`` the local indices of
     objects that get identifiers (default all; see :func:`keep_largest_objects`); ``seed`` shuffles identifiers
-    (``None``: identity). Targets not in ``keep`` cannot be named and are left out of the answer.
+    (``None``: identity). Targets not in ``keep`` cannot be named and are left out of the answer. ``names``
+    (optional, one per object) are the class names written into the prefix (:func:`build_prefix`).
     """
+    if names is not None and len(names) != num_objects:
+        raise ValueError(f"names has {len(names)} entries for {num_objects} objects")
     keep = torch.arange(num_objects) if keep is None else torch.as_tensor(keep, dtype=torch.long)
     if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= num_objects):
         raise ValueError(f"keep indices must lie in [0, {num_objects}), got {keep.tolist()}")
     slots = identifier_permutation(keep.numel(), vocab.num_identifiers, seed)
     slot_of_object = torch.full((num_objects,), -1, dtype=torch.long)
     slot_of_object[keep] = slots
-    prefix, pos, which = build_prefix(tokenizer, vocab, slots, config)
+    prefix, pos, which = build_prefix(tokenizer, vocab, slots, config,
+                                      None if names is None else [names[int(k)] for k in keep])
     query = build_query(tokenizer, text, config)
     parts = [prefix, query]
     if targets is not None:

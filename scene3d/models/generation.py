@@ -137,7 +137,8 @@ def start_uncached(model, scene, texts: Sequence[str]) -> Started:
     for t in texts:
         kept, feat = model.gate_objects(scene, [t])  # the gate sees one scene, so one question at a time
         prompt = build_prompt(model.text_tokenizer, model.vocab, scene.tokens.num_objects, t, None, seed=None,
-                              keep=model.keep_objects(scene, 0, kept), config=model.config.prompt)
+                              keep=model.keep_objects(scene, 0, kept), config=model.config.prompt,
+                              names=model.prompt_names(scene, 0))
         embeds.append(model.embed_prompt(scene, 0, prompt, feat))  # (L_b, H)
         slots.append(prompt.slot_of_object)
         starts.append(prompt.prefix_len)

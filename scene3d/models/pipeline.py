@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -39,6 +40,11 @@ class PipelineConfig:
     referring: ReferringConfig = field(default_factory=ReferringConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     tokenizer_loss_weight: float = 0.5
+    #: an instance-proposal model directory (``scene3d prep proposals``) that names the objects at inference
+    #: when the prompt writes class names (``referring.object_labels``): each object gets the most probable
+    #: class of its points; None: names must come from elsewhere (:meth:`Scene3DModel.set_label_model`, the
+    #: CLI's ``--label-model``). Frozen, loaded when first needed, never saved in checkpoints (only this path)
+    label_model: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer, dict):
@@ -82,22 +88,61 @@ class Scene3DModel(nn.Module):
         gate = build_gate(self.config, self.segmenter.lm.hidden_size)
         if gate is not None:
             self.segmenter.gate = gate
+        # the label model is frozen and has its own files: kept out of the module tree (not a submodule, not in
+        # state_dict), like the tokenizer's semantic model
+        object.__setattr__(self, "_label_model", None)
 
     # ---------------------------------------------------------------------------------------------------
-    def encode(self, points: PointBatch, objects: Optional[torch.Tensor] = None):
-        """Tokenize ``points``: returns (SceneInputs for the segmenter, the tokenizer output)."""
+    @property
+    def label_model(self):
+        """The instance-proposal model that names objects at inference (:attr:`PipelineConfig.label_model`,
+        loaded on first use), or None."""
+        if self._label_model is None and self.config.label_model:
+            from scene3d.tokenizer.instance_proposals import InstanceProposer  # spconv / scipy: with a model only
+
+            object.__setattr__(self, "_label_model", InstanceProposer.load(Path(self.config.label_model).expanduser()))
+        return self._label_model
+
+    def set_label_model(self, value) -> None:
+        """Use ``value`` (an ``InstanceProposer``, its directory, or None: the config's) to name objects."""
+        from scene3d.tokenizer.instance_proposals import as_proposer
+
+        object.__setattr__(self, "_label_model", as_proposer(value))
+
+    def object_names(self, points: PointBatch, tokens) -> list:
+        """Each object's class name as the label model predicts it (``[M]``, None for an object without points)."""
+        model = self.label_model
+        if model is None:
+            raise ValueError("this model writes each object's class name into its prompt (referring.object_labels) "
+                             "and needs a label model to name the objects: set model.label_model or pass "
+                             "--label-model DIR (an instance-proposal model of `scene3d prep proposals`)")
+        from scene3d.tokenizer.instance_proposals import object_class_names
+
+        return object_class_names(model, points, tokens.point2obj, tokens.num_objects)
+
+    def encode(self, points: PointBatch, objects: Optional[torch.Tensor] = None, names: bool = True):
+        """Tokenize ``points``: returns (SceneInputs for the segmenter, the tokenizer output). With ``names``
+        and a model that writes object names (``referring.object_labels``), the label model names the objects
+        (:meth:`object_names`)."""
         out = self.tokenizer3d(points, objects)
-        return SceneInputs(out.tokens, out.point_feat, points), out
+        inputs = SceneInputs(out.tokens, out.point_feat, points)
+        if names and self.config.referring.object_labels:
+            inputs = dataclasses.replace(inputs, object_names=self.object_names(points, out.tokens))
+        return inputs, out
 
     def forward(self, batch) -> dict:
         """``batch``: :class:`scene3d.data.referring.ReferringBatch`. Returns scalar losses, ``"loss"`` the total."""
         points = batch.points
-        scene, tok_out = self.encode(points)
+        scene, tok_out = self.encode(points, names=False)
         rows = batch.samples
         object_class = object_names = None
         labels = getattr(batch, "object_labels", None)
         index = getattr(batch, "scene_index", None)
         shared = None
+        if self.config.referring.object_labels:  # the prompt's names: the annotated ones where the batch has them
+            scene = dataclasses.replace(scene, object_names=self.annotated_names(scene.tokens, labels)
+                                        if labels is not None and scene.tokens.object_ids is not None
+                                        else self.object_names(points, scene.tokens))
         if index is not None:  # several questions per scene: the scene was tokenized once, spread it out
             shared, scene = scene, scene.take(index)
             labels = None if labels is None else [labels[i] for i in index]
@@ -119,6 +164,15 @@ class Scene3DModel(nn.Module):
                 "mask_dice": ref.mask_dice.detach(), "obj": ref.obj.detach(), "obj_rank": ref.obj_rank.detach(),
                 "obj_sim": ref.obj_sim.detach(), "anchor": ref.anchor.detach(), "obj_name": ref.obj_name.detach(),
                 "proposal": tok.detach()}
+
+    @staticmethod
+    def annotated_names(tokens, labels: Sequence[dict]) -> list:
+        """``[M]``: each object's annotated class (``labels[b]``: object id -> label of scene ``b``) as a
+        sentence writes it (:func:`scene3d.data.labels.clean_label`), None where unknown."""
+        from scene3d.data.labels import clean_label
+
+        return [None if labels[b].get(int(oid)) is None else clean_label(labels[b][int(oid)])
+                for b, oid in zip(tokens.obj_batch.tolist(), tokens.object_ids.tolist())]
 
     @torch.no_grad()
     def predict(self, points: PointBatch, texts: Sequence[str], objects: Optional[torch.Tensor] = None,

@@ -93,6 +93,16 @@ class ReferringConfig:
     #: ground-truth instances; not yet measured on the synthetic benchmark, hence off by default
     name_weight: float = 0.0
     name_scale: float = 10.0
+    #: each object's class name is written into the prompt after its identifier (``<OBJ003> chair
+    #: <obj_feat>``, :func:`scene3d.llm.prompt.build_prefix`), so the LLM matches the question's words against
+    #: names it can read instead of learning every class from the 3D token alone. Training writes the scene's
+    #: annotated names, each replaced by another name of the batch with probability ``label_noise`` (the names
+    #: at inference are predicted and sometimes wrong, so the model must not trust them blindly); inference
+    #: writes the names a label model predicts (``PipelineConfig.label_model``: an instance-proposal model's
+    #: classes, averaged over each object's points) or names the caller gives. Measured on the real-rescan
+    #: experiment: README
+    object_labels: bool = False
+    label_noise: float = 0.0
     threshold: float = 0.5
     #: which path leads the reconciled result: "identifiers" (the objects the answer names; the decoder's
     #: objects when it names none) or "decoder" (the decoder's objects, :func:`scene3d.models.generation.decoder_objects`;
@@ -157,6 +167,8 @@ class ReferringConfig:
             raise ValueError(f"model architecture {self.architecture} is not this scene3d's ({ARCHITECTURE}: the "
                              "decoder reads the words only through the LLM's states, its sentence state before "
                              "the answer); retrain the checkpoint")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"label_noise must lie in [0, 1), got {self.label_noise}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
 
@@ -364,7 +376,8 @@ class ReferringSegmenter(nn.Module):
                 seed = int(batch.seeds[qs[0]]) if batch.seeds is not None else int(torch.randint(0, 2**31 - 1, ()))
             questions = [(batch.texts[b], local_rows(per_question.tokens, b, batch.targets[b], "target").tolist())
                          for b in qs]
-            groups.append((row, int(src.tokens.obj_counts[row]), self.keep_objects(src, row, kept), seed, questions))
+            groups.append((row, int(src.tokens.obj_counts[row]), self.keep_objects(src, row, kept), seed, questions,
+                           self.prompt_names(src, row, noise=self.training)))
             order.extend(qs)
         seq = pack(self.text_tokenizer, self.vocab, self.config.prompt, groups,
                    lambda row, prompt: self.embed_prompt(src, row, prompt, feat),
@@ -377,6 +390,29 @@ class ReferringSegmenter(nn.Module):
                             word_mask=seq.word_mask[back.to(dev)], seg_cols=seq.seg_cols[back.to(dev)],
                             ask_cols=seq.ask_cols[back.to(dev)],
                             prompts=[seq.prompts[int(i)] for i in back])
+
+    def prompt_names(self, scene: SceneInputs, b: int, noise: bool = False) -> Optional[list]:
+        """Class names scene ``b``'s prompt writes after its objects' identifiers (``config.object_labels``;
+        None when off). ``noise``: each name is replaced by another name of the batch with probability
+        ``config.label_noise`` (training)."""
+        if not self.config.object_labels:
+            return None
+        names = scene.local_names(b)
+        if names is None:
+            raise ValueError("this model writes each object's class name into its prompt (referring.object_labels) "
+                             "but the scene has no object names: give a label model (PipelineConfig.label_model, "
+                             "--label-model DIR: an instance-proposal model of `scene3d prep proposals`) or names")
+        p = self.config.label_noise
+        if noise and p > 0:
+            pool = sorted({n for n in scene.object_names if n})
+            if len(pool) > 1:
+                flip = (torch.rand(len(names)) < p).tolist()
+                pick = torch.randint(0, len(pool) - 1, (len(names),)).tolist()
+                for j, n in enumerate(names):
+                    if flip[j] and n:
+                        others = [q for q in pool if q != n]
+                        names[j] = others[pick[j] % len(others)]
+        return names
 
     def decoder_inputs(self, hidden: torch.Tensor, seq: PackedSequences):
         """``(words [B, T, H], sentence [B, H])`` for the decoder: the LLM's states at each question's text
@@ -456,7 +492,9 @@ class ReferringSegmenter(nn.Module):
             raise ValueError(f"prefix_embeds takes one scene, got {scene.batch_size}")
         keep = self.keep_objects(scene, 0, None)
         slots = identifier_permutation(keep.numel(), self.vocab.num_identifiers, None)
-        ids, pos, which = build_prefix(self.text_tokenizer, self.vocab, slots, self.config.prompt)
+        names = self.prompt_names(scene, 0)
+        ids, pos, which = build_prefix(self.text_tokenizer, self.vocab, slots, self.config.prompt,
+                                       None if names is None else [names[int(k)] for k in keep])
         slot_of_object = torch.full((scene.tokens.num_objects,), -1, dtype=torch.long)
         slot_of_object[keep] = slots
         prompt = ScenePrompt(ids, torch.full_like(ids, IGNORE_INDEX), pos, keep[which], ids.numel(), ids.numel(),

@@ -72,19 +72,20 @@ class PackedSequences(NamedTuple):
 
 
 def pack(tokenizer, vocab, config, groups: Sequence, embed_prompt, embed_ids, shared: bool) -> PackedSequences:
-    """``groups``: per row, ``(scene_row, num_objects, keep [M'], seed, [(text, local target rows), ...])``;
+    """``groups``: per row, ``(scene_row, num_objects, keep [M'], seed, [(text, local target rows), ...], names)``
+    (``names``: the class names written into the prefix, one per object, or None);
     ``embed_prompt(scene_row, prompt) -> [L, H]`` splices the object tokens into a prompt's embeddings (once per
     row: the prefix is the same for the row's questions); ``embed_ids(ids [T]) -> [T, H]`` embeds the rest of
     each question (no placeholders there)."""
     rows_x, rows_lab, rows_own, rows_pos, prompts, rows_of, words, segs, asks = [], [], [], [], [], [], [], [], []
     obj_cols, obj_slots = [], []
-    for r, (scene_row, num_objects, keep, seed, questions) in enumerate(groups):
+    for r, (scene_row, num_objects, keep, seed, questions, names) in enumerate(groups):
         if not shared and len(questions) != 1:
             raise ValueError("without a shared prefix every row holds one question")
         xs, labs, own, pos = [], [], [], []
         for i, (text, targets) in enumerate(questions):
             p: ScenePrompt = build_prompt(tokenizer, vocab, num_objects, text, targets, seed=seed, keep=keep,
-                                          config=config)
+                                          config=config, names=names)
             prompts.append(p)
             lp, n = p.prefix_len, p.input_ids.numel() - p.prefix_len  # prefix, this question + answer
             lay = query_layout(tokenizer, text, config)

@@ -8,7 +8,7 @@ outputs as tensors. :func:`synthetic_scene` makes random ones for tests, benchma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -19,11 +19,15 @@ from scene3d.structures.ragged import counts_from_offset
 
 @dataclass
 class SceneInputs:
-    """A ragged batch of scenes: object tokens, dense point features ``[N, C_pt]`` and the points."""
+    """A ragged batch of scenes: object tokens, dense point features ``[N, C_pt]`` and the points.
+
+    ``object_names`` (optional, ``[M]`` over the batch): each object's class name (None where unknown), written
+    into the prompt by a model that reads names (``ReferringConfig.object_labels``)."""
 
     tokens: ObjectTokens
     point_feat: torch.Tensor
     points: PointBatch
+    object_names: Optional[list] = None
 
     def __post_init__(self) -> None:
         if self.point_feat.dim() != 2 or self.point_feat.shape[0] != self.points.coord.shape[0]:
@@ -33,6 +37,8 @@ class SceneInputs:
         if self.tokens.batch_size != len(counts_from_offset(self.points.offset)):
             raise ValueError(f"{self.tokens.batch_size} scenes of objects but "
                              f"{len(self.points.offset)} scenes of points")
+        if self.object_names is not None and len(self.object_names) != self.tokens.num_objects:
+            raise ValueError(f"object_names has {len(self.object_names)} entries for {self.tokens.num_objects} objects")
 
     @property
     def batch_size(self) -> int:
@@ -60,7 +66,8 @@ class SceneInputs:
                               p2o, ids)
         sids = [sid for p in parts for sid in p.points.scene_ids] if all(p.points.scene_ids for p in parts) else []
         points = PointBatch.from_list([p.points.split()[0] for p in parts], scene_ids=sids)
-        return SceneInputs(tokens, torch.cat([p.point_feat for p in parts]), points)
+        names = None if self.object_names is None else [n for p in parts for n in p.object_names]
+        return SceneInputs(tokens, torch.cat([p.point_feat for p in parts]), points, names)
 
     def scene(self, b: int) -> "SceneInputs":
         """Scene ``b`` alone (rows re-based)."""
@@ -77,7 +84,16 @@ class SceneInputs:
                   for k in ("coord", "color", "normal", "superpoint", "segment", "instance")}
         points = PointBatch(offset=pb.offset.new_tensor([p1 - p0]),
                             scene_ids=list(pb.scene_ids[b : b + 1]) if pb.scene_ids else [], **fields)
-        return SceneInputs(tokens, self.point_feat[p0:p1], points)
+        names = None if self.object_names is None else list(self.object_names[o0:o1])
+        return SceneInputs(tokens, self.point_feat[p0:p1], points, names)
+
+    def local_names(self, b: int) -> Optional[list]:
+        """Class names of scene ``b``'s objects (local order), or None when the batch has none."""
+        if self.object_names is None:
+            return None
+        o = self.tokens.obj_offset
+        o0, o1 = (int(o[b - 1]) if b else 0), int(o[b])
+        return list(self.object_names[o0:o1])
 
 
 def synthetic_scene(num_objects: Sequence[int] = (6,), points_per_object: int = 20, obj_dim: int = 32,

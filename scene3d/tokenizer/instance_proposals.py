@@ -577,6 +577,38 @@ def as_proposer(value) -> Optional[InstanceProposer]:
                     f"{type(value).__name__}")
 
 
+def object_class_probs(model: InstanceProposer, points, point2obj: torch.Tensor, num_objects: int) -> torch.Tensor:
+    """``[M, 41]`` float32: ``model``'s nyu40 class probabilities averaged over each object's points, for the
+    objects ``point2obj [N]`` (-1 none) of a :class:`~scene3d.structures.points.PointBatch` ``points``
+    (colours in [0, 1]); each scene of the batch is one scan. What the tokenizer's semantic prior and the
+    prompts' object names (:func:`object_class_names`) read."""
+    from scene3d.tokenizer.voxelize import scatter_pool
+
+    probs = torch.zeros(points.num_points, NUM_CLASSES, dtype=torch.float32)
+    ids = getattr(points, "scene_ids", None) or []
+    for b in range(points.batch_size):
+        sel = (points.batch == b).cpu()
+        if not bool(sel.any()):
+            continue
+        c = None if points.color is None else points.color[sel.to(points.color.device)].float().cpu().numpy() * 255.0
+        probs[sel] = torch.from_numpy(model.point_probs(points.coord[sel.to(points.coord.device)].float().cpu().numpy(),
+                                                        c, what=f"scene {ids[b]!r}" if b < len(ids) else "scene"))
+    p2o = point2obj.cpu()
+    has = p2o >= 0
+    return scatter_pool(probs[has], p2o[has], num_objects, "mean")
+
+
+def object_class_names(model: InstanceProposer, points, point2obj: torch.Tensor, num_objects: int) -> list:
+    """Each object's predicted class name (:func:`scene3d.data.labels.nyu40_name` of the most probable nyu40 id
+    of :func:`object_class_probs`; None for an object without points)."""
+    from scene3d.data.labels import nyu40_name
+
+    probs = object_class_probs(model, points, point2obj, num_objects)
+    counts = torch.bincount(point2obj[point2obj >= 0].cpu(), minlength=num_objects)
+    best = probs[:, 1:].argmax(1) + 1  # id 0 (unannotated) is never a training target
+    return [nyu40_name(int(c)) if int(n) else None for c, n in zip(best.tolist(), counts.tolist())]
+
+
 def scan_objects(coord: np.ndarray, color: Optional[np.ndarray], model: Optional[InstanceProposer],
                  what: str = "scan") -> ProposalObjects:
     """Disjoint proposal objects of one scan: this module's with ``model``, else the geometric ones
@@ -596,4 +628,4 @@ def proposal_objects(coord: np.ndarray, color: Optional[np.ndarray], model: Inst
 
 
 __all__ = ["InstanceConfig", "InstanceProposals", "InstanceProposer", "TrainScan", "as_proposer", "fit_scorer",
-           "proposal_objects", "scan_from_scene", "scan_objects", "semantic_of", "train_instance_model"]
+           "object_class_names", "object_class_probs", "proposal_objects", "scan_from_scene", "scan_objects", "semantic_of", "train_instance_model"]

@@ -133,19 +133,9 @@ class ObjectTokenizer(nn.Module):
     @torch.no_grad()
     def semantic_prior(self, points: PointBatch, point2obj: torch.Tensor, num_objects: int) -> torch.Tensor:
         """``[M, 41]``: the frozen semantic model's class probabilities averaged over each object's points."""
-        probs = torch.zeros(points.num_points, self._semantic.net.semantic[-1].out_features, dtype=torch.float32)
-        color = points.color
-        for b in range(points.batch_size):
-            sel = (points.batch == b).cpu()
-            if not bool(sel.any()):
-                continue
-            c = None if color is None else (color[sel.to(color.device)].float().cpu().numpy() * 255.0)
-            probs[sel] = torch.from_numpy(self._semantic.point_probs(
-                points.coord[sel.to(points.coord.device)].float().cpu().numpy(), c,
-                what=f"scene {points.scene_ids[b]!r}" if getattr(points, "scene_ids", None) else "scene"))
-        probs = probs.to(point2obj.device)
-        has = point2obj >= 0
-        return scatter_pool(probs[has], point2obj[has], num_objects, "mean")
+        from scene3d.tokenizer.instance_proposals import object_class_probs  # circular at the top (see __init__)
+
+        return object_class_probs(self._semantic, points, point2obj, num_objects).to(point2obj.device)
 
     def forward(self, points: PointBatch, objects: Optional[torch.Tensor] = None) -> TokenizerOutput:
         """Tokens for ``points``; objects per point from ``objects [N]`` if given, else the GT instances in
