@@ -51,6 +51,30 @@ def chance(rows, processed_dir) -> dict:
     return totals | {"objects": len(ids)}
 
 
+class AnnotatedNames:
+    """A stand-in label model that names each point by its annotated class (the nearest annotated point of the
+    evaluated scans): ``--names annotated``, a diagnostic that separates wrong predicted names from wrong
+    reasoning. Never a result: the printed figures say "annotated names"."""
+
+    meta = {"trained_on": []}
+
+    def __init__(self, processed_dir, scene_ids) -> None:
+        from scipy.spatial import cKDTree
+
+        from scene3d.data.scene import load_processed_scene
+        from scene3d.tokenizer.instance_proposals import scan_from_scene
+
+        scans = [scan_from_scene(load_processed_scene(Path(processed_dir) / sid)) for sid in scene_ids]
+        self.tree = cKDTree(np.concatenate([s.coord for s in scans]))
+        self.semantic = np.concatenate([s.semantic for s in scans])
+
+    def point_probs(self, coord, color=None, what: str = "scan") -> np.ndarray:
+        cls = self.semantic[self.tree.query(np.asarray(coord, np.float32))[1]]
+        out = np.zeros((len(cls), 41), np.float32)
+        out[np.arange(len(cls)), cls] = 1.0
+        return out
+
+
 def line(name: str, m: dict) -> str:
     return f"{name:<34s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
 
@@ -71,6 +95,9 @@ def main(argv=None) -> int:
                     help="for a checkpoint whose prompt writes object class names (model.referring.object_labels): "
                          "the instance-proposal model that names the objects (default: --proposal-model, else the "
                          "checkpoint's model.label_model)")
+    ap.add_argument("--names", choices=("predicted", "annotated"), default="predicted",
+                    help="for such a checkpoint: the label model's names (the result) or the annotated ones (a "
+                         "diagnostic upper bound, printed as such)")
     args = ap.parse_args(argv)
     from data_prep import real_refer
     from scene3d.data.referring import read_jsonl
@@ -102,7 +129,10 @@ def main(argv=None) -> int:
         model = load_model(Path(args.checkpoint).expanduser(), device="cuda" if torch.cuda.is_available() else "cpu")
         if model.model.config.referring.object_labels:
             namer = args.label_model or args.proposal_model
-            if namer is not None:
+            if args.names == "annotated":
+                model.model.set_label_model(AnnotatedNames(args.processed, sorted({r["scene_id"] for r in rows})))
+                namer = "ANNOTATED NAMES (diagnostic, not a result)"
+            elif namer is not None:
                 model.model.set_label_model(namer)
             who = namer or model.model.config.label_model
             trained_on = model.model.label_model.meta.get("trained_on", []) if model.model.label_model else []

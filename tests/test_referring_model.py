@@ -304,12 +304,16 @@ def test_checkpoint_round_trip(tmp_path, scene):
         load_model_weights(m2, ck)
 
 
-def test_take_spreads_scenes_and_shared_decoding_equals_expanded():
+@pytest.mark.parametrize("object_states", [False, True])
+def test_take_spreads_scenes_and_shared_decoding_equals_expanded(object_states):
     """Several questions on one scene: ``take`` builds the per-sample layout from shared rows (gradients flow
     back into them), and reading each scene's prefix once and decoding each scene once for all its questions
-    gives the same losses as the expanded batch, sample by sample."""
+    gives the same losses as the expanded batch, sample by sample (also when the decoder reads the LLM's
+    states at the object tokens: ``decoder.object_states``)."""
     torch.manual_seed(0)
-    m = ReferringSegmenter(_config(shuffle_identifiers=False))  # a shared prefix shuffles once per scene
+    cfg = _config(shuffle_identifiers=False)  # a shared prefix shuffles once per scene
+    m = ReferringSegmenter(dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder,
+                                                                                object_states=object_states)))
     m.train()
     shared = synthetic_scene((5, 7), points_per_object=6, obj_dim=8, point_dim=8, seed=1)
     feat = shared.tokens.feat.clone().requires_grad_(True)
@@ -669,3 +673,34 @@ def test_object_names_in_the_prompt(scene):
     seq = m.pack(_batch(named))
     m.eval()
     assert len(seq.prompts) == 2 and torch.isfinite(m(_batch(named)).total)
+
+
+def test_decoder_reads_the_llm_states_at_the_object_tokens(scene):
+    """``decoder.object_states``: the grounding head's objects get the LLM's state at each object token (zero
+    for objects left out of the prompt); the scene cache and whole prompts give the decoder the same states;
+    the decoder's object scores then move with the object names in the prompt; its losses train ``state_in``
+    and the LLM's adapters."""
+    torch.manual_seed(0)
+    cfg = _config(object_labels=True)
+    m = ReferringSegmenter(dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, object_states=True)))
+    names = ["chair", "table", "desk", "lamp", "sofa", "bed", "chair", "door", "table", "sink", "towel", "desk"]
+    named = dataclasses.replace(scene, object_names=names)
+    m.eval()
+    one = named.scene(1)
+    cached = m.predict(one, ["the table", "a chair"], use_cache=True)
+    whole = m.predict(one, ["the table", "a chair"], use_cache=False)
+    for a, b in zip(cached, whole):
+        torch.testing.assert_close(a.obj_scores, b.obj_scores, atol=1e-4, rtol=1e-4)
+    keys = type("K", (), {})()
+    keys.states = torch.arange(6.0).view(1, 3, 2)
+    keys.slots = torch.tensor([[4, 0, -1]])
+    st = m.object_states_of(keys, torch.tensor([0, -1, 4]))  # object 1 is left out of the prompt
+    assert st.tolist() == [[2.0, 3.0], [0.0, 0.0], [0.0, 1.0]]
+    m.train()
+    loss = m(_batch(named))
+    (loss.mask_bce + loss.obj).backward()
+    assert m.decoder.grounding.state_in[1].weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.lm.named_parameters() if "lora" in n)
+    with pytest.raises(ValueError, match="object_states reads the LLM's states"):
+        dataclasses.replace(cfg, decoder_states="embeddings",
+                            decoder=dataclasses.replace(cfg.decoder, object_states=True))

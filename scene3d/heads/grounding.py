@@ -163,6 +163,8 @@ class GroundingHead(nn.Module):
         self.sentence_in = nn.Sequential(nn.LayerNorm(c.llm_dim), nn.Linear(c.llm_dim, c.dim))
         self.obj_proj = nn.Sequential(nn.Linear(c.obj_dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.dim))
         self.obj_pos = FourierEncoding(c.num_freqs, c.coord_scale, c.dim, in_dim=6)
+        self.state_in = (nn.Sequential(nn.LayerNorm(c.llm_dim), nn.Linear(c.llm_dim, c.dim))
+                         if getattr(c, "object_states", False) else None)
         geo_dim = PAIR_DIM + 3 + (2 if c.rank_pairs else 0)
         self.pair_embed = nn.Sequential(nn.Linear(geo_dim, c.pair_hidden), nn.GELU(),
                                         nn.Linear(c.pair_hidden, c.pair_hidden))
@@ -186,10 +188,17 @@ class GroundingHead(nn.Module):
         return self.sim_affine[0] * (e @ e.T) + self.sim_affine[1]
 
     def encode_objects(self, feat: torch.Tensor, center: torch.Tensor, size: torch.Tensor,
-                       origin: torch.Tensor) -> ObjectEncoding:
-        """Object tokens of one scene (``feat [M, C]``, box ``center`` / ``size [M, 3]``, scene ``origin [3]``)."""
+                       origin: torch.Tensor, states: Optional[torch.Tensor] = None) -> ObjectEncoding:
+        """Object tokens of one scene (``feat [M, C]``, box ``center`` / ``size [M, 3]``, scene ``origin [3]``;
+        with ``config.object_states`` also ``states [M, H_llm]``, the LLM's states at the object tokens)."""
         c = self.config
         obj = self.obj_proj(feat)
+        if self.state_in is not None:
+            if states is None or states.shape != (feat.shape[0], c.llm_dim):
+                raise ValueError(f"decoder.object_states needs the LLM's state at each of the {feat.shape[0]} "
+                                 f"object tokens ([M, {c.llm_dim}]), got "
+                                 f"{None if states is None else tuple(states.shape)}")
+            obj = obj + self.state_in(states.float()).to(obj.dtype)
         obj_pos = self.obj_pos(torch.cat([center - origin, size], dim=1))  # (M, D)
         geo = pair_geometry(center.to(obj.dtype), size.to(obj.dtype))
         if self.sim_embed is not None:

@@ -74,6 +74,11 @@ class MaskDecoderConfig:
     rank_pairs: bool = True
     #: metres over which "nearer than" softens (sigmoid temperature of the rank)
     rank_softness: float = 0.1
+    #: the grounding head's object features also read the LLM's last-layer state at each object's token
+    #: (:meth:`scene3d.heads.grounding.GroundingHead.encode_objects`): with object names in the prompt
+    #: (``ReferringConfig.object_labels``) that state has read the object's name, which the 3D token of a scan
+    #: never seen in training may not show; objects left out of the prompt get a zero state
+    object_states: bool = False
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -156,10 +161,11 @@ class MaskDecoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.zeros(()))
 
     def encode_scene(self, point_feat: torch.Tensor, coord: torch.Tensor, tokens: ObjectTokens,
-                     superpoint: Optional[torch.Tensor] = None, obj_rows: slice = slice(None)) -> SceneEncoding:
+                     superpoint: Optional[torch.Tensor] = None, obj_rows: slice = slice(None),
+                     obj_states: Optional[torch.Tensor] = None) -> SceneEncoding:
         """The question-independent half of the decoder for one scene: projected (and superpoint-pooled) point
         features, object features, their position encodings and pair geometry. Computed once per scene for all
-        its questions."""
+        its questions. ``obj_states [M, H_llm]``: the LLM's states at the object tokens (``object_states``)."""
         c = self.config
         if point_feat.shape[0] != coord.shape[0] or (superpoint is not None and superpoint.shape[0] != coord.shape[0]):
             raise ValueError("point_feat, coord and superpoint must have one row per point")
@@ -177,7 +183,7 @@ class MaskDecoder(nn.Module):
             pts = pts.new_zeros(s, c.dim).scatter_reduce(0, idx.expand(-1, c.dim), pts, "mean", include_self=False)
             rel = rel.new_zeros(s, 3).scatter_reduce(0, idx.expand(-1, 3), rel, "mean", include_self=False)
         objects = self.grounding.encode_objects(tokens.feat[obj_rows], tokens.center[obj_rows],
-                                                tokens.size[obj_rows], origin)
+                                                tokens.size[obj_rows], origin, obj_states)
         pts_pos = self.point_pos(rel)
         return SceneEncoding(pts, pts_pos, pts + pts_pos, inverse, objects)
 

@@ -104,10 +104,14 @@ class Scene3DModel(nn.Module):
         return self._label_model
 
     def set_label_model(self, value) -> None:
-        """Use ``value`` (an ``InstanceProposer``, its directory, or None: the config's) to name objects."""
-        from scene3d.tokenizer.instance_proposals import as_proposer
+        """Use ``value`` to name objects: an ``InstanceProposer`` or its directory, any object with
+        ``point_probs(coord [N, 3], color [N, 3] 0..255, what) -> [N, 41]`` nyu40 class probabilities (a user's
+        own semantic segmenter), or None (the config's ``label_model``)."""
+        if value is not None and not hasattr(value, "point_probs"):
+            from scene3d.tokenizer.instance_proposals import as_proposer
 
-        object.__setattr__(self, "_label_model", as_proposer(value))
+            value = as_proposer(value)
+        object.__setattr__(self, "_label_model", value)
 
     def object_names(self, points: PointBatch, tokens) -> list:
         """Each object's class name as the label model predicts it (``[M]``, None for an object without points)."""

@@ -163,6 +163,9 @@ class ReferringConfig:
         if self.identifier_grounding and not (self.identifier_pointer and self.sentence_state == "question"):
             raise ValueError("identifier_grounding needs identifier_pointer=true and sentence_state='question' "
                              "(set identifier_grounding=false with either)")
+        if self.decoder.object_states and self.decoder_states != "llm":
+            raise ValueError("decoder.object_states reads the LLM's states: it cannot join the "
+                             "decoder_states='embeddings' ablation")
         if self.architecture != ARCHITECTURE:
             raise ValueError(f"model architecture {self.architecture} is not this scene3d's ({ARCHITECTURE}: the "
                              "decoder reads the words only through the LLM's states, its sentence state before "
@@ -269,7 +272,9 @@ class ReferringSegmenter(nn.Module):
                       logits_at=at)
         words, seg = self.decoder_inputs(out.hidden, seq)
         scenes, index = batch.scenes()
-        dec = self.decode_grouped(scenes, index, seg, words, seq.word_mask)
+        dec = self.decode_grouped(scenes, index, seg, words, seq.word_mask,
+                                  self.scene_object_states(out.hidden, seq, index, scenes)
+                                  if c.decoder.object_states else None)
         t = batch.scene.tokens
         bias = None
         if self.grounding_scale is not None:  # each answer position gets its question's object logits
@@ -422,14 +427,45 @@ class ReferringSegmenter(nn.Module):
         cols = seq.ask_cols if self.config.sentence_state == "question" else seq.seg_cols
         return gather_states(source, seq.rows, seq.word_cols, seq.word_mask, cols)
 
-    def decode_grouped(self, scenes: SceneInputs, index: Sequence[int], seg, words, word_mask) -> DecoderOutput:
+    def scene_object_states(self, hidden: torch.Tensor, seq: PackedSequences, index: Sequence[int],
+                            scenes: SceneInputs) -> dict:
+        """``{scene: [M, H]}``: the LLM's states at each object's token in the prompt of the scene's first question
+        (zeros for objects left out of the prompt), for ``decoder.object_states``. With a shared prefix every
+        question of a scene has these states; with a gate each question has its own prefix, and the first one's
+        stand for the scene's."""
+        out: dict = {}
+        for b, u in enumerate(index):
+            if u in out:
+                continue
+            p, r = seq.prompts[b], int(seq.rows[b])
+            st = hidden.new_zeros(int(scenes.tokens.obj_counts[u]), hidden.shape[-1])
+            out[u] = st.index_put((p.placeholder_obj.to(st.device),), hidden[r, p.placeholder_pos.to(hidden.device)])
+        return out
+
+    @staticmethod
+    def object_states_of(keys, slot_of_object: torch.Tensor) -> torch.Tensor:
+        """``[M, H]``: question 0's states at the object tokens (:class:`~scene3d.models.generation.PointerKeys`)
+        per object of ``slot_of_object [M]`` (its identifier, -1 where left out: a zero state)."""
+        states, slots = keys.states[0], keys.slots[0].to(slot_of_object.device)
+        m, dev = slot_of_object.numel(), states.device
+        pos = torch.full((m,), -1, dtype=torch.long, device=slot_of_object.device)
+        for p, sl in enumerate(slots.tolist()):
+            if sl >= 0:
+                pos[slot_of_object == sl] = p
+        out = states.new_zeros(m, states.shape[-1])
+        has = (pos >= 0).to(dev)
+        return out.index_put((has.nonzero()[:, 0],), states[pos.to(dev)[has]])
+
+    def decode_grouped(self, scenes: SceneInputs, index: Sequence[int], seg, words, word_mask,
+                       obj_states: Optional[dict] = None) -> DecoderOutput:
         """The decoder on questions ``b`` of scenes ``index[b]``: each distinct scene encoded once, its questions
-        decoded in one call; outputs laid out per question."""
+        decoded in one call; outputs laid out per question. ``obj_states``: :meth:`scene_object_states`."""
         outs: list = [None] * len(index)
         for u in sorted(set(index)):
             rows = [b for b, i in enumerate(index) if i == u]
             sc = scenes.scene(u)
-            enc = self.decoder.encode_scene(sc.point_feat, sc.points.coord, sc.tokens, sc.points.superpoint)
+            enc = self.decoder.encode_scene(sc.point_feat, sc.points.coord, sc.tokens, sc.points.superpoint,
+                                            obj_states=None if obj_states is None else obj_states[u])
             r = torch.tensor(rows, device=seg.device)
             for b, o in zip(rows, self.decoder.decode(seg[r], enc, words[r], word_mask[r])):
                 outs[b] = o
@@ -534,7 +570,9 @@ class ReferringSegmenter(nn.Module):
                     started = generation.start_cached_rows(self, scene_cache, chunk)
                 if enc is None:  # the decoder's keys do not depend on the question: once per scene
                     enc = self.decoder.encode_scene(scene.point_feat, scene.points.coord, scene.tokens,
-                                                    scene.points.superpoint)
+                                                    scene.points.superpoint, obj_states=(
+                                                        self.object_states_of(started.pointer, started.slots[0])
+                                                        if self.config.decoder.object_states else None))
                 if self.config.sentence_state == "question":  # the decoder runs first: it needs no answer
                     decoded = self.decoder.decode(self.sentence(chunk, None, started.pointer.hidden), enc,
                                                   started.words, started.word_mask)
