@@ -75,6 +75,29 @@ class AnnotatedNames:
         return out
 
 
+def naming_accuracy(model, processed_dir, scene_ids) -> tuple[int, int]:
+    """(objects whose predicted name is their annotated one, objects): over the ground-truth objects with points
+    of ``scene_ids``, named as the model names them at inference (its label model)."""
+    import torch
+
+    from scene3d.data.labels import clean_label
+    from scene3d.data.referring import scene_to_tensors
+    from scene3d.data.scene import load_processed_scene
+    from scene3d.structures import PointBatch
+
+    right = total = 0
+    for sid in scene_ids:
+        scene = load_processed_scene(Path(processed_dir) / sid)
+        pts = PointBatch.from_list([scene_to_tensors(scene)], scene_ids=[sid])
+        with torch.no_grad():
+            inputs, _ = model.encode(pts, pts.instance)
+        truth = {int(o.id): clean_label(o.label) for o in scene.objects}
+        for oid, name in zip(inputs.tokens.object_ids.tolist(), inputs.object_names):
+            right += int(name == truth.get(int(oid)))
+            total += 1
+    return right, total
+
+
 def line(name: str, m: dict) -> str:
     return f"{name:<34s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
 
@@ -139,6 +162,9 @@ def main(argv=None) -> int:
             if set(trained_on) & {r["scene_id"] for r in rows}:
                 raise SystemExit(f"label model {who} was trained on an evaluated scan ({trained_on})")
             print(f"object names in the prompt: predicted by {who} (trained on {', '.join(trained_on) or '?'})")
+            right, total = naming_accuracy(model.model, args.processed, sorted({r["scene_id"] for r in rows}))
+            print(f"  names right on {right} of the {total} ground-truth objects ({right / max(total, 1):.0%}; "
+                  "annotated names cleaned as the expressions write them)")
         masks = [m.strip() for m in args.mask.split(",") if m.strip()]
         for objects in [o.strip() for o in args.objects.split(",") if o.strip()]:
             t0 = time.perf_counter()

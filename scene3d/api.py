@@ -429,6 +429,9 @@ class SegmentResult(NamedTuple):
     ``all_below_threshold`` bool         every object scored below the decoder threshold: the model found
                                          nothing it knows here (``warnings`` says so)
     ``oversized``        [K] int64       rows of proposals holding most (> half) of the scene's points
+    ``object_names``     tuple[str]      [T] class name the prompt gave each chosen object (a model whose
+                                         prompt writes names: ``referring.object_labels``; predicted by
+                                         its label model); empty for a model that writes none
     ``warnings``         tuple[str]      what degrades this answer, in words: a scene downsampled coarser
                                          than the model, oversized proposals, every score below the
                                          threshold (empty: none; words, text and objects left out have
@@ -482,6 +485,7 @@ class EncodedScene(NamedTuple):
     object_source: str = "instances"  # instances | geometric | instance | learned
     num_proposals: int = 0
     num_candidates: int = 0
+    object_names: tuple = ()
 
 
 # ------------------------------------------------------------------------------------------------ segmenter
@@ -746,7 +750,9 @@ class Segmenter:
             model_points=int(tokens.point2obj.shape[0]),
             downsample_voxel=None if d is None else d.voxel_size, all_below_threshold=below,
             oversized=enc.oversized, warnings=tuple(notes), object_source=enc.object_source,
-            num_proposals=enc.num_proposals, num_candidates=enc.num_candidates)
+            num_proposals=enc.num_proposals, num_candidates=enc.num_candidates,
+            object_names=() if enc.inputs.object_names is None else
+            tuple(enc.inputs.object_names[int(r)] or "" for r in rows.tolist()))
 
 
 __all__ = ["DEFAULT_MAX_POINTS", "DEFAULT_PROPOSALS", "OBJECT_CHOICES", "DegradedSceneWarning", "Downsampled", "EncodedScene", "SceneData", "SceneLoadError",

@@ -215,15 +215,18 @@ def slug(text: str, max_len: int = 40) -> str:
 
 
 def object_names(result, scene=None) -> list:
-    """Legend names of a result's objects: ``id 3 chair (0.91)`` / ``proposal 2 (0.55)``."""
+    """Legend names of a result's objects: ``id 3 chair (0.91)`` / ``proposal 2 (0.55)``, with the name the
+    model's prompt gave the object where it writes names (``proposal 2 'chair' (0.55)``)."""
     out = []
     labels = getattr(scene, "labels", {}) or {}
-    for row, oid, sc in zip(result.objects.tolist(), result.object_ids.tolist(), result.scores.tolist()):
+    named = list(getattr(result, "object_names", ()) or ())  # the model's own (predicted) names, if it writes any
+    for i, (row, oid, sc) in enumerate(zip(result.objects.tolist(), result.object_ids.tolist(), result.scores.tolist())):
+        said = f" '{named[i]}'" if i < len(named) and named[i] else ""
         if oid >= 0:
             lab = labels.get(oid)
-            out.append(f"id {oid}{' ' + lab if lab else ''} ({sc:.2f})")
+            out.append(f"id {oid}{' ' + lab if lab else ''}{said} ({sc:.2f})")
         else:
-            out.append(f"proposal {row} ({sc:.2f})")
+            out.append(f"proposal {row}{said} ({sc:.2f})")
     return out
 
 

@@ -249,3 +249,10 @@ def test_label_model_names_the_objects_for_a_model_that_reads_names(trained, syn
     rows = [json.loads(x) for x in syn.train.read_text().splitlines() if x.strip()][:2]
     res = evaluate_model(named, syn.processed, rows, progress=False)
     assert len(res.per_sample) == 2
+    seg = Segmenter(named)
+    scene = seg.load_scene(syn.processed / rows[0]["scene_id"])
+    enc = seg.encode(scene, objects="proposals")
+    assert len(enc.inputs.object_names) == enc.inputs.tokens.num_objects
+    assert set(enc.inputs.object_names) <= {nyu40_name(i) for i in range(1, 41)}
+    r = seg.segment(scene, [rows[0]["text"], "the chair"], objects="proposals")[1]
+    assert r.object_names == tuple(enc.inputs.object_names[i] for i in r.objects)
