@@ -463,6 +463,7 @@ class SegmentResult(NamedTuple):
     object_source: str = "instances"
     num_proposals: int = 0
     num_candidates: int = 0
+    object_names: tuple = ()
 
     @property
     def num_points(self) -> int:
@@ -485,7 +486,6 @@ class EncodedScene(NamedTuple):
     object_source: str = "instances"  # instances | geometric | instance | learned
     num_proposals: int = 0
     num_candidates: int = 0
-    object_names: tuple = ()
 
 
 # ------------------------------------------------------------------------------------------------ segmenter

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from scene3d.data.labels import clean_label
 from scene3d.engine.checkpoint import load_selected, select_trainable
 from scene3d.gating.adapter import GateConfig, ObjectTokenGate
 from scene3d.llm.loader import fingerprint_hex
@@ -29,6 +30,7 @@ from scene3d.models.referring import Prediction, QueryBatch, ReferringConfig, Re
 from scene3d.structures.scene_inputs import SceneInputs
 from scene3d.structures.points import PointBatch
 from scene3d.tokenizer.backbone import BackboneConfig
+from scene3d.tokenizer.instance_proposals import InstanceProposer, as_proposer, object_class_names
 from scene3d.tokenizer.model import IN_CHANNELS, ObjectTokenizer, ObjectTokenizerConfig
 from scene3d.tokenizer.proposals import ProposalConfig
 from scene3d.tokenizer.relation import RelationConfig
@@ -98,8 +100,6 @@ class Scene3DModel(nn.Module):
         """The instance-proposal model that names objects at inference (:attr:`PipelineConfig.label_model`,
         loaded on first use), or None."""
         if self._label_model is None and self.config.label_model:
-            from scene3d.tokenizer.instance_proposals import InstanceProposer  # spconv / scipy: with a model only
-
             object.__setattr__(self, "_label_model", InstanceProposer.load(Path(self.config.label_model).expanduser()))
         return self._label_model
 
@@ -108,8 +108,6 @@ class Scene3DModel(nn.Module):
         ``point_probs(coord [N, 3], color [N, 3] 0..255, what) -> [N, 41]`` nyu40 class probabilities (a user's
         own semantic segmenter), or None (the config's ``label_model``)."""
         if value is not None and not hasattr(value, "point_probs"):
-            from scene3d.tokenizer.instance_proposals import as_proposer
-
             value = as_proposer(value)
         object.__setattr__(self, "_label_model", value)
 
@@ -120,8 +118,6 @@ class Scene3DModel(nn.Module):
             raise ValueError("this model writes each object's class name into its prompt (referring.object_labels) "
                              "and needs a label model to name the objects: set model.label_model or pass "
                              "--label-model DIR (an instance-proposal model of `scene3d prep proposals`)")
-        from scene3d.tokenizer.instance_proposals import object_class_names
-
         return object_class_names(model, points, tokens.point2obj, tokens.num_objects)
 
     def encode(self, points: PointBatch, objects: Optional[torch.Tensor] = None, names: bool = True):
@@ -173,8 +169,6 @@ class Scene3DModel(nn.Module):
     def annotated_names(tokens, labels: Sequence[dict]) -> list:
         """``[M]``: each object's annotated class (``labels[b]``: object id -> label of scene ``b``) as a
         sentence writes it (:func:`scene3d.data.labels.clean_label`), None where unknown."""
-        from scene3d.data.labels import clean_label
-
         return [None if labels[b].get(int(oid)) is None else clean_label(labels[b][int(oid)])
                 for b, oid in zip(tokens.obj_batch.tolist(), tokens.object_ids.tolist())]
 

@@ -48,11 +48,13 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scene3d.data.labels import nyu40_name
 from scene3d.sparse.spconv_compat import sparse_tensor
 from scene3d.tokenizer.backbone import BackboneConfig, SparseUNet
 from scene3d.tokenizer.geometric_proposals import ProposalObjects, flatten_masks
 from scene3d.tokenizer.geometric_proposals import proposal_objects as geometric_objects
 from scene3d.tokenizer.proposals import instance_centers
+from scene3d.tokenizer.voxelize import scatter_pool
 from scene3d.utils.io import write_json_atomic
 
 #: nyu40 ids of wall, floor and ceiling: never proposals (ScanNet's instance benchmark leaves them out)
@@ -582,8 +584,6 @@ def object_class_probs(model: InstanceProposer, points, point2obj: torch.Tensor,
     objects ``point2obj [N]`` (-1 none) of a :class:`~scene3d.structures.points.PointBatch` ``points``
     (colours in [0, 1]); each scene of the batch is one scan. What the tokenizer's semantic prior and the
     prompts' object names (:func:`object_class_names`) read."""
-    from scene3d.tokenizer.voxelize import scatter_pool
-
     probs = torch.zeros(points.num_points, NUM_CLASSES, dtype=torch.float32)
     ids = getattr(points, "scene_ids", None) or []
     for b in range(points.batch_size):
@@ -601,8 +601,6 @@ def object_class_probs(model: InstanceProposer, points, point2obj: torch.Tensor,
 def object_class_names(model: InstanceProposer, points, point2obj: torch.Tensor, num_objects: int) -> list:
     """Each object's predicted class name (:func:`scene3d.data.labels.nyu40_name` of the most probable nyu40 id
     of :func:`object_class_probs`; None for an object without points)."""
-    from scene3d.data.labels import nyu40_name
-
     probs = object_class_probs(model, points, point2obj, num_objects)
     counts = torch.bincount(point2obj[point2obj >= 0].cpu(), minlength=num_objects)
     best = probs[:, 1:].argmax(1) + 1  # id 0 (unannotated) is never a training target
