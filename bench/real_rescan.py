@@ -62,15 +62,16 @@ class AnnotatedNames:
         from scipy.spatial import cKDTree
 
         from scene3d.data.scene import load_processed_scene
-        from scene3d.tokenizer.instance_proposals import scan_from_scene
+        from scene3d.tokenizer.instance_proposals import NUM_CLASSES, scan_from_scene
 
+        self.num_classes = NUM_CLASSES
         scans = [scan_from_scene(load_processed_scene(Path(processed_dir) / sid)) for sid in scene_ids]
         self.tree = cKDTree(np.concatenate([s.coord for s in scans]))
         self.semantic = np.concatenate([s.semantic for s in scans])
 
     def point_probs(self, coord, color=None, what: str = "scan") -> np.ndarray:
         cls = self.semantic[self.tree.query(np.asarray(coord, np.float32))[1]]
-        out = np.zeros((len(cls), 41), np.float32)
+        out = np.zeros((len(cls), self.num_classes), np.float32)
         out[np.arange(len(cls)), cls] = 1.0
         return out
 

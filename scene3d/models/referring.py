@@ -446,15 +446,17 @@ class ReferringSegmenter(nn.Module):
     def object_states_of(keys, slot_of_object: torch.Tensor) -> torch.Tensor:
         """``[M, H]``: question 0's states at the object tokens (:class:`~scene3d.models.generation.PointerKeys`)
         per object of ``slot_of_object [M]`` (its identifier, -1 where left out: a zero state)."""
-        states, slots = keys.states[0], keys.slots[0].to(slot_of_object.device)
-        m, dev = slot_of_object.numel(), states.device
-        pos = torch.full((m,), -1, dtype=torch.long, device=slot_of_object.device)
-        for p, sl in enumerate(slots.tolist()):
-            if sl >= 0:
-                pos[slot_of_object == sl] = p
-        out = states.new_zeros(m, states.shape[-1])
-        has = (pos >= 0).to(dev)
-        return out.index_put((has.nonzero()[:, 0],), states[pos.to(dev)[has]])
+        states, dev = keys.states[0], keys.states.device
+        slots, slot_of_object = keys.slots[0].to(dev), slot_of_object.to(dev)
+        # column of each identifier among the object tokens (-1: no token); the last entry answers slot -1
+        top = int(torch.cat([slots, slot_of_object, slots.new_tensor([-1])]).max())
+        column = torch.full((top + 2,), -1, dtype=torch.long, device=dev)
+        real = slots >= 0
+        column[slots[real]] = real.nonzero()[:, 0]
+        pos = column[slot_of_object]
+        has = pos >= 0
+        return states.new_zeros(slot_of_object.numel(), states.shape[-1]).index_put((has.nonzero()[:, 0],),
+                                                                                  states[pos[has]])
 
     def decode_grouped(self, scenes: SceneInputs, index: Sequence[int], seg, words, word_mask,
                        obj_states: Optional[dict] = None) -> DecoderOutput:
