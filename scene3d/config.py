@@ -130,6 +130,12 @@ class DataSchema:
     max_points: Optional[int] = None  # training-time subsampling per scene (evaluation uses every point)
     jitter: float = 0.0
     scale_range: float = 0.0
+    #: training: turn each scene item a random number of quarter turns about z, its rows' compass words
+    #: ("north", "facing the west wall") with it (scene3d/data/augment.py): scans of one room differ by such
+    #: turns, and a model trained on one orientation does not recognise another
+    rotate: bool = False
+    #: training: one random brightness gain (1 +- c) and per-channel shift (+- c/2) per scene item
+    color_jitter: float = 0.0
     max_train_samples: Optional[int] = None
     #: training items are up to this many questions on one scene, tokenized once (trainer.batch_size counts
     #: items); 1: one question per item

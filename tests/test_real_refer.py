@@ -9,17 +9,20 @@ inputs; the CLI writes the common format that the readers and the processed-scen
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import json
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from data_prep import real_refer as RR
 from data_prep import refer as R
 from data_prep import synth_refer as S
 from scene3d.cli import main
 from scene3d.constants import PROCESSED_FORMAT_VERSION
+from scene3d.data.augment import turn_points, turn_row
 from scene3d.data.scene import load_processed_scene
 
 MMDET = "open-mmlab__mmdetection3d/tests/data/scannet/scannet_train_instance_data"
@@ -203,6 +206,26 @@ def test_every_row_of_both_real_scans_is_true(real):
     assert {"attr", "closest", "farthest", "between", "on", "near"} <= ops and ops & set(S.VIEW_OPS), ops
     kinds = {r["eval_type"] for r in rep.rows}
     assert {"mt", "st_w_d", "st_wo_d", "zt_w_d", "zt_wo_d"} <= kinds, kinds
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_rows_stay_true_on_a_turned_scan(real, turns):
+    """Training's rotation augmentation (scene3d.data.augment): the scan turned by quarter turns about z and
+    each row's compass words turned with it; the reference re-check, on boxes recomputed from the turned
+    points, finds every row still true (the viewpoint rows' sides included), and a view row's text changed."""
+    root, rep, _ = real
+    changed = 0
+    for sid in REAL_SCENES:
+        scene = load_processed_scene(root / sid)
+        pts = turn_points({"coord": torch.from_numpy(scene.coord.astype(np.float32))}, turns)
+        turned = dataclasses.replace(scene, coord=pts["coord"].numpy().astype(np.float64))
+        rows = [r for r in rep.rows if r["scene_id"] == sid]
+        moved = [turn_row(r, turns) for r in rows]
+        check_rows(moved, {sid: Boxes(turned)})
+        changed += sum(m["text"] != r["text"] for m, r in zip(moved, rows))
+        assert all(m["program"].get("view") != r["program"].get("view") for m, r in zip(moved, rows)
+                   if r["program"]["op"] in S.VIEW_OPS)
+    assert changed > 0
 
 
 def test_real_objects_labels_colours_support(real):

@@ -113,7 +113,8 @@ def training_dataset(data, seed: int, reworder=None):
     main = ReferringDataset(train.processed_dir, data.train, max_points=data.max_points, jitter=data.jitter,
                             scale_range=data.scale_range, max_samples=data.max_train_samples, seed=seed,
                             rows=train.rows, questions_per_scene=data.questions_per_scene,
-                            rewording=data.rewording, reworder=reworder)
+                            rewording=data.rewording, reworder=reworder, rotate=data.rotate,
+                            color_jitter=data.color_jitter)
     extra = list(getattr(data, "extra_train", None) or [])
     if not extra:
         return main
@@ -135,5 +136,6 @@ def training_dataset(data, seed: int, reworder=None):
         parts.append(ReferringDataset(proc, path, max_points=data.max_points, jitter=data.jitter,
                                       scale_range=data.scale_range, seed=seed + 1 + k, rows=rows,
                                       questions_per_scene=data.questions_per_scene, repeat=src.repeat,
-                                      rewording=data.rewording, reworder=reworder))
+                                      rewording=data.rewording, reworder=reworder, rotate=data.rotate,
+                                      color_jitter=data.color_jitter))
     return ConcatDataset(parts)

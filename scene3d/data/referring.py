@@ -17,6 +17,8 @@ key                 type              meaning
 Scenes are directories of ``processed_dir`` or mmdetection3d exports in it (``<scene_id>_vert[_all].npy``).
 A training subsample keeps a few points of every object (:func:`keep_every_object`).
 ``repeat = R`` lists every item ``R`` times per epoch (a small set trained beside a large one).
+``rotate`` turns each item's scene a random number of quarter turns about z, its rows' compass words with it;
+``color_jitter`` changes its lighting (:mod:`scene3d.data.augment`).
 
 With ``questions_per_scene = Q > 1`` an item is up to ``Q`` rows *of one scene* (the rows grouped by scene in
 file order, then cut into runs of ``Q``; ``sample`` is the first): the scene is loaded, subsampled and
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scene3d.data.augment import jitter_color, turn_points, turn_row
 from scene3d.data.exports import find_mmdet_export
 from scene3d.data.scene import Scene, load_processed_scene
 from scene3d.structures import PointBatch
@@ -81,7 +84,8 @@ class ReferringDataset(Dataset):
                  scale_range: float = 0.0, max_samples: Optional[int] = None, seed: int = 0,
                  rows: Optional[Sequence[dict]] = None, questions_per_scene: int = 1, repeat: int = 1,
                  rewording: float = 0.0, reworder: Optional[Callable[[dict, np.random.Generator],
-                                                                     Optional[str]]] = None):
+                                                                     Optional[str]]] = None,
+                 rotate: bool = False, color_jitter: float = 0.0):
         self.processed_dir = Path(processed_dir)
         if not self.processed_dir.is_dir():
             raise FileNotFoundError(f"processed scenes directory not found: {self.processed_dir}")
@@ -102,6 +106,9 @@ class ReferringDataset(Dataset):
             raise ValueError("rewording > 0 needs a reworder (scene3d.data does not import data_prep: the caller "
                              "passes data_prep.rewording.reword_row)")
         self.rewording, self.reworder = float(rewording), reworder
+        if not 0.0 <= float(color_jitter) < 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter!r}")
+        self.rotate, self.color_jitter = bool(rotate), float(color_jitter)
         by_scene: dict = {}
         for i, r in enumerate(self.rows):
             by_scene.setdefault(r["scene_id"], []).append(i)
@@ -155,6 +162,13 @@ class ReferringDataset(Dataset):
         if self.rewording > 0:
             rows = self._reword(rows, np.random.default_rng([self.seed, self.epoch, idx, 1]))
             row = rows[0]
+        if self.rotate or self.color_jitter > 0:  # own stream: the subsample and jitter stay as without it
+            aug = np.random.default_rng([self.seed, self.epoch, idx, 2])
+            turns = int(aug.integers(0, 4)) if self.rotate else 0
+            points = turn_points(points, turns)
+            rows = [turn_row(r, turns) for r in rows]
+            row = rows[0]
+            points["color"] = jitter_color(points["color"], self.color_jitter, aug)
         return {"scene_id": row["scene_id"], "points": points, "sample": row, "samples": rows,
                 "labels": {int(o.id): o.label for o in scene.objects}}
 
