@@ -99,6 +99,29 @@ def naming_accuracy(model, processed_dir, scene_ids) -> tuple[int, int]:
     return right, total
 
 
+def turned_export(processed_dir: Path, scene_ids, turns: int, out_dir: Path) -> Path:
+    """``out_dir`` holding the mmdet3d exports of ``scene_ids`` turned ``turns`` quarter turns counter-clockwise
+    about z (scene3d.data.augment.turn_points: about the middle of the xy extent), labels unchanged: the same
+    scan in another of the orientations ScanNet's axis alignment allows."""
+    import torch
+
+    from scene3d.data.augment import turn_points
+    from scene3d.data.exports import find_mmdet_export
+    from scene3d.data.npy import load_npy
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sid in scene_ids:
+        f = find_mmdet_export(Path(processed_dir) / sid)
+        if f is None:
+            raise SystemExit(f"{processed_dir}: no mmdet3d export of {sid} to turn")
+        vert = load_npy(f.vert).astype(np.float32)
+        xyz = turn_points({"coord": torch.from_numpy(np.ascontiguousarray(vert[:, :3]))}, turns)["coord"].numpy()
+        np.save(out_dir / f.vert.name, np.concatenate([xyz, vert[:, 3:]], 1))
+        for src in (f.ins, f.sem):
+            np.save(out_dir / src.name, load_npy(src))
+    return out_dir
+
+
 def line(name: str, m: dict) -> str:
     return f"{name:<34s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
 
@@ -122,6 +145,10 @@ def main(argv=None) -> int:
     ap.add_argument("--names", choices=("predicted", "annotated"), default="predicted",
                     help="for such a checkpoint: the label model's names (the result) or the annotated ones (a "
                          "diagnostic upper bound, printed as such)")
+    ap.add_argument("--turns", type=int, default=0, choices=range(4),
+                    help="score the scan turned this many quarter turns counter-clockwise about z, the rows' compass "
+                         "words turned with it (a robustness check: ScanNet leaves each scan's orientation "
+                         "arbitrary; written to a temporary directory)")
     args = ap.parse_args(argv)
     from data_prep import real_refer
     from scene3d.data.referring import read_jsonl
@@ -134,6 +161,17 @@ def main(argv=None) -> int:
         rows = read_jsonl(args.rows)
     print(f"{len(rows)} rows of {sorted({r['scene_id'] for r in rows})} (rescan of the training scan's room: "
           "rescan generalisation, not new rooms)")
+    tmp = None
+    if args.turns:
+        import tempfile
+
+        from scene3d.data.augment import turn_row
+
+        tmp = tempfile.TemporaryDirectory(prefix="real_rescan_turned_")
+        args.processed = turned_export(args.processed, sorted({r["scene_id"] for r in rows}), args.turns,
+                                       Path(tmp.name))
+        rows = [turn_row(r, args.turns) for r in rows]
+        print(f"the scan and its rows turned {args.turns} quarter turn(s) counter-clockwise about z")
     c = chance(rows, args.processed)
     print(line(f"chance (random object of {c['objects']})", c))
     proposer = None
