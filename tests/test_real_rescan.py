@@ -70,7 +70,10 @@ def test_config_mixes_synthetic_and_real_rows(env):
     assert all(r["dataset"] == "generated" for r in item["samples"])
     # two repetitions of one item draw different subsamples
     again = ds[len(synth) + len(scan) // obj.data.extra_train[0].repeat]
-    assert again["samples"] == item["samples"] and not again["points"]["coord"].equal(item["points"]["coord"])
+    assert [r["ann_id"] for r in again["samples"]] == [r["ann_id"] for r in item["samples"]]
+    assert not again["points"]["coord"].equal(item["points"]["coord"])
+    # the experiment turns every source's items by quarter turns (scene0000_02 lies a quarter turn away)
+    assert synth.rotate and scan.rotate and obj.data.rotate
 
 
 def test_a_scene_in_two_sources_is_an_error(env, tmp_path):
