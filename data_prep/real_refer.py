@@ -248,11 +248,21 @@ def _mentions_no_color(program: dict) -> bool:
     return any(sp.get("color") == "" for sp in specs)
 
 
-def scene_expressions(objs: list, rng: np.random.Generator, max_per_op: int = S.MAX_PER_OP) -> list:
+def scene_expressions(objs: list, rng: np.random.Generator, max_per_op: int = S.MAX_PER_OP,
+                      zero_share: Optional[float] = None) -> list:
     """True, unambiguous expressions of one real scene: :func:`data_prep.synth_refer.candidate_programs` less
     those naming a missing colour, kept by the rules of :func:`data_prep.synth_refer.scene_expressions` (the
     intended number of targets, clear superlatives) and sampled ``max_per_op`` per (op, kind[, w/wo
-    distractors]). Written apart from the synthetic one for the colour filter and ``max_per_op``."""
+    distractors]). Written apart from the synthetic one for the colour filter and ``max_per_op``.
+
+    ``zero_share``: at most this share of each op's expressions have no target (None: no cap). Absent
+    objects are unlimited while a room has few objects of a class, so without a cap "attr" and "near" are
+    mostly zero-target (scene0000_01 at ``max_per_op`` 100: 106 of 145 "attr", 100 of 109 "near"), and a
+    model trained on them learns to answer "none" to the op rather than to the scene. The cap keeps a
+    random subset of the zero-target ones, drawn after all other sampling, so the rest are unchanged; a
+    dropped one is None in the list, so that the rows keep their ids."""
+    if zero_share is not None and not 0.0 <= zero_share < 1.0:
+        raise ValueError(f"zero_share must be in [0, 1), got {zero_share}")
     pools: dict[tuple, list] = {}
     for p in S.candidate_programs(objs, list(ABSENT_CLASSES), list(COLORS)):
         if _mentions_no_color(p):
@@ -270,16 +280,29 @@ def scene_expressions(objs: list, rng: np.random.Generator, max_per_op: int = S.
     for key in sorted(pools):
         pool = sorted(pools[key], key=lambda e: json.dumps(e.program, sort_keys=True))
         out.extend(pool[i] for i in sorted(rng.permutation(len(pool))[:max_per_op]))
-    return out
+    if zero_share is None:
+        return out
+    drop = set()
+    for op in sorted({e.program["op"] for e in out}):
+        zero = [i for i, e in enumerate(out) if e.program["op"] == op and e.kind == "zero"]
+        positive = sum(1 for e in out if e.program["op"] == op and e.kind != "zero")
+        keep = int(np.floor(zero_share / (1.0 - zero_share) * positive + 1e-9))
+        if len(zero) > keep:
+            drop.update(zero[i] for i in rng.permutation(len(zero))[keep:])
+    # None marks a dropped one, so the kept ones keep the row ids (ann_id) they have without the cap
+    return [None if i in drop else e for i, e in enumerate(out)]
 
 
-def scene_rows(real: RealScene, seed: int = 0, max_per_op: int = S.MAX_PER_OP) -> list[dict]:
+def scene_rows(real: RealScene, seed: int = 0, max_per_op: int = S.MAX_PER_OP,
+               zero_share: Optional[float] = None) -> list[dict]:
     """Common-format rows of one scene; a function of (scene, seed) only (the generator is seeded by the
     scene id, so a scene gives the same rows alone or among others)."""
     objs = real.objects
     rng = np.random.default_rng([seed, zlib.crc32(real.scene_id.encode())])
     rows = []
-    for i, e in enumerate(scene_expressions(objs, rng, max_per_op)):
+    for i, e in enumerate(scene_expressions(objs, rng, max_per_op, zero_share)):
+        if e is None:  # zero-target, dropped by zero_share
+            continue
         p, label = e.program, e.program["label"]
         same = sorted(o.id for o in S.select(objs, label))
         distractors = [o for o in same if o not in e.targets]
@@ -307,9 +330,11 @@ class GenerateReport(NamedTuple):
 
 
 def generate_rows(processed_dir, scenes: Optional[Iterable[str]] = None, seed: int = 0,
-                  max_per_op: int = S.MAX_PER_OP, progress: bool = True) -> GenerateReport:
+                  max_per_op: int = S.MAX_PER_OP, progress: bool = True,
+                  zero_share: Optional[float] = None) -> GenerateReport:
     """Rows for ``scenes`` (default: every scene of ``processed_dir``, :func:`list_scenes`). Raises
-    :class:`RealSceneError` naming the scene on bad input, ``FileNotFoundError`` for a missing scene."""
+    :class:`RealSceneError` naming the scene on bad input, ``FileNotFoundError`` for a missing scene.
+    ``zero_share``: see :func:`scene_expressions`."""
     t0 = time.perf_counter()
     available = list_scenes(processed_dir)
     wanted = available if scenes is None else sorted(set(scenes))
@@ -321,7 +346,7 @@ def generate_rows(processed_dir, scenes: Optional[Iterable[str]] = None, seed: i
     rows, per_scene, skipped = [], {}, {}
     for sid in tqdm(wanted, desc="generate expressions", unit="scene", disable=not progress):
         real = load_real_scene(processed_dir, sid)
-        got = scene_rows(real, seed, max_per_op)
+        got = scene_rows(real, seed, max_per_op, zero_share)
         if not got:
             raise RealSceneError(f"scene {sid}: no expression passed the truth checks")
         rows += got

@@ -262,6 +262,36 @@ def test_scene_rows_do_not_depend_on_the_other_scenes(real, tmp_path, capsys):
     assert len(more) > len(alone)
 
 
+def _by_op(rows):
+    zero, positive = {}, {}
+    for r in rows:
+        table = positive if r["targets"] else zero
+        table[r["program"]["op"]] = table.get(r["program"]["op"], 0) + 1
+    return zero, positive
+
+
+@pytest.mark.parametrize("share", [0.5, 0.2, 0.0])
+def test_zero_share_caps_the_zero_target_rows_of_each_op(real, share, tmp_path, capsys):
+    root = real[0]
+    full = RR.generate_rows(root, ["scene0000_01"], max_per_op=100, progress=False).rows
+    zero, positive = _by_op(full)
+    # the imbalance the cap is for: absent objects are unlimited, objects of a room are not
+    assert zero["attr"] > 2 * positive["attr"] and zero["near"] > 2 * positive["near"]
+    capped = RR.generate_rows(root, ["scene0000_01"], max_per_op=100, zero_share=share, progress=False).rows
+    by_id = {r["ann_id"]: r for r in full}
+    assert all(by_id[r["ann_id"]] == r for r in capped)  # a subset, ids kept
+    assert [r for r in full if r["targets"]] == [r for r in capped if r["targets"]]  # every positive row kept
+    czero, cpositive = _by_op(capped)
+    for op, n in czero.items():
+        assert n <= share * (n + cpositive[op]) + 1e-9, (op, n, cpositive[op])
+        assert n + 1 > share * (n + 1 + cpositive[op]), (op, n)  # as many as the cap allows
+    assert sum(czero.values()) > 0 if share else not czero
+    out = tmp_path / "capped.jsonl"
+    assert main(["prep", "refer", "--dataset", "generated", "--processed", str(root), "--scenes", "scene0000_01",
+                 "--per-op", "100", "--zero-share", str(share), "--out", str(out), "--no-progress"]) == 0
+    assert [r["ann_id"] for r in R.read_refer_jsonl(out)] == [r["ann_id"] for r in capped]
+
+
 def test_cli_writes_the_common_format(real, tmp_path, capsys):
     root, rep, scenes = real
     out = tmp_path / "gen.jsonl"
@@ -389,3 +419,12 @@ def test_bad_input_names_the_scene(tmp_path, real_data, capsys):
     assert "--processed" in line
     line = _cli_error(["prep", "refer", "--dataset", "nr3d", "--out", tmp_path / "x.jsonl"], capsys)
     assert "SRC" in line
+    for share in ("1.0", "-0.1"):
+        line = _cli_error(["prep", "refer", "--dataset", "generated", "--processed", real_data / MMDET,
+                           "--zero-share", share, "--out", tmp_path / "x.jsonl"], capsys)
+        assert "--zero-share" in line and share in line
+    line = _cli_error(["prep", "refer", "nr3d.csv", "--dataset", "nr3d", "--zero-share", "0.5", "--out",
+                       tmp_path / "x.jsonl"], capsys)
+    assert "--zero-share" in line and "generated" in line
+    with pytest.raises(ValueError, match="zero_share"):
+        RR.generate_rows(real_data / MMDET, ["scene0000_01"], zero_share=1.0, progress=False)

@@ -2,7 +2,7 @@
 [--labels TSV]`: a referring dataset -> referring-sample jsonl (row format: data_prep/refer.py).
 
 `scene3d prep refer --dataset generated --processed DIR --out OUT.jsonl [--scenes ID ...] [--seed N]
-[--per-op N]`: expressions generated on the annotated scenes of DIR (no SRC; data_prep/real_refer.py)."""
+[--per-op N] [--zero-share F]`: expressions generated on the annotated scenes of DIR (no SRC; data_prep/real_refer.py)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def add_parser(sub, name, help_):
     p.add_argument("--seed", type=int, default=0, help=f"{GENERATED}: sampling seed (default 0)")
     p.add_argument("--per-op", type=int, default=None, metavar="N",
                    help=f"{GENERATED}: expressions per (op, kind) and scene (default {MAX_PER_OP})")
+    p.add_argument("--zero-share", type=float, default=None, metavar="F",
+                   help=f"{GENERATED}: at most this share of each op's expressions have no target, e.g. 0.5 for "
+                        "training rows (default: no cap; absent objects then dominate 'attr' and 'near')")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(_accepts_overrides=False)
     return p
@@ -50,8 +53,9 @@ def run(args) -> int:
         return _run_generated(args, progress)
     if args.src is None:
         raise SystemExit(f"scene3d prep refer: error: SRC (the {args.dataset} file) is required")
-    if args.scenes is not None or args.per_op is not None:
-        raise SystemExit(f"scene3d prep refer: error: --scenes / --per-op are for --dataset {GENERATED} only")
+    if args.scenes is not None or args.per_op is not None or args.zero_share is not None:
+        raise SystemExit(f"scene3d prep refer: error: --scenes / --per-op / --zero-share are for --dataset "
+                         f"{GENERATED} only")
     if args.dataset == "scanrefer":
         if args.labels is None:
             raise SystemExit("scene3d prep refer: error: --labels TSV is required for --dataset scanrefer "
@@ -96,9 +100,11 @@ def _run_generated(args, progress: bool) -> int:
     per_op = MAX_PER_OP if args.per_op is None else args.per_op
     if per_op < 1:
         raise SystemExit(f"scene3d prep refer: error: --per-op must be >= 1, got {per_op}")
+    if args.zero_share is not None and not 0.0 <= args.zero_share < 1.0:
+        raise SystemExit(f"scene3d prep refer: error: --zero-share must be in [0, 1), got {args.zero_share}")
     try:
         rep = real_refer.generate_rows(args.processed, args.scenes, seed=args.seed, max_per_op=per_op,
-                                       progress=progress)
+                                       progress=progress, zero_share=args.zero_share)
     except (FileNotFoundError, ValueError) as e:  # RealSceneError is a ValueError naming the scene
         raise SystemExit(f"scene3d prep refer: error: {e}; {args.out} not written") from None
     n = refer.write_refer_jsonl(rep.rows, args.out)
