@@ -91,3 +91,26 @@ def test_config_validation():
         ObjectTokenizerConfig(out_dim=64, relation=RelationConfig(dim=32, heads=2))
     with pytest.raises(ValueError, match="in_channels"):
         ObjectTokenizerConfig(backbone=BackboneConfig(in_channels=3))
+
+
+@pytest.mark.parametrize("point_xy", [True, False])
+def test_point_xy_off_hides_where_in_the_room_a_point_lies(point_xy):
+    """A copy of the scene 40 m away along x moves the scene mean 20 m in x and leaves its z: with
+    ``point_xy`` off, the original points' backbone features stay as they were (the copy lies outside
+    every receptive field); with it on, they change, as their x relative to the mean does."""
+    torch.manual_seed(4)
+    cfg = small_cfg(geometry=False)
+    cfg.point_xy = point_xy
+    model = ObjectTokenizer(cfg).eval()
+    a = scene(5, 3)
+    # on the 5 cm voxel grid's centres, so that the shifted copy voxelizes exactly alike
+    a["coord"] = (torch.floor(a["coord"] / 0.05) + 0.5) * 0.05
+    far = {"coord": a["coord"] + torch.tensor([40.0, 0.0, 0.0]), "color": a["color"],
+           "instance": torch.where(a["instance"] >= 0, a["instance"] + 100, a["instance"])}
+    both = {k: torch.cat([a[k], far[k]]) for k in a}
+    with torch.no_grad():
+        alone_feat, _ = model.point_features(PointBatch.from_list([a]))
+        both_feat, _ = model.point_features(PointBatch.from_list([both]))
+    n = len(a["coord"])
+    same = torch.allclose(both_feat[:n], alone_feat, atol=1e-5, rtol=1e-4)
+    assert same != point_xy

@@ -52,6 +52,11 @@ class ObjectTokenizerConfig:
     #: probabilities it gives each point, averaged over each object, join the object's pooled features (as
     #: Chat-Scene's object features come from encoders trained on ScanNet); None: none
     semantic_model: Optional[str] = None
+    #: False: the backbone's input keeps rgb and the height relative to the scene mean, and its x / y are
+    #: zeros, so point features cannot encode where in the room a point lies (a network that sees absolute x /
+    #: y can learn one training scan's layout instead of what its objects look like). Object positions still
+    #: reach the model through each token's pooled centre and size and the relation layers. True: rgb + xyz
+    point_xy: bool = True
 
     def __post_init__(self) -> None:
         if not self.voxel_size > 0 or not self.geometry_voxel_size > 0:
@@ -75,13 +80,17 @@ class TokenizerLosses(NamedTuple):
     total: torch.Tensor
 
 
-def input_features(points: PointBatch) -> torch.Tensor:
-    """``[N, 6]``: rgb in [0, 1] (zeros when absent) and xyz relative to the scene mean."""
+def input_features(points: PointBatch, xy: bool = True) -> torch.Tensor:
+    """``[N, 6]``: rgb in [0, 1] (zeros when absent) and xyz relative to the scene mean; x and y are zeros when
+    ``xy`` is False (:attr:`ObjectTokenizerConfig.point_xy`)."""
     coord = points.coord
     batch = points.batch
     mean = scatter_pool(coord, batch, points.batch_size, "mean")
     color = points.color.to(coord.dtype) if points.color is not None else coord.new_zeros(len(coord), 3)
-    return torch.cat([color, coord - mean[batch]], 1)
+    rel = coord - mean[batch]
+    if not xy:
+        rel = torch.cat([torch.zeros_like(rel[:, :2]), rel[:, 2:]], 1)
+    return torch.cat([color, rel], 1)
 
 
 class ObjectTokenizer(nn.Module):
@@ -114,7 +123,7 @@ class ObjectTokenizer(nn.Module):
     # ---- stages ---------------------------------------------------------------------------------------
     def point_features(self, points: PointBatch) -> tuple[torch.Tensor, Voxels]:
         """Backbone features per point ``[N, C]`` and the voxelization used."""
-        vox = voxelize(points, self.cfg.voxel_size, feat=input_features(points), reduce="mean")
+        vox = voxelize(points, self.cfg.voxel_size, feat=input_features(points, self.cfg.point_xy), reduce="mean")
         step = 2 ** self.cfg.backbone.depth  # pad so every down-sampling keeps every voxel
         shape = [((s + step - 1) // step) * step for s in vox.spatial_shape]
         x = sparse_tensor(vox.feat, vox.indices, shape, points.batch_size)
