@@ -31,9 +31,10 @@ def env(real_data, tmp_path_factory):
     os.environ["SCENE3D_CACHE"], os.environ["SCENE3D_REAL_DATA"] = str(cache), str(real_data)
     prepare_synthetic(cache / f"synthetic_tiny_s{SYN['seed']}_n{SYN['num_scenes']}_v{SYN['val_fraction']}",
                       progress=False, **SYN)
-    for sid in ("scene0000_01", "scene0000_02"):
+    for sid, cap in (("scene0000_01", ["--zero-share", "0.5"]), ("scene0000_02", [])):
         assert cli(["prep", "refer", "--dataset", "generated", "--processed", str(real_data / MMDET), "--scenes", sid,
-                    "--per-op", "8", "--out", str(cache / "real_rescan" / f"{sid}.jsonl"), "--no-progress"]) == 0
+                    "--per-op", "8", *cap, "--out", str(cache / "real_rescan" / f"{sid}.jsonl"),
+                    "--no-progress"]) == 0
     yield cache, real_data
     for k, v in old.items():
         if v is None:
