@@ -282,13 +282,20 @@ def scene_expressions(objs: list, rng: np.random.Generator, max_per_op: int = S.
         out.extend(pool[i] for i in sorted(rng.permutation(len(pool))[:max_per_op]))
     if zero_share is None:
         return out
+    zero: dict[str, list[int]] = {}  # op -> indices of its zero-target expressions in ``out``
+    positive: dict[str, int] = {}  # op -> number of its expressions with targets
+    for i, e in enumerate(out):
+        op = e.program["op"]
+        zero.setdefault(op, [])
+        if e.kind == "zero":
+            zero[op].append(i)
+        else:
+            positive[op] = positive.get(op, 0) + 1
     drop = set()
-    for op in sorted({e.program["op"] for e in out}):
-        zero = [i for i, e in enumerate(out) if e.program["op"] == op and e.kind == "zero"]
-        positive = sum(1 for e in out if e.program["op"] == op and e.kind != "zero")
-        keep = int(np.floor(zero_share / (1.0 - zero_share) * positive + 1e-9))
-        if len(zero) > keep:
-            drop.update(zero[i] for i in rng.permutation(len(zero))[keep:])
+    for op in sorted(zero):
+        keep = int(np.floor(zero_share / (1.0 - zero_share) * positive.get(op, 0) + 1e-9))
+        if len(zero[op]) > keep:
+            drop.update(zero[op][i] for i in rng.permutation(len(zero[op]))[keep:])
     # None marks a dropped one, so the kept ones keep the row ids (ann_id) they have without the cap
     return [None if i in drop else e for i, e in enumerate(out)]
 
