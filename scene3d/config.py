@@ -9,7 +9,8 @@ API onto the dataclass schemas below, registered in hydra's ``ConfigStore`` as `
 top-level key     schema
 ================  ===========================================================================================
 ``experiment``    name of the run (``runs/<experiment>/<timestamp>`` when ``out_dir`` is unset)
-``stage``         ``alignment`` (stage 1: object <-> identifier/class text) or ``referring`` (stage 2)
+``stage``         ``alignment`` (stage 1: object <-> identifier/class text), ``referring`` (stage 2), or
+                  ``tokens`` (object-token pretraining: tokenizer + projector on class names, no LLM)
 ``out_dir``       run directory (None: ``runs/<experiment>/<timestamp>`` under the working directory)
 ``resume``        continue the newest checkpoint of ``out_dir``
 ``data``          :class:`DataSchema` (processed scenes + referring jsonl; optional synthetic generation)
@@ -49,7 +50,7 @@ CONFIG_DIR_ENV = "SCENE3D_CONFIG_DIR"
 CACHE_ENV = "SCENE3D_CACHE"
 
 TASKS = ("referring", "alignment")
-STAGES = ("referring", "alignment")
+STAGES = ("referring", "alignment", "tokens")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,6 +137,10 @@ class DataSchema:
     rotate: bool = False
     #: training: one random brightness gain (1 +- c) and per-channel shift (+- c/2) per scene item
     color_jitter: float = 0.0
+    #: training: each scene item drops a share of its points drawn uniformly from [0, point_dropout] (every object
+    #: keeps a few, scene3d/data/referring.py: keep_every_object): a rescan samples the same surfaces at another
+    #: density. The real-rescan experiment's token stage uses it (README)
+    point_dropout: float = 0.0
     max_train_samples: Optional[int] = None
     #: training items are up to this many questions on one scene, tokenized once (trainer.batch_size counts
     #: items); 1: one question per item

@@ -109,3 +109,35 @@ def test_dataset_color_jitter_and_errors(bench):
     assert b["color"].min() >= 0 and b["color"].max() <= 1
     with pytest.raises(ValueError, match="color_jitter"):
         ReferringDataset(bench.processed, bench.train, color_jitter=1.5)
+
+
+def test_dataset_point_dropout_drops_points_but_no_object(bench):
+    """``point_dropout``: each item keeps a random share of its points (drawn per item and epoch, its own
+    stream), every object keeps at least min(8, its size) points, and the rows and turns are those without it."""
+    from scene3d.data.referring import MIN_OBJECT_POINTS
+
+    rows = read_jsonl(bench.train)
+    kw = dict(rows=rows, seed=3, questions_per_scene=8)
+    plain = ReferringDataset(bench.processed, None, **kw)
+    dropped = ReferringDataset(bench.processed, None, point_dropout=0.9, **kw)
+    shares = []
+    for i in range(len(dropped)):
+        a, b = plain[i], dropped[i]
+        assert b["samples"] == a["samples"]
+        inst_a, inst_b = a["points"]["instance"], b["points"]["instance"]
+        shares.append(len(inst_b) / len(inst_a))
+        ids, sizes = torch.unique(inst_a[inst_a >= 0], return_counts=True)
+        for oid, size in zip(ids.tolist(), sizes.tolist()):
+            assert int((inst_b == oid).sum()) >= min(MIN_OBJECT_POINTS, size), (i, oid)
+        # the kept points are points of the item without dropout, with their colours and instances
+        rows_a = {tuple(p) for p in torch.cat([a["points"]["coord"], a["points"]["color"],
+                                                inst_a[:, None].float()], 1).tolist()}
+        rows_b = torch.cat([b["points"]["coord"], b["points"]["color"], inst_b[:, None].float()], 1).tolist()
+        assert all(tuple(p) in rows_a for p in rows_b)
+    assert min(shares) < 0.9 and max(shares) <= 1.0 and len(set(shares)) == len(shares)
+    # with turns: the same turn is drawn for each item as without dropout
+    turned = ReferringDataset(bench.processed, None, rotate=True, **kw)
+    both = ReferringDataset(bench.processed, None, rotate=True, point_dropout=0.9, **kw)
+    assert all(turned[i]["samples"] == both[i]["samples"] for i in range(len(both)))
+    with pytest.raises(ValueError, match="point_dropout"):
+        ReferringDataset(bench.processed, bench.train, point_dropout=1.0)

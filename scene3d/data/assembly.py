@@ -114,7 +114,7 @@ def training_dataset(data, seed: int, reworder=None):
                             scale_range=data.scale_range, max_samples=data.max_train_samples, seed=seed,
                             rows=train.rows, questions_per_scene=data.questions_per_scene,
                             rewording=data.rewording, reworder=reworder, rotate=data.rotate,
-                            color_jitter=data.color_jitter)
+                            color_jitter=data.color_jitter, point_dropout=data.point_dropout)
     extra = list(getattr(data, "extra_train", None) or [])
     if not extra:
         return main
@@ -137,5 +137,5 @@ def training_dataset(data, seed: int, reworder=None):
                                       scale_range=data.scale_range, seed=seed + 1 + k, rows=rows,
                                       questions_per_scene=data.questions_per_scene, repeat=src.repeat,
                                       rewording=data.rewording, reworder=reworder, rotate=data.rotate,
-                                      color_jitter=data.color_jitter))
+                                      color_jitter=data.color_jitter, point_dropout=data.point_dropout))
     return ConcatDataset(parts)

@@ -18,7 +18,9 @@ Scenes are directories of ``processed_dir`` or mmdetection3d exports in it (``<s
 A training subsample keeps a few points of every object (:func:`keep_every_object`).
 ``repeat = R`` lists every item ``R`` times per epoch (a small set trained beside a large one).
 ``rotate`` turns each item's scene a random number of quarter turns about z, its rows' compass words with it;
-``color_jitter`` changes its lighting (:mod:`scene3d.data.augment`).
+``color_jitter`` changes its lighting (:mod:`scene3d.data.augment`); ``point_dropout`` drops a share of its points
+drawn uniformly from [0, point_dropout] (a rescan samples the same surfaces at another density; every object
+keeps a few points, :func:`keep_every_object`).
 
 With ``questions_per_scene = Q > 1`` an item is up to ``Q`` rows *of one scene* (the rows grouped by scene in
 file order, then cut into runs of ``Q``; ``sample`` is the first): the scene is loaded, subsampled and
@@ -85,7 +87,7 @@ class ReferringDataset(Dataset):
                  rows: Optional[Sequence[dict]] = None, questions_per_scene: int = 1, repeat: int = 1,
                  rewording: float = 0.0, reworder: Optional[Callable[[dict, np.random.Generator],
                                                                      Optional[str]]] = None,
-                 rotate: bool = False, color_jitter: float = 0.0):
+                 rotate: bool = False, color_jitter: float = 0.0, point_dropout: float = 0.0):
         self.processed_dir = Path(processed_dir)
         if not self.processed_dir.is_dir():
             raise FileNotFoundError(f"processed scenes directory not found: {self.processed_dir}")
@@ -109,6 +111,9 @@ class ReferringDataset(Dataset):
         if not 0.0 <= float(color_jitter) < 1.0:
             raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter!r}")
         self.rotate, self.color_jitter = bool(rotate), float(color_jitter)
+        if not 0.0 <= float(point_dropout) < 1.0:
+            raise ValueError(f"point_dropout must be in [0, 1), got {point_dropout!r}")
+        self.point_dropout = float(point_dropout)
         by_scene: dict = {}
         for i, r in enumerate(self.rows):
             by_scene.setdefault(r["scene_id"], []).append(i)
@@ -153,6 +158,11 @@ class ReferringDataset(Dataset):
         if self.max_points is not None and scene.num_points > self.max_points:
             keep = np.sort(rng.choice(scene.num_points, self.max_points, replace=False))
             keep = keep_every_object(scene.instance, keep, rng)
+        if self.point_dropout > 0:  # own stream: the subsample, jitter and turns stay as without it
+            drop = np.random.default_rng([self.seed, self.epoch, idx, 3])
+            base = np.arange(scene.num_points) if keep is None else keep
+            kept = base[drop.random(len(base)) >= drop.uniform(0.0, self.point_dropout)]
+            keep = keep_every_object(scene.instance, kept, drop) if len(kept) else base
         points = scene_to_tensors(scene, keep)
         if self.scale_range > 0:
             points["coord"] = points["coord"] * float(rng.uniform(1 - self.scale_range, 1 + self.scale_range))
