@@ -248,3 +248,53 @@ def test_eval_checkpoint_on_the_paraphrase_split(run4, cache, tmp_path):
     assert cli(["eval", str(run4), "data=synthetic", *syn, "data.val=${data.synthetic.root}/refer/val_paraphrase.jsonl",
                 "eval.max_samples=2", "--no-progress"]) == 0
     assert (run4 / "eval" / "val_paraphrase_step4" / "metrics.json").is_file()
+
+
+def test_token_stage_trains_the_tokenizer_and_projector_only(cache, tmp_path):
+    """stage=tokens (model.objective=object_names): the object-name alignment and the proposal loss move the
+    3D tokenizer and the projector; the LLM (its adapters and new token rows) and the mask decoder keep their
+    initial weights; the referring stage starts from it (trainer.init_from)."""
+    tok, fresh, ref = tmp_path / "tok", tmp_path / "fresh", tmp_path / "ref"
+    assert cli(["train", *common(2), "stage=tokens", "data.point_dropout=0.3", f"out_dir={tok}"]) == 0
+    assert "objective: object_names" in (tok / "config.yaml").read_text()
+    with open(tok / "metrics.csv") as f:
+        logged = list(csv.DictReader(f))
+    assert logged and "obj_name" in logged[0] and "lm" not in logged[0]
+    assert all(float(r["obj_name"]) > 0 for r in logged if r["split"] == "train")
+    tiny = ["trainer.lr=1e-12", "trainer.max_steps=1", "eval.in_training=false"]
+    assert cli(["train", *common(1), *tiny, f"out_dir={fresh}"]) == 0  # ~ the initial weights (same seed)
+    w1, w0 = params_of(tok / "checkpoints" / "step_00000002"), params_of(fresh / "checkpoints" / "step_00000001")
+    assert set(w1) == set(w0)
+    moved = {k for k in w1 if "running_" not in k and "num_batches" not in k
+             and not torch.allclose(w1[k], w0[k], atol=1e-6)}
+    assert any(k.startswith("tokenizer3d.backbone.") for k in moved)
+    assert any(k.startswith("segmenter.projector.") for k in moved)
+    assert all(k.startswith(("tokenizer3d.", "segmenter.projector.")) for k in moved), sorted(moved)[:5]
+    assert cli(["train", *common(1), *tiny, f"trainer.init_from={tok}", f"out_dir={ref}"]) == 0
+    w2 = params_of(ref / "checkpoints" / "step_00000001")
+    assert all(torch.allclose(w2[k], w1[k], atol=1e-7) for k in moved)
+
+
+def test_bad_objective_is_refused(cache, tmp_path, capsys):
+    assert cli(["train", *common(1), "model.objective=names", f"out_dir={tmp_path / 'x'}"]) != 0
+    assert "model.objective" in capsys.readouterr().err
+
+
+def test_tokenizer_lr_scale_zero_keeps_the_tokenizer_weights(cache, tmp_path, capsys):
+    """model.tokenizer_lr_scale=0 (a tokenizer pretrained by stage=tokens kept as it is): training moves the
+    referring head and never the tokenizer's weights; 0.5 moves them."""
+    frozen, half, fresh = tmp_path / "frozen", tmp_path / "half", tmp_path / "fresh"
+    assert cli(["train", *common(2), "model.tokenizer_lr_scale=0", "eval.in_training=false",
+                f"out_dir={frozen}"]) == 0
+    assert cli(["train", *common(2), "model.tokenizer_lr_scale=0.5", "eval.in_training=false",
+                f"out_dir={half}"]) == 0
+    tiny = ["trainer.lr=1e-12", "trainer.max_steps=1", "eval.in_training=false"]
+    assert cli(["train", *common(1), *tiny, f"out_dir={fresh}"]) == 0
+    w0 = params_of(fresh / "checkpoints" / "step_00000001")
+    wf, wh = (params_of(d / "checkpoints" / "step_00000002") for d in (frozen, half))
+    weights = [k for k in w0 if k.startswith("tokenizer3d.") and "running_" not in k and "num_batches" not in k]
+    assert weights and all(torch.allclose(wf[k], w0[k], atol=1e-7) for k in weights)
+    assert any(not torch.allclose(wh[k], w0[k], atol=1e-6) for k in weights)
+    assert any(not torch.allclose(wf[k], w0[k], atol=1e-6) for k in w0 if k.startswith("segmenter.decoder."))
+    assert cli(["train", *common(1), "model.tokenizer_lr_scale=2", f"out_dir={tmp_path / 'bad'}"]) != 0
+    assert "model.tokenizer_lr_scale" in capsys.readouterr().err

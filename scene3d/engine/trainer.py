@@ -223,11 +223,12 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return torch.float16
 
 
-def build_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def build_param_groups(model: torch.nn.Module, weight_decay: float, lr: Optional[float] = None) -> list[dict[str, Any]]:
     """AdamW param groups over parameters with ``requires_grad`` only.
 
     ``model.optim_param_groups()`` wins when defined; else weight decay goes to matrices/conv kernels
-    (ndim >= 2) and not to biases / norm scales (the usual practice).
+    (ndim >= 2) and not to biases / norm scales (the usual practice), and ``model.lr_scales()`` (when defined:
+    ``{name prefix: factor}``) gives the parameters under a prefix ``lr * factor``.
     """
     if hasattr(model, "optim_param_groups"):
         groups = []
@@ -237,10 +238,22 @@ def build_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
             if g["params"]:
                 groups.append(g)
     else:
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        # model.lr_scales(): {parameter-name prefix: factor on the learning rate} (e.g. a pretrained part that
+        # should move slowly, or 0: not at all); every other parameter gets the trainer's lr
+        scales = dict(model.lr_scales()) if hasattr(model, "lr_scales") else {}
+        by_key: dict = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                scale = next((v for k, v in scales.items() if name.startswith(k)), 1.0)
+                by_key.setdefault((p.ndim >= 2, float(scale)), []).append(p)
+        groups = []
+        for (decays, scale), params in sorted(by_key.items(), key=lambda kv: (not kv[0][0], -kv[0][1])):
+            g = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+            if scale != 1.0:
+                if lr is None:
+                    raise ValueError("model.lr_scales() needs the base learning rate (build_param_groups(lr=))")
+                g["lr"] = lr * scale
+            groups.append(g)
     if not groups:
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
     return groups
@@ -551,7 +564,7 @@ class Trainer:
         model = self.model.to(env.device)
         amp_dtype = resolve_precision(cfg.precision, env.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(build_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+        optimizer = torch.optim.AdamW(build_param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_fn())
         scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None

@@ -26,6 +26,7 @@ from scene3d.data.labels import clean_label
 from scene3d.engine.checkpoint import load_selected, select_trainable
 from scene3d.gating.adapter import GateConfig, ObjectTokenGate
 from scene3d.llm.loader import fingerprint_hex
+from scene3d.models.losses import name_loss
 from scene3d.models.referring import Prediction, QueryBatch, ReferringConfig, ReferringSegmenter
 from scene3d.structures.scene_inputs import SceneInputs
 from scene3d.structures.points import PointBatch
@@ -34,6 +35,10 @@ from scene3d.tokenizer.instance_proposals import InstanceProposer, as_proposer, 
 from scene3d.tokenizer.model import IN_CHANNELS, ObjectTokenizer, ObjectTokenizerConfig
 from scene3d.tokenizer.proposals import ProposalConfig
 from scene3d.tokenizer.relation import RelationConfig
+
+
+#: what :meth:`Scene3DModel.forward` trains (:attr:`PipelineConfig.objective`)
+OBJECTIVES = ("referring", "object_names")
 
 
 @dataclass
@@ -47,8 +52,23 @@ class PipelineConfig:
     #: class of its points; None: names must come from elsewhere (:meth:`Scene3DModel.set_label_model`, the
     #: CLI's ``--label-model``). Frozen, loaded when first needed, never saved in checkpoints (only this path)
     label_model: Optional[str] = None
+    #: what ``forward`` trains. "referring": the referring losses plus the tokenizer's proposal loss.
+    #: "object_names" (``stage=tokens``): object-token pretraining. Only the 3D tokenizer and the projector get a loss:
+    #: each object's LLM input embedding against the LLM's embedding of its annotated class name
+    #: (``losses.name_loss``), plus the proposal loss. The LLM never runs, so a step costs what the tokenizer
+    #: costs. Chat-Scene and PLM start from object encoders pretrained on ScanNet; with none available here, this
+    #: stage teaches the tokens the classes before the referring stage (``trainer.init_from``) starts from them
+    objective: str = "referring"
+    #: factor on the trainer's learning rate for the 3D tokenizer's weights (``tokenizer3d``; the projector
+    #: and everything else keep the trainer's lr). 1: as the rest; below 1 a tokenizer pretrained by
+    #: ``stage=tokens`` moves slowly; 0 keeps its weights (its batch-norm statistics still follow the data)
+    tokenizer_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"model.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not 0.0 <= self.tokenizer_lr_scale <= 1.0:
+            raise ValueError(f"model.tokenizer_lr_scale must be in [0, 1], got {self.tokenizer_lr_scale!r}")
         if isinstance(self.tokenizer, dict):
             t = dict(self.tokenizer)
             for key, cls in (("backbone", BackboneConfig), ("relation", RelationConfig), ("proposal", ProposalConfig)):
@@ -134,6 +154,8 @@ class Scene3DModel(nn.Module):
         """``batch``: :class:`scene3d.data.referring.ReferringBatch`. Returns scalar losses, ``"loss"`` the total."""
         points = batch.points
         scene, tok_out = self.encode(points, names=False)
+        if self.config.objective == "object_names":
+            return self._object_name_losses(batch, scene, tok_out)
         rows = batch.samples
         object_class = object_names = None
         labels = getattr(batch, "object_labels", None)
@@ -165,6 +187,22 @@ class Scene3DModel(nn.Module):
                 "obj_sim": ref.obj_sim.detach(), "anchor": ref.anchor.detach(), "obj_name": ref.obj_name.detach(),
                 "proposal": tok.detach()}
 
+    def _object_name_losses(self, batch, scene: SceneInputs, tok_out) -> dict:
+        """``objective="object_names"``: name alignment of every object with an annotated class (the names as
+        the referring stage's alignment reads them) plus the proposal loss; the LLM is not run."""
+        labels = getattr(batch, "object_labels", None)
+        t = scene.tokens
+        if labels is None or t.object_ids is None:
+            raise ValueError("model.objective=object_names (stage=tokens) needs the training scenes' object labels "
+                             "(objects.json) and ground-truth instances")
+        names = [labels[b].get(int(oid)) for b, oid in zip(t.obj_batch.tolist(), t.object_ids.tolist())]
+        seg = self.segmenter
+        name = name_loss(seg.object_embeds(t, t.feat), names, seg.name_embeddings,
+                         t.feat.new_tensor(seg.config.name_scale))
+        tok = self.tokenizer3d.losses(batch.points, tok_out).total
+        return {"loss": name + self.config.tokenizer_loss_weight * tok, "obj_name": name.detach(),
+                "proposal": tok.detach()}
+
     @staticmethod
     def annotated_names(tokens, labels: Sequence[dict]) -> list:
         """``[M]``: each object's annotated class (``labels[b]``: object id -> label of scene ``b``) as a
@@ -188,6 +226,11 @@ class Scene3DModel(nn.Module):
             return self.segmenter.predict(scene, list(texts), use_cache=use_cache)
         finally:
             self.train(was_training)
+
+    def lr_scales(self) -> dict:
+        """``{parameter-name prefix: factor}`` on the trainer's learning rate (scene3d.engine.trainer)."""
+        scale = self.config.tokenizer_lr_scale
+        return {} if scale == 1.0 else {"tokenizer3d.": scale}
 
     # ---- checkpoint hooks (scene3d.engine saves only what trains) ---------------------------------------
     def trainable_state_dict(self) -> dict:
