@@ -122,6 +122,44 @@ def turned_export(processed_dir: Path, scene_ids, turns: int, out_dir: Path) -> 
     return out_dir
 
 
+#: classes the token-naming readout leaves out (the referring rows never name them)
+STRUCTURAL = ("wall", "floor", "ceiling")
+
+
+def token_naming_accuracy(model, processed_dir, scene_ids) -> tuple[int, int]:
+    """(objects whose token names their class, objects): each ground-truth object's LLM input embedding (the
+    projector over its 3D token) against the LLM's embeddings of the scan's annotated class names, nearest by
+    cosine, as the object-name alignment (``referring.name_weight``, ``stage=tokens``) trains it. Structural
+    classes are left out. A readout of how well the 3D tokens of a scan tell the classes apart."""
+    import torch
+    import torch.nn.functional as F
+
+    from scene3d.data.labels import clean_label
+    from scene3d.data.referring import scene_to_tensors
+    from scene3d.data.scene import load_processed_scene
+    from scene3d.structures import PointBatch
+
+    seg = model.segmenter
+    right = total = 0
+    for sid in scene_ids:
+        scene = load_processed_scene(Path(processed_dir) / sid)
+        pts = PointBatch.from_list([scene_to_tensors(scene)], scene_ids=[sid])
+        with torch.no_grad():
+            inputs, _ = model.encode(pts, pts.instance, names=False)
+            t = inputs.tokens
+            emb = F.normalize(seg.object_embeds(t, t.feat).float(), dim=-1)
+        truth = {int(o.id): clean_label(o.label) for o in scene.objects if o.label not in STRUCTURAL}
+        vocab = sorted(set(truth.values()))
+        with torch.no_grad():
+            words = F.normalize(seg.name_embeddings(vocab).to(emb.device).float(), dim=-1)
+        best = (emb @ words.T).argmax(1).tolist()
+        for oid, b in zip(t.object_ids.tolist(), best):
+            if int(oid) in truth:
+                right += int(vocab[b] == truth[int(oid)])
+                total += 1
+    return right, total
+
+
 def line(name: str, m: dict) -> str:
     return f"{name:<34s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
 
@@ -204,6 +242,9 @@ def main(argv=None) -> int:
             right, total = naming_accuracy(model.model, args.processed, sorted({r["scene_id"] for r in rows}))
             print(f"  names right on {right} of the {total} ground-truth objects ({right / max(total, 1):.0%}; "
                   "annotated names cleaned as the expressions write them)")
+        right, total = token_naming_accuracy(model.model, args.processed, sorted({r["scene_id"] for r in rows}))
+        print(f"object tokens nearest their own class name: {right} of {total} ground-truth objects "
+              f"({right / max(total, 1):.0%}; the scan's annotated classes, wall / floor / ceiling left out)")
         masks = [m.strip() for m in args.mask.split(",") if m.strip()]
         for objects in [o.strip() for o in args.objects.split(",") if o.strip()]:
             t0 = time.perf_counter()
