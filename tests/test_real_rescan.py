@@ -6,6 +6,7 @@ room: this measures rescan generalisation, not new rooms.)"""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -118,3 +119,16 @@ def test_keep_every_object_swaps_points_in_and_keeps_the_size():
     assert counts[1] == 5 and counts[2] == 8 and counts[0] >= 8  # all of a small object, min_points of the others
     full = np.arange(len(instance))
     assert keep_every_object(instance, full, rng) is full  # nothing short: unchanged
+
+
+def test_token_stage_on_the_real_scan_then_referring_from_it(env, tmp_path):
+    """stage=tokens on the experiment's data (synthetic scenes + scene0000_01 with its annotated classes, points
+    dropped): the name alignment is logged and positive, and the referring stage starts from its weights."""
+    tok, ref = tmp_path / "tok", tmp_path / "ref"
+    assert cli(["train", *overrides(2), "stage=tokens", "data.point_dropout=0.5", "data.extra_train.0.repeat=10",
+                f"out_dir={tok}"]) == 0
+    logged = [r for r in csv.DictReader(open(tok / "metrics.csv")) if r["split"] == "train"]
+    assert len(logged) == 2 and all(float(r["obj_name"]) > 0 for r in logged)
+    assert cli(["train", *overrides(1), f"trainer.init_from={tok}", "eval.in_training=false",
+                f"out_dir={ref}"]) == 0
+    assert (ref / "checkpoints").is_dir()
