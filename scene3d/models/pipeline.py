@@ -57,7 +57,8 @@ class PipelineConfig:
     #: each object's LLM input embedding against the LLM's embedding of its annotated class name
     #: (``losses.name_loss``), plus the proposal loss. The LLM never runs, so a step costs what the tokenizer
     #: costs. Chat-Scene and PLM start from object encoders pretrained on ScanNet; with none available here, this
-    #: stage teaches the tokens the classes before the referring stage (``trainer.init_from``) starts from them
+    #: stage teaches the tokens the classes before the referring stage (``trainer.init_from``) starts from them.
+    #: Measured on the real-rescan experiment, where the referring stage undid it and scored lower (README)
     objective: str = "referring"
     #: factor on the trainer's learning rate for the 3D tokenizer's weights (``tokenizer3d``; the projector
     #: and everything else keep the trainer's lr). 1: as the rest; below 1 a tokenizer pretrained by
