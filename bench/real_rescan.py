@@ -76,22 +76,30 @@ class AnnotatedNames:
         return out
 
 
-def naming_accuracy(model, processed_dir, scene_ids) -> tuple[int, int]:
-    """(objects whose predicted name is their annotated one, objects): over the ground-truth objects with points
-    of ``scene_ids``, named as the model names them at inference (its label model)."""
+def encoded_scans(model, processed_dir, scene_ids, names: bool = True):
+    """Per scan of ``scene_ids``: (the processed scene, the model's SceneInputs over its ground-truth instances),
+    without gradient; with ``names``, a model that writes object names names them with its label model."""
     import torch
 
-    from scene3d.data.labels import clean_label
     from scene3d.data.referring import scene_to_tensors
     from scene3d.data.scene import load_processed_scene
     from scene3d.structures import PointBatch
 
-    right = total = 0
     for sid in scene_ids:
         scene = load_processed_scene(Path(processed_dir) / sid)
         pts = PointBatch.from_list([scene_to_tensors(scene)], scene_ids=[sid])
         with torch.no_grad():
-            inputs, _ = model.encode(pts, pts.instance)
+            inputs, _ = model.encode(pts, pts.instance, names=names)
+        yield scene, inputs
+
+
+def naming_accuracy(model, processed_dir, scene_ids) -> tuple[int, int]:
+    """(objects whose predicted name is their annotated one, objects): over the ground-truth objects with points
+    of ``scene_ids``, named as the model names them at inference (its label model)."""
+    from scene3d.data.labels import clean_label
+
+    right = total = 0
+    for scene, inputs in encoded_scans(model, processed_dir, scene_ids):
         truth = {int(o.id): clean_label(o.label) for o in scene.objects}
         for oid, name in zip(inputs.tokens.object_ids.tolist(), inputs.object_names):
             right += int(name == truth.get(int(oid)))
@@ -135,22 +143,15 @@ def token_naming_accuracy(model, processed_dir, scene_ids) -> tuple[int, int]:
     import torch.nn.functional as F
 
     from scene3d.data.labels import clean_label
-    from scene3d.data.referring import scene_to_tensors
-    from scene3d.data.scene import load_processed_scene
-    from scene3d.structures import PointBatch
 
     seg = model.segmenter
     right = total = 0
-    for sid in scene_ids:
-        scene = load_processed_scene(Path(processed_dir) / sid)
-        pts = PointBatch.from_list([scene_to_tensors(scene)], scene_ids=[sid])
-        with torch.no_grad():
-            inputs, _ = model.encode(pts, pts.instance, names=False)
-            t = inputs.tokens
-            emb = F.normalize(seg.object_embeds(t, t.feat).float(), dim=-1)
+    for scene, inputs in encoded_scans(model, processed_dir, scene_ids, names=False):
+        t = inputs.tokens
         truth = {int(o.id): clean_label(o.label) for o in scene.objects if o.label not in STRUCTURAL}
         vocab = sorted(set(truth.values()))
         with torch.no_grad():
+            emb = F.normalize(seg.object_embeds(t, t.feat).float(), dim=-1)
             words = F.normalize(seg.name_embeddings(vocab).to(emb.device).float(), dim=-1)
         best = (emb @ words.T).argmax(1).tolist()
         for oid, b in zip(t.object_ids.tolist(), best):
