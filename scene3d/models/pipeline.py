@@ -170,9 +170,8 @@ class Scene3DModel(nn.Module):
             shared, scene = scene, scene.take(index)
             labels = None if labels is None else [labels[i] for i in index]
         if labels is not None and scene.tokens.object_ids is not None:
-            obj_batch = scene.tokens.obj_batch.tolist()
             oids = scene.tokens.object_ids.tolist()
-            object_names = [labels[b].get(int(oid)) for b, oid in zip(obj_batch, oids)]
+            object_names = self.object_labels_of(scene.tokens, labels)
             object_class = torch.tensor([class_code(f"?{int(oid)}" if name is None else name)
                                          for name, oid in zip(object_names, oids)], dtype=torch.long)
         distractors = [list(r.get("distractors") or []) for r in rows]
@@ -196,7 +195,7 @@ class Scene3DModel(nn.Module):
         if labels is None or t.object_ids is None:
             raise ValueError("model.objective=object_names (stage=tokens) needs the training scenes' object labels "
                              "(objects.json) and ground-truth instances")
-        names = [labels[b].get(int(oid)) for b, oid in zip(t.obj_batch.tolist(), t.object_ids.tolist())]
+        names = self.object_labels_of(t, labels)
         seg = self.segmenter
         name = name_loss(seg.object_embeds(t, t.feat), names, seg.name_embeddings,
                          t.feat.new_tensor(seg.config.name_scale))
@@ -205,11 +204,16 @@ class Scene3DModel(nn.Module):
                 "proposal": tok.detach()}
 
     @staticmethod
+    def object_labels_of(tokens, labels: Sequence[dict]) -> list:
+        """``[M]``: each object's annotated label as ``objects.json`` has it (``labels[b]``: object id -> label of
+        scene ``b``), None where unknown: the names the object-name alignment and the hard negatives use."""
+        return [labels[b].get(int(oid)) for b, oid in zip(tokens.obj_batch.tolist(), tokens.object_ids.tolist())]
+
+    @staticmethod
     def annotated_names(tokens, labels: Sequence[dict]) -> list:
-        """``[M]``: each object's annotated class (``labels[b]``: object id -> label of scene ``b``) as a
-        sentence writes it (:func:`scene3d.data.labels.clean_label`), None where unknown."""
-        return [None if labels[b].get(int(oid)) is None else clean_label(labels[b][int(oid)])
-                for b, oid in zip(tokens.obj_batch.tolist(), tokens.object_ids.tolist())]
+        """``[M]``: each object's annotated class as a sentence writes it (:func:`scene3d.data.labels.clean_label`),
+        None where unknown."""
+        return [None if n is None else clean_label(n) for n in Scene3DModel.object_labels_of(tokens, labels)]
 
     @torch.no_grad()
     def predict(self, points: PointBatch, texts: Sequence[str], objects: Optional[torch.Tensor] = None,
