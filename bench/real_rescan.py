@@ -1,7 +1,7 @@
 """The real-rescan experiment's figures (configs/experiment/real_rescan.yaml): referring on scene0000_02's
 generated expressions, beside the chance level.
 
-    python bench/real_rescan.py [--rows FILE.jsonl] [--checkpoint RUN] [--mask reconciled]
+    python bench/real_rescan.py [--rows FILE.jsonl] [--checkpoint RUN] [--mask reconciled] [--vote-turns 4]
 
 scene0000_01 / scene0000_02 are two RESCANS OF ONE ROOM (ScanNet scene0000): a model trained on one and
 scored on the other measures rescan generalisation, not generalisation to new rooms.
@@ -12,7 +12,8 @@ baseline), computed exactly as the mean over every object of the scores of "alwa
 as ``scene3d eval``), for each of ``--objects`` (``gt``: ground-truth instances; ``proposals``: the geometric
 proposals, or with ``--proposal-model`` the learned instance proposals, scored against the ground-truth target
 points) and each mask path (reconciled, identifier-only,
-decoder-only). Without ``--rows`` the rows are generated here (``--per-op 8``, as the experiment's comment does).
+decoder-only). ``--vote-turns N`` also scores the answers voted over N quarter turns of the scan
+(scene3d.models.turns), after the scan as given in the same run. Without ``--rows`` the rows are generated here (``--per-op 8``, as the experiment's comment does).
 """
 
 from __future__ import annotations
@@ -188,6 +189,10 @@ def main(argv=None) -> int:
                     help="score the scan turned this many quarter turns counter-clockwise about z, the rows' compass "
                          "words turned with it (a robustness check: ScanNet leaves each scan's orientation "
                          "arbitrary; written to a temporary directory)")
+    ap.add_argument("--vote-turns", type=int, default=1, choices=range(1, 5),
+                    help="test-time quarter turns (eval.turns): also answer the scan turned 1..N-1 quarter turns, the "
+                         "rows' compass words with it, and keep the answer most orientations give; with N > 1 the "
+                         "scan as given (N = 1) is scored first, as the baseline, in the same run")
     args = ap.parse_args(argv)
     from data_prep import real_refer
     from scene3d.data.referring import read_jsonl
@@ -250,14 +255,17 @@ def main(argv=None) -> int:
         for objects in [o.strip() for o in args.objects.split(",") if o.strip()]:
             t0 = time.perf_counter()
             pm = proposer if objects == "proposals" else None
-            res = evaluate_model_masks(model.model, args.processed, rows, masks, progress=False, objects=objects,
-                                       proposal_model=pm)
             what = ("ground-truth objects" if objects == "gt" else
                     "geometric proposals" if pm is None else f"learned instance proposals ({args.proposal_model})")
-            counts = ", ".join(f"{sid}: {v['num_objects']}" for sid, v in sorted(res[masks[0]].objects.items()))
-            print(f"-- {what} ({counts}; {time.perf_counter() - t0:.0f} s)")
-            for m in masks:
-                print(line(f"model, {m}", res[m].metrics["overall"]))
+            for turns in sorted({1, args.vote_turns}):
+                res = evaluate_model_masks(model.model, args.processed, rows, masks, progress=False,
+                                           objects=objects, proposal_model=pm, turns=turns)
+                counts = ", ".join(f"{sid}: {v['num_objects']}" for sid, v in sorted(res[masks[0]].objects.items()))
+                how = "" if turns == 1 else f", answers voted over {turns} quarter turns"
+                print(f"-- {what} ({counts}{how}; {time.perf_counter() - t0:.0f} s)")
+                t0 = time.perf_counter()
+                for m in masks:
+                    print(line(f"model, {m}", res[m].metrics["overall"]))
     return 0
 
 

@@ -80,6 +80,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from scene3d.data.augment import check_turns
 from scene3d.data.downsample import Downsampled, voxel_downsample
 from scene3d.data.exports import find_mmdet_export
 from scene3d.data.scene import Scene, SceneFormatError, load_processed_scene
@@ -464,6 +465,10 @@ class SegmentResult(NamedTuple):
     num_proposals: int = 0
     num_candidates: int = 0
     object_names: tuple = ()
+    #: orientations the scene was answered in (``Segmenter.turns``, test-time quarter turns) and the share of
+    #: them that gave this answer (scene3d.models.turns); 1 and 1.0 without turns
+    turns: int = 1
+    agreement: float = 1.0
 
     @property
     def num_points(self) -> int:
@@ -500,7 +505,8 @@ class Segmenter:
 
     def __init__(self, model, device: Union[str, torch.device] = "cpu", config: Optional[dict] = None,
                  checkpoint: Optional[str] = None, step: Optional[int] = None,
-                 max_points: Optional[int] = DEFAULT_MAX_POINTS, proposal_model=None, label_model=None) -> None:
+                 max_points: Optional[int] = DEFAULT_MAX_POINTS, proposal_model=None, label_model=None,
+                 turns: int = 1) -> None:
         self.model = model.to(device).eval()
         if label_model is not None:
             # names the objects of a model whose prompt writes class names (referring.object_labels); the
@@ -514,11 +520,15 @@ class Segmenter:
         self.checkpoint = checkpoint
         self.step = step
         self.max_points = max_points
+        #: test-time quarter turns (attribute, may be changed): each query is also answered on the scene turned
+        #: 1..turns-1 quarter turns about z (its compass words with it) and keeps the answer most orientations
+        #: gave (scene3d.models.turns); costs one more encoding and LLM pass per orientation. 1: never
+        self.turns = check_turns(turns, "turns")
         self._cached: Optional[tuple] = None  # (scene, object mode, max_points, encoding, proposal model)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device: Union[str, torch.device] = "cpu",
-                        proposal_model=None, label_model=None) -> "Segmenter":
+                        proposal_model=None, label_model=None, turns: int = 1) -> "Segmenter":
         """Load a checkpoint written by ``scene3d train`` (the dir, its ``checkpoints/`` parent or the run dir;
         the newest checkpoint is used). No hydra, no pickle. ``proposal_model``: a learned instance-proposal
         model directory (``scene3d prep proposals``) for scans without instances; ``label_model``: one that
@@ -530,7 +540,7 @@ class Segmenter:
             raise FileNotFoundError(f"checkpoint not found: {p}")
         loaded = load_model(p, device)
         return cls(loaded.model, device, loaded.config, loaded.path, loaded.step, proposal_model=proposal_model,
-                   label_model=label_model)
+                   label_model=label_model, turns=turns)
 
     @property
     def proposal_model(self):
@@ -697,8 +707,10 @@ class Segmenter:
                               f"(read as {text_tokenizer.unk_token}); the answer ignores "
                               f"{'them' if len(u) > 1 else 'it'}", UnknownWordsWarning, stacklevel=2)
         enc = self.encode(scene, proposals, objects)
-        preds = self.model.segmenter.predict(enc.inputs, [t.strip() for t in texts], use_cache=True)
-        results = [self._result(enc, t, p, scene)._replace(unknown_words=u, text_tokens_dropped=d)
+        turns = check_turns(self.turns, "Segmenter.turns")
+        preds = self.model.predict_encoded(enc.inputs, [t.strip() for t in texts], use_cache=True, turns=turns)
+        results = [self._result(enc, t, p, scene)._replace(unknown_words=u, text_tokens_dropped=d, turns=turns,
+                                                          agreement=p.agreement)
                    for t, p, u, d in zip(texts, preds, unknown, dropped)]
         return results[0] if single else results
 

@@ -35,6 +35,7 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from scene3d.data.augment import check_turns
 from scene3d.engine.evaluate import MASK_SOURCES, OBJECT_SOURCES
 from scene3d.engine.trainer import TrainerConfig
 from scene3d.llm.loader import LLMConfig
@@ -181,8 +182,13 @@ class EvalSchema:
     #: an instance-proposal model directory that names the objects for a model whose prompt writes class names
     #: (``model.referring.object_labels``); None: the checkpoint's ``model.label_model``
     label_model: Optional[str] = None
+    #: test-time quarter turns: each question is also answered on the scene turned 1..turns-1 quarter turns
+    #: about z (its compass words with it) and keeps the answer most orientations gave (scene3d.models.turns);
+    #: 1: the scene as given only
+    turns: int = 1
 
     def __post_init__(self) -> None:
+        check_turns(self.turns, "eval.turns")
         if self.split not in ("val", "train"):
             raise ValueError(f"eval.split must be 'val' or 'train', got {self.split!r}")
         if self.mask not in MASK_SOURCES:

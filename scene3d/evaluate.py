@@ -87,7 +87,8 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     language = text_report(loaded.model.segmenter.text_tokenizer, rows, loaded.model.segmenter.config.prompt.max_text_tokens)
     res = evaluate_model(loaded.model, split.processed_dir, rows, ev.mask, ev.strict, progress=ev.progress,
                          objects=ev.objects,
-                         proposal_model=expand_path(ev.proposal_model) if ev.proposal_model else None)
+                         proposal_model=expand_path(ev.proposal_model) if ev.proposal_model else None,
+                         turns=ev.turns)
     ckpt = Path(loaded.path)
     src = ev.samples or (data.val if ev.split == "val" else data.train)
     # the paraphrase split (data.val=<synthetic root>/refer/val_paraphrase.jsonl) is named after its file, so
@@ -100,7 +101,7 @@ def run_checkpoint_eval(cfg) -> CheckpointEval:
     write_json_atomic(metrics_path, jsonable({
         "checkpoint": str(ckpt), "step": loaded.step, "data": data.name, "split": name,
         "processed_dir": str(split.processed_dir), "mask": ev.mask, "strict": ev.strict,
-        "objects": ev.objects, "proposal_model": ev.proposal_model, "objects_per_scene": res.objects,
+        "objects": ev.objects, "proposal_model": ev.proposal_model, "turns": ev.turns, "objects_per_scene": res.objects,
         "label_model": (ev.label_model or loaded.model.config.label_model
                         if loaded.model.config.referring.object_labels else None),
         "num_samples": len(rows), "text": language, "metrics": res.metrics, "per_sample": res.per_sample}))

@@ -526,3 +526,23 @@ def test_objects_argument(seg, scene):
         seg.segment(bare, "the sofa", objects="instances")
     with pytest.raises(ValueError, match="contradicts"):
         seg.segment(scene, "the sofa", proposals=True, objects="learned")
+
+
+def test_turns_vote_over_orientations_and_say_so(trained, scene):
+    model, run = trained
+    seg = Segmenter.from_pretrained(run, device="cpu", turns=4)
+    texts = ["the chair on the north side", "all the tables"]
+    results = seg.segment(scene, texts)
+    points = scene.to_points("cpu")
+    voted = model.predict(points, texts, turns=4)
+    for r, p in zip(results, voted):
+        assert r.turns == 4 and r.agreement == p.agreement and r.agreement in (0.25, 0.5, 0.75, 1.0)
+        assert np.array_equal(r.objects, p.objects.numpy()) and np.array_equal(r.point_mask, p.point_mask.numpy())
+        assert np.allclose(r.all_scores, p.obj_scores.numpy(), atol=1e-6)
+    plain = Segmenter.from_pretrained(run, device="cpu").segment(scene, texts[0])
+    assert plain.turns == 1 and plain.agreement == 1.0
+    with pytest.raises(ValueError, match="turns must be an integer in 1..4"):
+        Segmenter.from_pretrained(run, device="cpu", turns=0)
+    seg.turns = 9
+    with pytest.raises(ValueError, match="Segmenter.turns must be an integer in 1..4"):
+        seg.segment(scene, texts[0])

@@ -105,3 +105,33 @@ def test_cli_objects_flag(run, syn, rows, tmp_path, capsys):
     p.write_text("")
     with pytest.raises(SystemExit, match="--objects belongs to the checkpoint mode"):
         cli(["eval", str(p), "--gt", str(p), "--processed", str(tmp_path), "--objects", "proposals"])
+
+
+def test_turns_vote_in_eval_and_the_cli(model, run, syn, rows, tmp_path, capsys):
+    one = evaluate_model(model, syn.processed, rows, objects="proposals", progress=False)
+    assert evaluate_model(model, syn.processed, rows, objects="proposals", progress=False, turns=1).predictions == \
+        one.predictions
+    four = evaluate_model(model, syn.processed, rows, objects="proposals", progress=False, turns=4)
+    # every voted mask is still whole proposals, scored against the ground-truth points
+    for row, pred, ps in zip(rows, four.predictions, four.per_sample):
+        scene = load_processed_scene(syn.processed / row["scene_id"])
+        labels = proposal_objects(scene.coord, scene.color).labels
+        for m in pred["pred_masks"]:
+            ids = np.unique(labels[m])
+            assert len(ids) == 1 and len(m) == (labels == ids[0]).sum()
+        assert ps["iou"] == pytest.approx(_gt_iou(pred["pred_masks"], scene, row["targets"]))
+    with pytest.raises(ValueError, match="eval.turns must be an integer in 1..4"):
+        evaluate_model(model, syn.processed, rows, turns=5)
+    samples = tmp_path / "rows.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["eval", str(run), f"eval.samples={samples}", f"eval.processed_dir={syn.processed}", "--no-progress",
+            "device=cpu"]
+    assert cli([*base, "--turns", "2", f"out_dir={tmp_path / 't'}"]) == 0
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["turns"] == 2
+    capsys.readouterr()
+    assert cli([*base, "--turns", "7"]) == 2
+    assert "eval.turns must be an integer in 1..4" in capsys.readouterr().err
+    p = tmp_path / "p.jsonl"
+    p.write_text("")
+    with pytest.raises(SystemExit, match="--turns belongs to the checkpoint mode"):
+        cli(["eval", str(p), "--gt", str(p), "--processed", str(tmp_path), "--turns", "2"])

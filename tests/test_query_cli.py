@@ -195,3 +195,21 @@ def test_query_downsamples_large_scenes_and_says_so(setup, tmp_path, capsys):
     ply = _wrote(out)[0]
     assert len(PlyData.read(str(ply))["vertex"]) == n  # the picture has every input point
     assert main(["query", str(ckpt), str(scene_dir), "x", "--max-points", "-1"]) == 2
+
+
+def test_query_turns_prints_how_many_orientations_agreed(setup, capsys):
+    from scene3d import Segmenter
+
+    ckpt, scene_dir, _ = setup
+    rc = main(["query", str(ckpt), str(scene_dir), "the", "chair", "--turns", "4", "--no-pictures"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    seg = Segmenter.from_pretrained(ckpt, turns=4)
+    r = seg.segment(seg.load_scene(scene_dir), "the chair")
+    assert f"orientations: {round(r.agreement * 4)} of 4 quarter turns gave this answer" in out
+    assert f"points: {r.num_points} of " in out
+    assert main(["query", str(ckpt), str(scene_dir), "the", "chair", "--no-pictures"]) == 0
+    assert "orientations:" not in capsys.readouterr().out  # one orientation: nothing to say
+    rc = main(["query", str(ckpt), str(scene_dir), "the", "chair", "--turns", "5", "--no-pictures"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "turns must be an integer in 1..4" in err and len(err.strip().splitlines()) == 1

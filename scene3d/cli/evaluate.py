@@ -56,6 +56,10 @@ def add_parser(sub, name, help_):
                    help="for a model whose prompt writes object class names (model.referring.object_labels): the "
                         "instance-proposal model directory that names the objects (default: the checkpoint's "
                         "model.label_model)")
+    p.add_argument("--turns", type=int, default=None, metavar="N",
+                   help="checkpoint mode: test-time quarter turns: also answer each scene turned 1..N-1 quarter turns "
+                        "about z (the texts' compass words with it) and keep the answer most orientations give "
+                        "(1-4; the same as eval.turns=N)")
     p.set_defaults(_accepts_overrides=True)  # checkpoint mode only; predictions mode rejects them in run()
     return p
 
@@ -169,6 +173,8 @@ def evaluate_checkpoint(args) -> int:
         if not args.proposal_model.is_dir():
             raise SystemExit(f"scene3d eval: --proposal-model {args.proposal_model}: not a directory")
         overrides.append(f"eval.proposal_model={args.proposal_model.resolve()}")
+    if args.turns is not None:
+        overrides.append(f"eval.turns={args.turns}")
     if args.label_model is not None:
         if not args.label_model.is_dir():
             raise SystemExit(f"scene3d eval: --label-model {args.label_model}: not a directory")
@@ -201,9 +207,10 @@ def run(args) -> int:
     if target.is_dir():
         raise SystemExit(f"scene3d eval: {target} is a directory without a checkpoint (expected "
                          "model.safetensors + meta.json, a checkpoints/ dir or a run dir)")
-    if args.objects is not None:
-        raise SystemExit("scene3d eval: --objects belongs to the checkpoint mode (a predictions file already "
-                         "holds its masks)")
+    for flag, value in (("--objects", args.objects), ("--turns", args.turns)):
+        if value is not None:
+            raise SystemExit(f"scene3d eval: {flag} belongs to the checkpoint mode (a predictions file already "
+                             "holds its masks)")
     if args.overrides:
         raise SystemExit(f"scene3d eval: unrecognized arguments: {' '.join(args.overrides)} (hydra overrides "
                          "only apply to the checkpoint mode)")

@@ -33,6 +33,10 @@ def add_parser(sub, name, help_):
     p.add_argument("--label-model", type=Path, default=None, metavar="DIR",
                    help="for a model whose prompt writes object class names: the instance-proposal model directory "
                         "that names the objects (default: the checkpoint's model.label_model)")
+    p.add_argument("--turns", type=int, default=1, metavar="N",
+                   help="test-time quarter turns: also answer the scene turned 1..N-1 quarter turns about z (the "
+                        "query's compass words with it) and keep the answer most orientations give (1-4; default "
+                        "1: the scene as given only)")
     p.set_defaults(_accepts_overrides=False)
     return p
 
@@ -56,6 +60,9 @@ def format_result(scene, result) -> str:
     else:
         lines.append("answer: none (the model says no object matches)")
     lines.append(f"llm text: {result.answer!r}")
+    if result.turns > 1:
+        lines.append(f"orientations: {round(result.agreement * result.turns)} of {result.turns} quarter turns gave this "
+                     "answer")
     names = object_names(result, scene)
     for k, name in enumerate(names):
         c, s = result.boxes[k, :3], result.boxes[k, 3:]
@@ -84,7 +91,7 @@ def run(args) -> int:
         return 2
     try:
         seg = Segmenter.from_pretrained(args.checkpoint, device=args.device, proposal_model=args.proposal_model,
-                                        label_model=args.label_model)
+                                        label_model=args.label_model, turns=args.turns)
         if args.max_points is not None:
             seg.max_points = args.max_points or None
         scene = seg.load_scene(args.scene)

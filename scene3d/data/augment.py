@@ -62,6 +62,19 @@ def turn_compass(text: str, quarter_turns: int) -> str:
     return re.sub("\x00(\\d+)\x00", lambda m: placeholder[int(m.group(1))], turned)
 
 
+#: the most orientations quarter turns give (test-time turns, scene3d.models.turns)
+MAX_TURNS = 4
+
+
+def check_turns(turns, where: str = "turns") -> int:
+    """``turns`` (how many orientations to answer in, test-time turns) as an int in 1..4, else a one-line error
+    naming ``where``."""
+    if isinstance(turns, bool) or not isinstance(turns, int) or not 1 <= turns <= MAX_TURNS:
+        raise ValueError(f"{where} must be an integer in 1..{MAX_TURNS} (orientations voted over: 1 = the scan as "
+                         f"given only, 4 = all four quarter turns), got {turns!r}")
+    return turns
+
+
 def turn_row(row: dict, quarter_turns: int) -> dict:
     """A copy of a referring row with its text (and its program's ``view``, where it has one) turned with the
     scene; the row itself is unchanged."""

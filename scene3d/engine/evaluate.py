@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scene3d.data.augment import check_turns
 from scene3d.data.referring import scene_to_tensors
 from scene3d.data.scene import load_processed_scene
 from scene3d.metrics import evaluate_rows
@@ -115,11 +116,13 @@ def check_objects(objects: str, where: str = "objects") -> str:
 
 def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: Iterable[str] = ("reconciled",),
                          strict: bool = False, progress: bool = True, objects: str = "gt",
-                         proposal_model=None) -> dict:
+                         proposal_model=None, turns: int = 1) -> dict:
     """Run ``model.predict`` on every row (scene by scene, each scene loaded once) and score each of ``masks``.
     ``objects``: ``gt`` (instances) or ``proposals`` (geometric proposals, or with ``proposal_model`` (an
     :class:`~scene3d.tokenizer.instance_proposals.InstanceProposer` or its directory) the learned instance
-    proposals; module docstring).
+    proposals; module docstring). ``turns`` > 1: each question is also answered on the scene turned 1..turns-1
+    quarter turns and keeps the answer most orientations gave (:mod:`scene3d.models.turns`; the model's
+    ``predict`` must take ``turns``).
 
     ``model``: a :class:`~scene3d.models.pipeline.Scene3DModel` (anything with ``predict(points, texts)``).
     Returns ``{mask: EvalResult}``. Rows must carry ``dataset``, ``scene_id``, ``ann_id``, ``text``, ``targets``.
@@ -146,6 +149,8 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
         missing = [k for k in ("dataset", "scene_id", "ann_id", "text", "targets") if k not in r]
         if missing:
             raise ValueError(f"referring row {i} lacks {missing}")
+    # a model without test-time turns (anything with predict(points, texts)) is still called as before
+    tta = {} if check_turns(turns, "eval.turns") == 1 else {"turns": turns}
     keys = [_key(r) for r in rows]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -169,11 +174,11 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
             sources[sid] = {"source": prop.source, "num_objects": prop.num_proposals,
                             "num_candidates": prop.num_candidates}
             split = prop.labels  # a reconciled mask splits per chosen proposal
-            out = model.predict(points, texts, objects=torch.from_numpy(split).to(device))
+            out = model.predict(points, texts, objects=torch.from_numpy(split).to(device), **tta)
         else:
             split = scene.instance
             sources[sid] = {"source": "instances", "num_objects": int(len(np.unique(split[split >= 0])))}
-            out = model.predict(points, texts)
+            out = model.predict(points, texts, **tta)
         for i, p in zip(idx, out):
             for m in masks:
                 preds[m][i] = prediction_row(rows[i], p, split, m)
@@ -188,10 +193,10 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
 
 
 def evaluate_model(model, processed_dir, rows: Sequence[Mapping], mask: str = "reconciled", strict: bool = False,
-                   progress: bool = True, objects: str = "gt", proposal_model=None) -> EvalResult:
+                   progress: bool = True, objects: str = "gt", proposal_model=None, turns: int = 1) -> EvalResult:
     """:func:`evaluate_model_masks` for one mask."""
     return evaluate_model_masks(model, processed_dir, rows, (mask,), strict=strict, progress=progress,
-                                objects=objects, proposal_model=proposal_model)[mask]
+                                objects=objects, proposal_model=proposal_model, turns=turns)[mask]
 
 
 def spread_rows(rows: Sequence[Mapping], max_samples: Optional[int]) -> list:

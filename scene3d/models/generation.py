@@ -43,6 +43,9 @@ class Prediction(NamedTuple):
     #: [L] long, local rows of the objects left out of the LLM prompt (more objects than identifiers,
     #: ``overflow="topk"``): the answer cannot name them; the decoder still scores them
     left_out: Optional[torch.Tensor] = None
+    #: the share of orientations that gave this answer when the scan was answered in several quarter turns
+    #: (:mod:`scene3d.models.turns`); 1.0 otherwise
+    agreement: float = 1.0
 
 
 class PointerKeys(NamedTuple):

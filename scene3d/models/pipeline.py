@@ -28,6 +28,7 @@ from scene3d.gating.adapter import GateConfig, ObjectTokenGate
 from scene3d.llm.loader import fingerprint_hex
 from scene3d.models.losses import name_loss
 from scene3d.models.referring import Prediction, QueryBatch, ReferringConfig, ReferringSegmenter
+from scene3d.models.turns import check_turns, turned_batch, turned_texts, vote
 from scene3d.structures.scene_inputs import SceneInputs
 from scene3d.structures.points import PointBatch
 from scene3d.tokenizer.backbone import BackboneConfig
@@ -217,18 +218,45 @@ class Scene3DModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, points: PointBatch, texts: Sequence[str], objects: Optional[torch.Tensor] = None,
-                use_cache: bool = True) -> list[Prediction]:
+                use_cache: bool = True, turns: int = 1) -> list[Prediction]:
         """Answer ``texts`` on one scene. Objects come from ``objects [N]`` if given, else from
-        ``points.instance`` when present, else from the tokenizer's proposals."""
+        ``points.instance`` when present, else from the tokenizer's proposals. ``turns`` > 1: the scene is also
+        answered turned 1..turns-1 quarter turns (its questions' compass words with it) and each question
+        keeps the answer most orientations gave (:mod:`scene3d.models.turns`)."""
         if points.batch_size != 1:
             raise ValueError(f"predict takes one scene, got {points.batch_size}")
+        check_turns(turns)
+        texts = list(texts)
         was_training = self.training
         self.eval()
         try:
             if objects is None and points.instance is not None and bool((points.instance >= 0).any()):
                 objects = points.instance
             scene, _ = self.encode(points, objects)
-            return self.segmenter.predict(scene, list(texts), use_cache=use_cache)
+            return self.predict_encoded(scene, texts, use_cache, turns)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def predict_encoded(self, scene: SceneInputs, texts: Sequence[str], use_cache: bool = True,
+                        turns: int = 1) -> list[Prediction]:
+        """:meth:`predict` on a scene already encoded (one scene). With ``turns`` > 1 the turned copies are
+        encoded with the objects of ``scene`` (its ``point2obj``), so every orientation has the same object
+        rows, and the prompt's object names, where it writes them, are those of ``scene``."""
+        texts = list(texts)
+        first = self.segmenter.predict(scene, texts, use_cache=use_cache)
+        if check_turns(turns) == 1:
+            return first
+        was_training = self.training
+        self.eval()
+        try:
+            answers = [first]
+            for k in range(1, turns):
+                turned, _ = self.encode(turned_batch(scene.points, k), scene.tokens.point2obj, names=False)
+                turned = dataclasses.replace(turned, object_names=scene.object_names)
+                answers.append(self.segmenter.predict(turned, turned_texts(texts, k), use_cache=use_cache))
+            ids = scene.tokens.object_ids
+            return vote(answers, ids if ids is not None else torch.full((scene.tokens.num_objects,), -1))
         finally:
             self.train(was_training)
 

@@ -1,0 +1,72 @@
+"""Test-time quarter turns: answer each question on the scan as given and turned 1..T-1 quarter turns about
+the vertical axis, with the question's compass words turned with it, and keep the answer most orientations
+agree on.
+
+Why: ScanNet aligns each scan's walls with the axes but leaves which wall faces +x arbitrary (two exports of
+one room, scene0000_01 and scene0000_02, lie a quarter turn apart), and a model trained on few real scans
+answers a scan differently in each of its four orientations even with ``data.rotate`` in training (README,
+real-rescan experiment). Turning is exact (a quarter turn swaps and negates coordinates: no resampling), so
+every orientation sees the same points and objects; only the network's view of them changes. This is the
+rotation test-time augmentation of 3D segmentation (Pointcept's and Mask3D's ScanNet test runs vote over
+rotations too), applied to answers: the votes are over object sets, not per point, so a fused answer is
+always one the model gave.
+
+The objects are fixed before turning (the given instances or proposals, or the proposal head's objects on the
+scan as given), so an object's local row is the same in every orientation and answers compare exactly. Votes:
+the answer (set of objects, or "none") that most orientations gave; a tie goes to the tied answer given by
+the earliest orientation, the scan as given first. The result is that orientation's :class:`Prediction`, with
+the decoder's object scores averaged over the orientations and ``agreement`` the share of orientations
+that gave the chosen answer (1.0 without turns).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+from scene3d.data.augment import check_turns, turn_compass, turn_points
+from scene3d.models.generation import Prediction
+from scene3d.structures.points import PointBatch
+
+__all__ = ["check_turns", "turned_batch", "turned_texts", "vote"]
+
+
+def turned_batch(points: PointBatch, quarter_turns: int) -> PointBatch:
+    """``points`` (one scene) turned ``quarter_turns`` counter-clockwise about the vertical axis through the
+    middle of its xy extent, normals with it; every other field (and the point order) unchanged."""
+    if points.batch_size != 1:
+        raise ValueError(f"turned_batch takes one scene, got {points.batch_size}")
+    fields = {"coord": points.coord} if points.normal is None else {"coord": points.coord, "normal": points.normal}
+    return points.replace(**turn_points(fields, quarter_turns))
+
+
+def turned_texts(texts: Sequence[str], quarter_turns: int) -> list:
+    """The questions as they read on the scan turned ``quarter_turns`` counter-clockwise (north -> west...)."""
+    return [turn_compass(t, quarter_turns) for t in texts]
+
+
+def vote(per_turn: Sequence[Sequence[Prediction]], object_ids=None) -> list:
+    """One :class:`Prediction` per question from ``per_turn[k][q]``, the answers of orientation ``k`` (module
+    docstring). ``object_ids [M]`` (optional): the source id of each local object row, to write the chosen
+    objects' ids (the orientations' own may differ when their objects were given as rows)."""
+    if not per_turn:
+        raise ValueError("vote needs the answers of at least one orientation")
+    n = len(per_turn[0])
+    if any(len(p) != n for p in per_turn):
+        raise ValueError(f"every orientation must answer the same {n} questions, got {[len(p) for p in per_turn]}")
+    out = []
+    for q in range(n):
+        answers = [p[q] for p in per_turn]
+        keys = [tuple(sorted(a.objects.tolist())) for a in answers]
+        counts = Counter(keys)
+        best = max(counts.values())
+        k = next(i for i, key in enumerate(keys) if counts[key] == best)  # earliest orientation among the tied
+        chosen = answers[k]
+        scores = torch.stack([a.obj_scores for a in answers]).mean(0)
+        ids = chosen.object_ids
+        if object_ids is not None:
+            ids = object_ids.to(chosen.objects.device)[chosen.objects]
+        out.append(chosen._replace(obj_scores=scores, object_ids=ids, agreement=best / len(answers)))
+    return out
