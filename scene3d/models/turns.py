@@ -7,9 +7,9 @@ one room, scene0000_01 and scene0000_02, lie a quarter turn apart), and a model 
 answers a scan differently in each of its four orientations even with ``data.rotate`` in training (README,
 real-rescan experiment). Turning is exact (a quarter turn swaps and negates coordinates: no resampling), so
 every orientation sees the same points and objects; only the network's view of them changes. This is the
-rotation test-time augmentation of 3D segmentation (Pointcept's and Mask3D's ScanNet test runs vote over
-rotations too), applied to answers: the votes are over object sets, not per point, so a fused answer is
-always one the model gave.
+rotation test-time augmentation of 3D semantic segmentation (Pointcept's ScanNet test configs fuse the
+predictions of the scan turned about z), applied to answers: the votes are over object sets, not per point,
+so a fused answer is always one the model gave.
 
 The objects are fixed before turning (the given instances or proposals, or the proposal head's objects on the
 scan as given), so an object's local row is the same in every orientation and answers compare exactly. Votes:
