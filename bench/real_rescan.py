@@ -266,6 +266,13 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 for m in masks:
                     print(line(f"model, {m}", res[m].metrics["overall"]))
+                if turns > 1:  # how far the agreement of the orientations tells a reliable answer
+                    r = res[masks[0]]
+                    for name, keep in (("every orientation agreed", lambda a: a == 1.0),
+                                       ("the orientations split", lambda a: a < 1.0)):
+                        ious = [s["iou"] for p, s in zip(r.predictions, r.per_sample) if keep(p["agreement"])]
+                        if ious:
+                            print(f"  {masks[0]}, {name}: {len(ious)} rows, mIoU {np.mean(ious):.4f}")
     return 0
 
 

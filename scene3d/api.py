@@ -709,10 +709,21 @@ class Segmenter:
         enc = self.encode(scene, proposals, objects)
         turns = check_turns(self.turns, "Segmenter.turns")
         preds = self.model.predict_encoded(enc.inputs, [t.strip() for t in texts], use_cache=True, turns=turns)
-        results = [self._result(enc, t, p, scene)._replace(unknown_words=u, text_tokens_dropped=d, turns=turns,
-                                                          agreement=p.agreement)
+        results = [self._turned(self._result(enc, t, p, scene)._replace(unknown_words=u, text_tokens_dropped=d),
+                                turns, p.agreement)
                    for t, p, u, d in zip(texts, preds, unknown, dropped)]
         return results[0] if single else results
+
+    @staticmethod
+    def _turned(result: SegmentResult, turns: int, agreement: float) -> SegmentResult:
+        """``result`` with how many orientations answered and agreed; a warning when they disagree (measured on
+        the real rescan, such answers are right far less often than unanimous ones: README, test-time turns)."""
+        result = result._replace(turns=turns, agreement=agreement)
+        if agreement < 1.0:
+            note = (f"the orientations disagree: {round(agreement * turns)} of {turns} quarter turns gave this answer, "
+                    "so it is unreliable")
+            result = result._replace(warnings=(*result.warnings, note))
+        return result
 
     @staticmethod
     def _ids_of(tokens, rows) -> np.ndarray:

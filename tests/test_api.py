@@ -539,8 +539,15 @@ def test_turns_vote_over_orientations_and_say_so(trained, scene):
         assert r.turns == 4 and r.agreement == p.agreement and r.agreement in (0.25, 0.5, 0.75, 1.0)
         assert np.array_equal(r.objects, p.objects.numpy()) and np.array_equal(r.point_mask, p.point_mask.numpy())
         assert np.allclose(r.all_scores, p.obj_scores.numpy(), atol=1e-6)
+        disagree = [w for w in r.warnings if "orientations disagree" in w]
+        assert bool(disagree) == (r.agreement < 1.0)  # a split vote is said, a unanimous one is not
+        if disagree:
+            assert f"{round(r.agreement * 4)} of 4 quarter turns gave this answer" in disagree[0]
     plain = Segmenter.from_pretrained(run, device="cpu").segment(scene, texts[0])
-    assert plain.turns == 1 and plain.agreement == 1.0
+    assert plain.turns == 1 and plain.agreement == 1.0 and not plain.warnings
+    split = seg._turned(plain, 4, 0.5)  # a split vote, whatever this random model answered above
+    assert split.turns == 4 and split.warnings[-1].startswith("the orientations disagree: 2 of 4 quarter turns")
+    assert seg._turned(plain, 4, 1.0).warnings == plain.warnings
     with pytest.raises(ValueError, match="turns must be an integer in 1..4"):
         Segmenter.from_pretrained(run, device="cpu", turns=0)
     seg.turns = 9

@@ -120,6 +120,8 @@ def test_turns_vote_in_eval_and_the_cli(model, run, syn, rows, tmp_path, capsys)
             ids = np.unique(labels[m])
             assert len(ids) == 1 and len(m) == (labels == ids[0]).sum()
         assert ps["iou"] == pytest.approx(_gt_iou(pred["pred_masks"], scene, row["targets"]))
+        assert pred["agreement"] in (0.25, 0.5, 0.75, 1.0)
+    assert all("agreement" not in p for p in one.predictions)  # one orientation: nothing to agree on
     with pytest.raises(ValueError, match="eval.turns must be an integer in 1..4"):
         evaluate_model(model, syn.processed, rows, turns=5)
     samples = tmp_path / "rows.jsonl"

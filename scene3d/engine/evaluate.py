@@ -182,6 +182,8 @@ def evaluate_model_masks(model, processed_dir, rows: Sequence[Mapping], masks: I
         for i, p in zip(idx, out):
             for m in masks:
                 preds[m][i] = prediction_row(rows[i], p, split, m)
+                if tta:  # the share of orientations that gave this answer (docs/predictions_format.md)
+                    preds[m][i]["agreement"] = round(float(p.agreement), 4)
     results = {}
     for m in masks:
         table = {k: {**p, "_where": f"prediction {k}"} for k, p in zip(keys, preds[m])}
