@@ -267,12 +267,12 @@ def main(argv=None) -> int:
                 for m in masks:
                     print(line(f"model, {m}", res[m].metrics["overall"]))
                 if turns > 1:  # how far the agreement of the orientations tells a reliable answer
+                    from scene3d.evaluate import agreement_summary  # the model stack: only a --checkpoint run loads it
+
                     r = res[masks[0]]
-                    for name, keep in (("every orientation agreed", lambda a: a == 1.0),
-                                       ("the orientations split", lambda a: a < 1.0)):
-                        ious = [s["iou"] for p, s in zip(r.predictions, r.per_sample) if keep(p["agreement"])]
-                        if ious:
-                            print(f"  {masks[0]}, {name}: {len(ious)} rows, mIoU {np.mean(ious):.4f}")
+                    parts = [f"{name} {v['rows']} rows, mIoU {v['miou']:.4f}"
+                             for name, v in agreement_summary(r.predictions, r.per_sample).items()]
+                    print(f"  {masks[0]}: {'; '.join(parts)} (unanimous: every orientation gave the answer)")
     return 0
 
 

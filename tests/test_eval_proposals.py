@@ -95,7 +95,8 @@ def test_cli_objects_flag(run, syn, rows, tmp_path, capsys):
         scene = load_processed_scene(syn.processed / row["scene_id"])
         assert ps["iou"] == pytest.approx(_gt_iou(pred["pred_masks"], scene, row["targets"]))
     assert cli([*base, f"out_dir={tmp_path / 'g'}"]) == 0  # default: ground-truth instances
-    assert json.loads((tmp_path / "g" / "metrics.json").read_text())["objects"] == "gt"
+    g = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert g["objects"] == "gt" and g["turns"] == 1 and g["agreement"] == {}
     capsys.readouterr()
     with pytest.raises(SystemExit, match=r"^scene3d eval: --objects: expected one of gt, proposals, got 'mask3d'$"):
         cli([*base, "--objects", "mask3d"])
@@ -129,7 +130,17 @@ def test_turns_vote_in_eval_and_the_cli(model, run, syn, rows, tmp_path, capsys)
     base = ["eval", str(run), f"eval.samples={samples}", f"eval.processed_dir={syn.processed}", "--no-progress",
             "device=cpu"]
     assert cli([*base, "--turns", "2", f"out_dir={tmp_path / 't'}"]) == 0
-    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["turns"] == 2
+    m = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert m["turns"] == 2
+    preds = [json.loads(x) for x in (tmp_path / "t" / "predictions.jsonl").read_text().splitlines()]
+    # the unanimous / split summary is the mean IoU of the rows of each kind
+    for name, keep in (("unanimous", lambda a: a == 1.0), ("split", lambda a: a < 1.0)):
+        ious = [s["iou"] for p, s in zip(preds, m["per_sample"]) if keep(p["agreement"])]
+        assert (name in m["agreement"]) == bool(ious)
+        if ious:
+            assert m["agreement"][name] == {"rows": len(ious), "miou": pytest.approx(float(np.mean(ious)))}
+    assert sum(v["rows"] for v in m["agreement"].values()) == len(rows)
+    assert "answers voted over 2 quarter turns: " in capsys.readouterr().out
     capsys.readouterr()
     assert cli([*base, "--turns", "7"]) == 2
     assert "eval.turns must be an integer in 1..4" in capsys.readouterr().err

@@ -193,6 +193,10 @@ def evaluate_checkpoint(args) -> int:
         print(f"objects: {kind} proposals ({min(counts)}-{max(counts)} per scene over {len(per)} scenes); "
               "masks scored against the ground-truth target points")
     print(format_metrics(res.metrics))
+    if cfg.eval.turns > 1:
+        parts = [f"{name} {v['rows']} rows, mIoU {v['miou']:.4f}" for name, v in res.agreement.items()]
+        print(f"answers voted over {cfg.eval.turns} quarter turns: {'; '.join(parts)} (unanimous: every "
+              "orientation gave the answer)")
     print(TABLE_LEGEND)
     print(f"wrote {res.predictions}\nwrote {res.metrics_file}")
     return 0
