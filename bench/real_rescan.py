@@ -267,12 +267,11 @@ def main(argv=None) -> int:
                 for m in masks:
                     print(line(f"model, {m}", res[m].metrics["overall"]))
                 if turns > 1:  # how far the agreement of the orientations tells a reliable answer
-                    from scene3d.evaluate import agreement_summary  # the model stack: only a --checkpoint run loads it
+                    # the model stack: only a --checkpoint run loads it
+                    from scene3d.evaluate import agreement_line, agreement_summary
 
                     r = res[masks[0]]
-                    parts = [f"{name} {v['rows']} rows, mIoU {v['miou']:.4f}"
-                             for name, v in agreement_summary(r.predictions, r.per_sample).items()]
-                    print(f"  {masks[0]}: {'; '.join(parts)} (unanimous: every orientation gave the answer)")
+                    print(f"  {masks[0]}, {agreement_line(agreement_summary(r.predictions, r.per_sample), turns)}")
     return 0
 
 

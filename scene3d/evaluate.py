@@ -36,6 +36,13 @@ def agreement_summary(predictions: Sequence[Mapping], per_sample: Sequence[Mappi
     return out
 
 
+def agreement_line(summary: Mapping, turns: int) -> str:
+    """One printed line of :func:`agreement_summary` (``scene3d eval --turns``, bench/real_rescan.py)."""
+    parts = [f"{name} {v['rows']} rows, mIoU {v['miou']:.4f}" for name, v in summary.items()]
+    return (f"answers voted over {turns} quarter turns: {'; '.join(parts)} (unanimous: every orientation gave "
+            "the answer)")
+
+
 class CheckpointEval(NamedTuple):
     """What :func:`run_checkpoint_eval` wrote and measured."""
 

@@ -132,7 +132,7 @@ def evaluate_checkpoint(args) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from scene3d.config import compose, to_objects  # lazy: `scene3d --help` and the other commands do not load it
-    from scene3d.evaluate import run_checkpoint_eval
+    from scene3d.evaluate import agreement_line, run_checkpoint_eval
     from scene3d.metrics import TABLE_LEGEND, Conventions, format_metrics
 
     given = [name for name, v in (("--gt", args.gt), ("--processed", args.processed), ("--out", args.out)) if v]
@@ -194,9 +194,7 @@ def evaluate_checkpoint(args) -> int:
               "masks scored against the ground-truth target points")
     print(format_metrics(res.metrics))
     if cfg.eval.turns > 1:
-        parts = [f"{name} {v['rows']} rows, mIoU {v['miou']:.4f}" for name, v in res.agreement.items()]
-        print(f"answers voted over {cfg.eval.turns} quarter turns: {'; '.join(parts)} (unanimous: every "
-              "orientation gave the answer)")
+        print(agreement_line(res.agreement, cfg.eval.turns))
     print(TABLE_LEGEND)
     print(f"wrote {res.predictions}\nwrote {res.metrics_file}")
     return 0

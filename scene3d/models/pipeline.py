@@ -13,6 +13,7 @@ from ``objects.json``) and Sr3D ``distractors`` where the row has them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
 from dataclasses import dataclass, field
@@ -225,17 +226,12 @@ class Scene3DModel(nn.Module):
         keeps the answer most orientations gave (:mod:`scene3d.models.turns`)."""
         if points.batch_size != 1:
             raise ValueError(f"predict takes one scene, got {points.batch_size}")
-        check_turns(turns)
-        texts = list(texts)
-        was_training = self.training
-        self.eval()
-        try:
+        check_turns(turns)  # before the encoding, which a bad value would waste
+        with self.eval_mode():
             if objects is None and points.instance is not None and bool((points.instance >= 0).any()):
                 objects = points.instance
             scene, _ = self.encode(points, objects)
             return self.predict_encoded(scene, texts, use_cache, turns)
-        finally:
-            self.train(was_training)
 
     @torch.no_grad()
     def predict_encoded(self, scene: SceneInputs, texts: Sequence[str], use_cache: bool = True,
@@ -243,20 +239,26 @@ class Scene3DModel(nn.Module):
         """:meth:`predict` on a scene already encoded (one scene). With ``turns`` > 1 the turned copies are
         encoded with the objects of ``scene`` (its ``point2obj``), so every orientation has the same object
         rows, and the prompt's object names, where it writes them, are those of ``scene``."""
+        check_turns(turns)
         texts = list(texts)
-        first = self.segmenter.predict(scene, texts, use_cache=use_cache)
-        if check_turns(turns) == 1:
-            return first
-        was_training = self.training
-        self.eval()
-        try:
-            answers = [first]
+        with self.eval_mode():
+            answers = [self.segmenter.predict(scene, texts, use_cache=use_cache)]
             for k in range(1, turns):
                 turned, _ = self.encode(turned_batch(scene.points, k), scene.tokens.point2obj, names=False)
                 turned = dataclasses.replace(turned, object_names=scene.object_names)
                 answers.append(self.segmenter.predict(turned, turned_texts(texts, k), use_cache=use_cache))
-            ids = scene.tokens.object_ids
-            return vote(answers, ids if ids is not None else torch.full((scene.tokens.num_objects,), -1))
+        if turns == 1:
+            return answers[0]
+        ids = scene.tokens.object_ids
+        return vote(answers, ids if ids is not None else torch.full((scene.tokens.num_objects,), -1))
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Eval mode inside the block; the mode the model had is restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
         finally:
             self.train(was_training)
 
