@@ -162,6 +162,19 @@ def token_naming_accuracy(model, processed_dir, scene_ids) -> tuple[int, int]:
     return right, total
 
 
+def frame_line(processed_dir: Path, scene_ids) -> str:
+    """Each scan's canonical frame (model.canonical_frame): the quarter turns that reach it and how far (degrees)
+    its median direction lies from a quadrant boundary."""
+    from scene3d.data.augment import canonical_turns, frame_margin
+    from scene3d.data.scene import load_processed_scene
+
+    parts = []
+    for sid in scene_ids:
+        coord = load_processed_scene(Path(processed_dir) / sid).coord
+        parts.append(f"{sid} {canonical_turns(coord)} quarter turn(s), {frame_margin(coord):.0f} deg from a boundary")
+    return "canonical frame: " + "; ".join(parts)
+
+
 def line(name: str, m: dict) -> str:
     return f"{name:<34s} mIoU {m['miou']:.4f}   Acc@0.25 {m['acc@0.25']:.4f}   Acc@0.5 {m['acc@0.5']:.4f}"
 
@@ -218,6 +231,7 @@ def main(argv=None) -> int:
         print(f"the scan and its rows turned {args.turns} quarter turn(s) counter-clockwise about z")
     c = chance(rows, args.processed)
     print(line(f"chance (random object of {c['objects']})", c))
+    print(frame_line(args.processed, sorted({r["scene_id"] for r in rows})))
     proposer = None
     if args.proposal_model is not None:
         from scene3d.tokenizer.instance_proposals import InstanceProposer

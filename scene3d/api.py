@@ -742,10 +742,11 @@ class Segmenter:
         masks = (p2o[None, :] == rows.to(p2o.device)[:, None]).cpu().numpy()  # (T, N model points)
         point_mask, decoder_mask = pred.point_mask.cpu().numpy(), pred.decoder_mask.cpu().numpy()
         d = enc.downsample
-        if d is None:
+        if d is None and not any(enc.inputs.frame_turns or ()):
             boxes = torch.cat([tokens.center[rows], tokens.size[rows]], 1).float().cpu().numpy()
-        else:  # back to every input point; boxes measured on the input points
-            masks, point_mask, decoder_mask = masks[:, d.inverse], point_mask[d.inverse], decoder_mask[d.inverse]
+        else:  # boxes measured on the input points: the model's points were downsampled or turned (canonical_frame)
+            if d is not None:  # back to every input point
+                masks, point_mask, decoder_mask = masks[:, d.inverse], point_mask[d.inverse], decoder_mask[d.inverse]
             boxes = np.zeros((len(masks), 6), np.float32)
             for t, mask in enumerate(masks):
                 c = scene.coord[mask]

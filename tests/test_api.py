@@ -12,6 +12,7 @@ import torch
 
 from scene3d import Segmenter
 from scene3d.api import SceneLoadError, SegmentResult, load_scene
+from scene3d.data.augment import turn_points
 from scene3d.data.referring import scene_to_tensors
 from scene3d.data.scene import load_processed_scene
 from data_prep.synthetic import prepare_synthetic
@@ -553,3 +554,28 @@ def test_turns_vote_over_orientations_and_say_so(trained, scene):
     seg.turns = 9
     with pytest.raises(ValueError, match="Segmenter.turns must be an integer in 1..4"):
         seg.segment(scene, texts[0])
+
+
+def test_canonical_frame_model_answers_in_the_input_frame(scene, tmp_path):
+    """A model with model.canonical_frame tokenizes each scan turned into its canonical frame; the result's masks
+    and boxes are still those of the points as given, and the scan turned a quarter turn (its question with it)
+    gets the same objects."""
+    torch.manual_seed(0)
+    cfg = small_config()
+    cfg.canonical_frame = True
+    model = Scene3DModel(cfg).eval()
+    save_checkpoint(tmp_path / "checkpoints", 1, model.trainable_state_dict(), config={"model": cfg.to_dict()})
+    seg = Segmenter.from_pretrained(tmp_path, device="cpu")
+    assert seg.model.config.canonical_frame
+    text = "the chair on the north side of the room"
+    r = seg.segment(scene, text)
+    for k, oid in enumerate(r.object_ids):
+        assert np.array_equal(r.object_masks[k], scene.instance == oid)
+        assert np.allclose(r.boxes[k], _box_of(scene.coord, scene.instance == oid), atol=1e-5)
+    # a quarter turn counter-clockwise about the middle of the scan's xy extent
+    turned = turn_points({"coord": torch.from_numpy(scene.coord)}, 1)["coord"].numpy()
+    other = seg.load_scene(coord=turned, color=scene.color, instance=scene.instance)
+    t = seg.segment(other, "the chair on the west side of the room")
+    assert np.array_equal(t.object_ids, r.object_ids) and np.array_equal(t.point_mask, r.point_mask)
+    for k, oid in enumerate(t.object_ids):
+        assert np.allclose(t.boxes[k], _box_of(turned, scene.instance == oid), atol=1e-5)

@@ -112,6 +112,44 @@ def turn_points(points: dict, quarter_turns: int, center: Optional[np.ndarray] =
     return out
 
 
+def canonical_turns(coord) -> int:
+    """How many quarter turns counter-clockwise (about the middle of the xy extent, as :func:`turn_points`
+    turns) put a scan into its canonical frame: the one where the per-axis median of its points' xy, relative
+    to the middle of the xy extent, lies in the first quadrant (angle in [0, 90) degrees from +x).
+
+    Why: ScanNet aligns each scan's walls with the axes but leaves which wall faces +x arbitrary, so two scans
+    of one room can lie a quarter turn apart (scene0000_01 / scene0000_02). A rule that reads only the scan's
+    own geometry gives both the same frame wherever their point mass sits on the same side of the room's
+    middle. It is exact under quarter turns: a scan turned k quarter turns gets ``canonical_turns - k`` (mod
+    4), so it lands in the same frame (a median exactly on an axis is the only tie). This is moment-based
+    sign disambiguation as in PCA canonicalisation of point clouds, restricted to quarter turns; it is a
+    heuristic and as stable as the median's distance from a quadrant boundary (:func:`frame_margin`).
+    ``coord``: ``[N, >=2]`` torch tensor or numpy array, N >= 1."""
+    return _canonical(coord)[0]
+
+
+def frame_margin(coord) -> float:
+    """Degrees between the median direction of :func:`canonical_turns` and the nearest quadrant boundary (0 to
+    45): how far the scan's points would have to shift before its canonical frame changes; 0 for a median at
+    the middle of the extent."""
+    return _canonical(coord)[1]
+
+
+def _canonical(coord) -> tuple:
+    xy = np.asarray(coord.detach().cpu().numpy() if isinstance(coord, torch.Tensor) else coord,
+                    dtype=np.float64)[:, :2]
+    if not len(xy):
+        raise ValueError("canonical_turns needs at least one point")
+    mid = (xy.min(0) + xy.max(0)) / 2
+    mx, my = np.median(xy - mid, axis=0)
+    if mx == 0 and my == 0:
+        return 0, 0.0
+    angle = float(np.degrees(np.arctan2(my, mx))) % 360.0
+    quadrant = int(angle // 90) % 4
+    inside = angle - 90.0 * quadrant
+    return (-quadrant) % 4, min(inside, 90.0 - inside)
+
+
 def jitter_color(color: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:
     """``color [N, 3]`` in [0, 1] under one random brightness gain (1 +- strength) and per-channel shift
     (+- strength / 2) for the whole scan: the lighting of another scan of the same room."""

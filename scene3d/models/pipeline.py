@@ -29,7 +29,7 @@ from scene3d.gating.adapter import GateConfig, ObjectTokenGate
 from scene3d.llm.loader import fingerprint_hex
 from scene3d.models.losses import name_loss
 from scene3d.models.referring import Prediction, QueryBatch, ReferringConfig, ReferringSegmenter
-from scene3d.models.turns import check_turns, turned_batch, turned_texts, vote
+from scene3d.models.turns import canonical_batch, check_turns, frame_texts, turned_batch, turned_texts, vote
 from scene3d.structures.scene_inputs import SceneInputs
 from scene3d.structures.points import PointBatch
 from scene3d.tokenizer.backbone import BackboneConfig
@@ -66,6 +66,13 @@ class PipelineConfig:
     #: and everything else keep the trainer's lr). 1: as the rest; below 1 a tokenizer pretrained by
     #: ``stage=tokens`` moves slowly; 0 keeps its weights (its batch-norm statistics still follow the data)
     tokenizer_lr_scale: float = 1.0
+    #: True: every scene (training, evaluation, the API) is turned into its canonical frame before tokenizing
+    #: (:func:`scene3d.data.augment.canonical_turns`: the quarter turn that puts the median of its points in the
+    #: +x / +y quadrant of its xy extent), and its questions' compass words with it. The model then answers a
+    #: scan the same in all four quarter turns, and two scans of one room share a frame where their point mass
+    #: sits on the same side of the room. With it, ``data.rotate`` in training has no effect: every turned
+    #: copy is brought back to the same frame. Masks and boxes come back in the input's frame
+    canonical_frame: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -146,17 +153,25 @@ class Scene3DModel(nn.Module):
     def encode(self, points: PointBatch, objects: Optional[torch.Tensor] = None, names: bool = True):
         """Tokenize ``points``: returns (SceneInputs for the segmenter, the tokenizer output). With ``names``
         and a model that writes object names (``referring.object_labels``), the label model names the objects
-        (:meth:`object_names`)."""
+        (:meth:`object_names`). With ``canonical_frame`` each scene is tokenized in its canonical frame: the
+        result holds the turned points and ``frame_turns``, by which questions must be turned
+        (:func:`scene3d.models.turns.frame_texts`); the points keep their order, so ``objects`` and masks need no
+        mapping."""
+        given = points
+        turns = None
+        if self.config.canonical_frame:
+            points, turns = canonical_batch(points)
         out = self.tokenizer3d(points, objects)
-        inputs = SceneInputs(out.tokens, out.point_feat, points)
-        if names and self.config.referring.object_labels:
-            inputs = dataclasses.replace(inputs, object_names=self.object_names(points, out.tokens))
+        inputs = SceneInputs(out.tokens, out.point_feat, points, frame_turns=turns)
+        if names and self.config.referring.object_labels:  # the label model reads the points as given
+            inputs = dataclasses.replace(inputs, object_names=self.object_names(given, out.tokens))
         return inputs, out
 
     def forward(self, batch) -> dict:
         """``batch``: :class:`scene3d.data.referring.ReferringBatch`. Returns scalar losses, ``"loss"`` the total."""
         points = batch.points
         scene, tok_out = self.encode(points, names=False)
+        encoded = scene.points  # in the frame the tokenizer saw (canonical_frame), for the proposal loss
         if self.config.objective == "object_names":
             return self._object_name_losses(batch, scene, tok_out)
         rows = batch.samples
@@ -178,11 +193,12 @@ class Scene3DModel(nn.Module):
                                          for name, oid in zip(object_names, oids)], dtype=torch.long)
         distractors = [list(r.get("distractors") or []) for r in rows]
         anchors = [list(r.get("anchors") or []) for r in rows]
-        mb = QueryBatch(scene=scene, texts=[r["text"] for r in rows], targets=[list(r["targets"]) for r in rows],
+        texts = frame_texts(scene, [r["text"] for r in rows])  # one scene per row here (canonical_frame)
+        mb = QueryBatch(scene=scene, texts=texts, targets=[list(r["targets"]) for r in rows],
                         distractors=distractors, anchors=anchors, object_class=object_class,
                         shared=shared, scene_index=index, object_names=object_names)
         ref = self.segmenter(mb)
-        tok = self.tokenizer3d.losses(points, tok_out).total
+        tok = self.tokenizer3d.losses(encoded, tok_out).total
         total = ref.total + self.config.tokenizer_loss_weight * tok
         return {"loss": total, "lm": ref.lm.detach(), "mask_bce": ref.mask_bce.detach(),
                 "mask_dice": ref.mask_dice.detach(), "obj": ref.obj.detach(), "obj_rank": ref.obj_rank.detach(),
@@ -201,7 +217,7 @@ class Scene3DModel(nn.Module):
         seg = self.segmenter
         name = name_loss(seg.object_embeds(t, t.feat), names, seg.name_embeddings,
                          t.feat.new_tensor(seg.config.name_scale))
-        tok = self.tokenizer3d.losses(batch.points, tok_out).total
+        tok = self.tokenizer3d.losses(scene.points, tok_out).total
         return {"loss": name + self.config.tokenizer_loss_weight * tok, "obj_name": name.detach(),
                 "proposal": tok.detach()}
 
@@ -240,13 +256,15 @@ class Scene3DModel(nn.Module):
         encoded with the objects of ``scene`` (its ``point2obj``), so every orientation has the same object
         rows, and the prompt's object names, where it writes them, are those of ``scene``."""
         check_turns(turns)
-        texts = list(texts)
+        texts = frame_texts(scene, texts)  # into the frame the scene's points are held in (canonical_frame)
         with self.eval_mode():
             answers = [self.segmenter.predict(scene, texts, use_cache=use_cache)]
             for k in range(1, turns):
                 turned, _ = self.encode(turned_batch(scene.points, k), scene.tokens.point2obj, names=False)
                 turned = dataclasses.replace(turned, object_names=scene.object_names)
-                answers.append(self.segmenter.predict(turned, turned_texts(texts, k), use_cache=use_cache))
+                # turned k, then (canonical_frame) by the turned copy's own frame turns
+                answers.append(self.segmenter.predict(turned, frame_texts(turned, turned_texts(texts, k)),
+                                                      use_cache=use_cache))
         if turns == 1:
             return answers[0]
         ids = scene.tokens.object_ids

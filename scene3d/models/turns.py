@@ -22,15 +22,16 @@ that gave the chosen answer (1.0 without turns).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from scene3d.data.augment import check_turns, turn_compass, turn_points
+from scene3d.data.augment import canonical_turns, check_turns, turn_compass, turn_points
 from scene3d.models.generation import Prediction
 from scene3d.structures.points import PointBatch
+from scene3d.structures.scene_inputs import SceneInputs
 
-__all__ = ["check_turns", "turned_batch", "turned_texts", "vote"]
+__all__ = ["canonical_batch", "check_turns", "frame_texts", "turned_batch", "turned_texts", "vote"]
 
 
 def turned_batch(points: PointBatch, quarter_turns: int) -> PointBatch:
@@ -40,6 +41,34 @@ def turned_batch(points: PointBatch, quarter_turns: int) -> PointBatch:
         raise ValueError(f"turned_batch takes one scene, got {points.batch_size}")
     fields = {"coord": points.coord} if points.normal is None else {"coord": points.coord, "normal": points.normal}
     return points.replace(**turn_points(fields, quarter_turns))
+
+
+def canonical_batch(points: PointBatch) -> tuple[PointBatch, list]:
+    """Each scene of ``points`` turned into its canonical frame (:func:`scene3d.data.augment.canonical_turns`),
+    and the quarter turns each took. Exact quarter turns about each scene's own xy middle, normals with them;
+    the point order and every other field unchanged, so per-point masks need no mapping back."""
+    scenes = points.split()
+    turns = [canonical_turns(s["coord"]) for s in scenes]
+    if not any(turns):
+        return points, turns
+    parts = [turn_points({k: s[k] for k in ("coord", "normal") if s.get(k) is not None}, k)
+             for s, k in zip(scenes, turns)]
+    fields = {"coord": torch.cat([p["coord"] for p in parts])}
+    if points.normal is not None:
+        fields["normal"] = torch.cat([p["normal"] for p in parts])
+    return points.replace(**fields), turns
+
+
+def frame_texts(scene: SceneInputs, texts: Sequence[str], scene_of: Optional[Sequence[int]] = None) -> list:
+    """``texts`` as they read in the frame ``scene``'s points are held in: each text's compass words turned by
+    ``scene.frame_turns`` of its scene (``scene_of[i]``; default: text ``i`` is about scene ``i``, or scene 0
+    when there is one scene). Unchanged when the points are as given (no ``frame_turns``, or all 0)."""
+    texts = list(texts)
+    if scene.frame_turns is None or not any(scene.frame_turns):
+        return texts
+    if scene_of is None:
+        scene_of = [0] * len(texts) if scene.batch_size == 1 else range(len(texts))
+    return [turn_compass(t, scene.frame_turns[int(b)]) for t, b in zip(texts, scene_of)]
 
 
 def turned_texts(texts: Sequence[str], quarter_turns: int) -> list:

@@ -22,12 +22,17 @@ class SceneInputs:
     """A ragged batch of scenes: object tokens, dense point features ``[N, C_pt]`` and the points.
 
     ``object_names`` (optional, ``[M]`` over the batch): each object's class name (None where unknown), written
-    into the prompt by a model that reads names (``ReferringConfig.object_labels``)."""
+    into the prompt by a model that reads names (``ReferringConfig.object_labels``).
+
+    ``frame_turns`` (optional, one per scene): the quarter turns counter-clockwise that took each scene's points
+    into the frame they are held in here (a model with ``canonical_frame``; None: the points as given). Questions
+    about scene ``b`` must have their compass words turned as many (:func:`scene3d.models.turns.frame_texts`)."""
 
     tokens: ObjectTokens
     point_feat: torch.Tensor
     points: PointBatch
     object_names: Optional[list] = None
+    frame_turns: Optional[list] = None
 
     def __post_init__(self) -> None:
         if self.point_feat.dim() != 2 or self.point_feat.shape[0] != self.points.coord.shape[0]:
@@ -39,6 +44,8 @@ class SceneInputs:
                              f"{len(self.points.offset)} scenes of points")
         if self.object_names is not None and len(self.object_names) != self.tokens.num_objects:
             raise ValueError(f"object_names has {len(self.object_names)} entries for {self.tokens.num_objects} objects")
+        if self.frame_turns is not None and len(self.frame_turns) != self.batch_size:
+            raise ValueError(f"frame_turns has {len(self.frame_turns)} entries for {self.batch_size} scenes")
 
     @property
     def batch_size(self) -> int:
@@ -67,7 +74,8 @@ class SceneInputs:
         sids = [sid for p in parts for sid in p.points.scene_ids] if all(p.points.scene_ids for p in parts) else []
         points = PointBatch.from_list([p.points.split()[0] for p in parts], scene_ids=sids)
         names = None if self.object_names is None else [n for p in parts for n in p.object_names]
-        return SceneInputs(tokens, torch.cat([p.point_feat for p in parts]), points, names)
+        turns = None if self.frame_turns is None else [self.frame_turns[int(i)] for i in index]
+        return SceneInputs(tokens, torch.cat([p.point_feat for p in parts]), points, names, turns)
 
     def scene(self, b: int) -> "SceneInputs":
         """Scene ``b`` alone (rows re-based)."""
@@ -85,7 +93,8 @@ class SceneInputs:
         points = PointBatch(offset=pb.offset.new_tensor([p1 - p0]),
                             scene_ids=list(pb.scene_ids[b : b + 1]) if pb.scene_ids else [], **fields)
         names = None if self.object_names is None else list(self.object_names[o0:o1])
-        return SceneInputs(tokens, self.point_feat[p0:p1], points, names)
+        turns = None if self.frame_turns is None else [self.frame_turns[b]]
+        return SceneInputs(tokens, self.point_feat[p0:p1], points, names, turns)
 
     def local_names(self, b: int) -> Optional[list]:
         """Class names of scene ``b``'s objects (local order), or None when the batch has none."""
