@@ -81,6 +81,9 @@ def run_training(cfg) -> FitSummary:
         if distributed:
             out_dir = Path(_agree_on_rank0(str(out_dir)))
 
+        if obj.data.rotate and obj.model.canonical_frame:
+            log.warning("data.rotate has no effect with model.canonical_frame: the model turns every training "
+                        "item back into its canonical frame (the rows' compass words with it)")
         dataset = training_dataset(obj.data, obj.trainer.seed, reworder=reword_row)
         eval_fn = None
         if obj.eval.in_training:

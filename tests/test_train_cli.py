@@ -298,3 +298,20 @@ def test_tokenizer_lr_scale_zero_keeps_the_tokenizer_weights(cache, tmp_path, ca
     assert any(not torch.allclose(wf[k], w0[k], atol=1e-6) for k in w0 if k.startswith("segmenter.decoder."))
     assert cli(["train", *common(1), "model.tokenizer_lr_scale=2", f"out_dir={tmp_path / 'bad'}"]) != 0
     assert "model.tokenizer_lr_scale" in capsys.readouterr().err
+
+
+def test_canonical_frame_is_saved_and_says_rotate_has_no_effect(cache, tmp_path, caplog):
+    """model.canonical_frame travels in the checkpoint (so eval and the API turn scans the same way), and
+    data.rotate beside it is said to do nothing rather than silently ignored."""
+    from scene3d.models.loading import load_model
+
+    out = tmp_path / "canon"
+    with caplog.at_level("WARNING"):
+        assert cli(["train", *common(1), "model.canonical_frame=true", "data.rotate=true", "eval.in_training=false",
+                    f"out_dir={out}"]) == 0
+    assert any("data.rotate has no effect with model.canonical_frame" in r.getMessage() for r in caplog.records)
+    assert load_model(out, device="cpu").model.config.canonical_frame is True
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert cli(["train", *common(1), "data.rotate=true", "eval.in_training=false", f"out_dir={tmp_path / 'r'}"]) == 0
+    assert not any("canonical_frame" in r.getMessage() for r in caplog.records)
