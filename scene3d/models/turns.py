@@ -22,7 +22,7 @@ that gave the chosen answer (1.0 without turns).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -59,16 +59,17 @@ def canonical_batch(points: PointBatch) -> tuple[PointBatch, list]:
     return points.replace(**fields), turns
 
 
-def frame_texts(scene: SceneInputs, texts: Sequence[str], scene_of: Optional[Sequence[int]] = None) -> list:
+def frame_texts(scene: SceneInputs, texts: Sequence[str]) -> list:
     """``texts`` as they read in the frame ``scene``'s points are held in: each text's compass words turned by
-    ``scene.frame_turns`` of its scene (``scene_of[i]``; default: text ``i`` is about scene ``i``, or scene 0
-    when there is one scene). Unchanged when the points are as given (no ``frame_turns``, or all 0)."""
+    ``scene.frame_turns`` of its scene (text ``i`` is about scene ``i``, or every text about scene 0 when there
+    is one scene). Unchanged when the points are as given (no ``frame_turns``, or all 0)."""
     texts = list(texts)
     if scene.frame_turns is None or not any(scene.frame_turns):
         return texts
-    if scene_of is None:
-        scene_of = [0] * len(texts) if scene.batch_size == 1 else range(len(texts))
-    return [turn_compass(t, scene.frame_turns[int(b)]) for t, b in zip(texts, scene_of)]
+    if scene.batch_size != 1 and len(texts) != scene.batch_size:
+        raise ValueError(f"{len(texts)} texts for {scene.batch_size} scenes: give one text per scene")
+    turns = scene.frame_turns * len(texts) if scene.batch_size == 1 else scene.frame_turns
+    return [turn_compass(t, k) for t, k in zip(texts, turns)]
 
 
 def turned_texts(texts: Sequence[str], quarter_turns: int) -> list:
