@@ -114,3 +114,69 @@ def test_point_xy_off_hides_where_in_the_room_a_point_lies(point_xy):
     n = len(a["coord"])
     same = torch.allclose(both_feat[:n], alone_feat, atol=1e-5, rtol=1e-4)
     assert same != point_xy
+
+
+def test_descriptors_are_kept_by_turns_moves_and_density():
+    """The descriptors of an object do not change when its scan is turned a quarter turn, moved, or sampled at
+    half the density; they are its extents (larger first), height, and bottom / top above the scene's floor."""
+    from scene3d.data.augment import turn_points
+    from scene3d.tokenizer.pooling import DESCRIPTOR_DIM, object_descriptors, pool_objects
+
+    s = scene(7, 3)
+    s["coord"][:, 0] *= 2.0  # objects longer in x than in y
+    floor = {"coord": torch.tensor([[x, y, 0.0] for x in torch.linspace(-1, 3, 21) for y in torch.linspace(-1, 2, 16)]),
+             "color": torch.zeros(336, 3), "instance": torch.full((336,), -1)}
+    s = {k: torch.cat([s[k], floor[k]]) for k in s}
+
+    def desc(d):
+        pts = PointBatch.from_list([d])
+        pooled = pool_objects(torch.zeros(pts.num_points, 4), pts, pts.instance)
+        return object_descriptors(pts, pooled)
+
+    ref = desc(s)
+    assert ref.shape == (3, DESCRIPTOR_DIM)
+    m = s["instance"] == 1
+    c = s["coord"][m]
+    ext = c.max(0).values - c.min(0).values
+    torch.testing.assert_close(ref[0, :3], torch.log(torch.stack([ext[0], ext[1], ext[2]]) + 0.01))
+    torch.testing.assert_close(ref[0, 3:], torch.stack([c[:, 2].min(), c[:, 2].max()]) - 0.0)
+    turned = turn_points(s, 1)
+    moved = dict(s, coord=s["coord"] + torch.tensor([5.0, -3.0, 1.5]))
+    half = {k: v[::2] for k, v in s.items()}
+    torch.testing.assert_close(desc(turned), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(desc(moved), ref, atol=1e-5, rtol=1e-5)
+    # the same surfaces at half the density: the boxes barely change (the point counts halve)
+    torch.testing.assert_close(desc(half), ref, atol=0.1, rtol=0.0)
+    assert not torch.allclose(desc(dict(s, coord=s["coord"] * torch.tensor([1.0, 1.0, 2.0]))), ref)
+
+
+def test_descriptors_and_learned_dropout_in_the_tokenizer():
+    """``descriptors`` widens the projection's input by the descriptors; ``learned_dropout`` zeroes whole
+    objects' learned features in training only (tokens then still differ by their statistics), never at
+    evaluation; a probability of 1 or more is refused."""
+    torch.manual_seed(8)
+    cfg = small_cfg(geometry=True)
+    cfg.descriptors, cfg.learned_dropout = True, 0.5
+    model = ObjectTokenizer(cfg)
+    base = ObjectTokenizer(small_cfg(geometry=True))
+    assert model.project[0].in_features == base.project[0].in_features + 5
+    pts = PointBatch.from_list([scene(9, 4)])
+    model.eval()
+    with torch.no_grad():
+        a, b = model(pts, objects=pts.instance).tokens.feat, model(pts, objects=pts.instance).tokens.feat
+    torch.testing.assert_close(a, b)  # evaluation: no dropout, deterministic
+    model.train()
+    seen = set()
+    captured = {}
+    hook = model.project.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0].detach()))
+    for _ in range(8):
+        model(pts)
+        c = model.backbone.out_channels
+        learned_zero = (captured["x"][:, : 2 * c] == 0).all(1)
+        stats_kept = (captured["x"][:, 2 * c : 2 * c + 13] != 0).any(1)
+        assert stats_kept.all()
+        seen.update(learned_zero.tolist())
+    hook.remove()
+    assert seen == {True, False}  # some objects lost their learned features, others kept them
+    with pytest.raises(ValueError, match="learned_dropout"):
+        ObjectTokenizerConfig(learned_dropout=1.0)

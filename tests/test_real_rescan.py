@@ -132,3 +132,26 @@ def test_token_stage_on_the_real_scan_then_referring_from_it(env, tmp_path):
     assert cli(["train", *overrides(1), f"trainer.init_from={tok}", "eval.in_training=false",
                 f"out_dir={ref}"]) == 0
     assert (ref / "checkpoints").is_dir()
+
+
+def test_descriptors_name_most_objects_of_the_other_rescan(real_data):
+    """The tokenizer's descriptors (``model.tokenizer.descriptors``) with the colour statistics, read by the
+    nearest object of one rescan, name most objects of the other (bench/real_rescan.py's reference line; 50 of
+    59 as measured), in both directions, and far fewer when the descriptors are left out (only colour)."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import real_rescan
+
+    line = real_rescan.descriptor_nn_line(real_data / MMDET, "scene0000_01", ["scene0000_02"])
+    right, total = (int(w) for w in line.split(" names ")[1].split(" ground-truth")[0].split(" of the "))
+    assert total == 59 and right >= 0.75 * total, line
+    back = real_rescan.descriptor_nn_line(real_data / MMDET, "scene0000_02", ["scene0000_01"])
+    assert int(back.split(" names ")[1].split(" of ")[0]) >= 0.75 * 60, back
+    labels_a, a = real_rescan.descriptor_features(real_data / MMDET, "scene0000_01")
+    labels_b, b = real_rescan.descriptor_features(real_data / MMDET, "scene0000_02")
+    colour_only = np.abs(b[:, None, 5:] - a[None, :, 5:]).sum(-1).argmin(1)
+    assert sum(labels_a[j] == t for j, t in zip(colour_only, labels_b)) < right - 10

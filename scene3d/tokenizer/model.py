@@ -10,6 +10,7 @@
       v objects: GT instances (training / given) or proposals (clustered votes, inference)
       v pool_objects: mean | max | stats                              -> [M, 2C + 13]
       (+ GeometryEncoder(octree code of each object's points)         -> [M, G], concatenated)
+      (+ object_descriptors: extents, height, bottom / top above floor -> [M, 5], with ``descriptors``)
       v projection MLP                                                -> [M, out_dim]
       v RelationContext (attention with pairwise centre/size bias, per scene)
     ObjectTokens(feat [M, out_dim], center, size, obj_offset, point2obj, object_ids)
@@ -30,7 +31,7 @@ from scene3d.structures.points import PointBatch
 from scene3d.tokenizer.backbone import BackboneConfig, SparseUNet
 from scene3d.tokenizer.geometry import GeometryEncoder, GeometryEncoderConfig
 from scene3d.tokenizer.octree import encode_objects, voxelize_objects
-from scene3d.tokenizer.pooling import pool_objects, token_dim
+from scene3d.tokenizer.pooling import DESCRIPTOR_DIM, object_descriptors, pool_objects, token_dim
 from scene3d.tokenizer.proposals import OffsetLoss, ProposalConfig, ProposalHead, cluster_proposals, offset_loss
 from scene3d.tokenizer.relation import RelationConfig, RelationContext
 from scene3d.tokenizer.voxelize import Voxels, scatter_pool, voxelize
@@ -57,10 +58,20 @@ class ObjectTokenizerConfig:
     #: y can learn one training scan's layout instead of what its objects look like). Object positions still
     #: reach the model through each token's pooled centre and size and the relation layers. True: rgb + xyz
     point_xy: bool = True
+    #: append each object's rescan-stable shape descriptors (:func:`scene3d.tokenizer.pooling.object_descriptors`:
+    #: sorted horizontal extents, height, bottom and top above the floor) to its pooled features
+    descriptors: bool = False
+    #: training only: each object's learned features (the backbone's pooled mean / max and the octree geometry
+    #: code) are zeroed with this probability (the rest scaled by 1 / (1 - p), as dropout does), so the token
+    #: must also be told apart from the hand-made statistics and descriptors, which a rescan keeps. One real
+    #: scan is enough for the backbone to memorise its objects (README, real-rescan experiment); 0: off
+    learned_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.voxel_size > 0 or not self.geometry_voxel_size > 0:
             raise ValueError("voxel sizes must be > 0")
+        if not 0.0 <= self.learned_dropout < 1.0:
+            raise ValueError(f"learned_dropout must be in [0, 1), got {self.learned_dropout!r}")
         if self.backbone.in_channels != IN_CHANNELS:
             raise ValueError(f"backbone.in_channels must be {IN_CHANNELS} (rgb + xyz), got {self.backbone.in_channels}")
         if self.relation.dim != self.out_dim:
@@ -116,7 +127,7 @@ class ObjectTokenizer(nn.Module):
             sem = InstanceProposer.load(Path(cfg.semantic_model).expanduser()).requires_grad_(False)
             object.__setattr__(self, "_semantic", sem)
             sem_dim = NUM_CLASSES
-        d_in = token_dim(c) + geo_dim + sem_dim
+        d_in = token_dim(c) + geo_dim + sem_dim + (DESCRIPTOR_DIM if cfg.descriptors else 0)
         self.project = nn.Sequential(nn.Linear(d_in, cfg.out_dim), nn.GELU(), nn.Linear(cfg.out_dim, cfg.out_dim))
         self.relation = RelationContext(cfg.relation)
 
@@ -163,9 +174,17 @@ class ObjectTokenizer(nn.Module):
         elif objects.shape != (points.num_points,):
             raise ValueError(f"objects must be [{points.num_points}], got {tuple(objects.shape)}")
         pooled = pool_objects(point_feat, points, objects.long())
-        parts = [pooled.feat]
+        c = point_feat.shape[1]
+        learned = [pooled.feat[:, : 2 * c]]  # the backbone's mean | max; the stats follow
         if self.geometry is not None:
-            parts.append(self.geometry_code(points, pooled.point2obj, pooled.num_objects).to(pooled.feat.dtype))
+            learned.append(self.geometry_code(points, pooled.point2obj, pooled.num_objects).to(pooled.feat.dtype))
+        if self.training and self.cfg.learned_dropout > 0:
+            p = self.cfg.learned_dropout
+            keep = (torch.rand(pooled.num_objects, 1, device=point_feat.device) >= p).to(pooled.feat.dtype) / (1 - p)
+            learned = [x * keep for x in learned]
+        parts = [learned[0], pooled.feat[:, 2 * c :]] + learned[1:]
+        if self.cfg.descriptors:
+            parts.append(object_descriptors(points, pooled))
         if self._semantic is not None:
             parts.append(self.semantic_prior(points, pooled.point2obj, pooled.num_objects).to(pooled.feat.dtype))
         feat = self.project(torch.cat(parts, 1))  # (M, out_dim)
