@@ -199,6 +199,20 @@ def descriptor_nn_line(processed_dir: Path, train_id: str, scene_ids) -> str:
             f"{total} ground-truth objects ({right / max(total, 1):.0%})")
 
 
+def by_program(rows, per_sample) -> dict:
+    """``{"op, kind": (rows, mIoU)}``: the scores of generated rows grouped by their program's op and target
+    count (kind: none, one, several); rows without a program are grouped as "other"."""
+    iou = {(s["scene_id"], str(s["ann_id"])): s["iou"] for s in per_sample}
+    groups: dict = {}
+    for r in rows:
+        prog = r.get("program")
+        op = prog.get("op", "other") if isinstance(prog, dict) else "other"
+        n = len(r.get("targets") or [])
+        groups.setdefault(f"{op}, {'none' if n == 0 else 'one' if n == 1 else 'several'}", []).append(
+            iou[(r["scene_id"], str(r["ann_id"]))])
+    return {k: (len(v), float(np.mean(v))) for k, v in sorted(groups.items())}
+
+
 def frame_line(processed_dir: Path, scene_ids) -> str:
     """Each scan's canonical frame (model.canonical_frame): the quarter turns that reach it and how far (degrees)
     its median direction lies from a quadrant boundary."""
@@ -243,6 +257,10 @@ def main(argv=None) -> int:
                     help="test-time quarter turns (eval.turns): also answer the scan turned 1..N-1 quarter turns, the "
                          "rows' compass words with it, and keep the answer most orientations give; with N > 1 the "
                          "scan as given (N = 1) is scored first, as the baseline, in the same run")
+    ap.add_argument("--by-program", action="store_true",
+                    help="also print each mask path's mIoU per generated program op and target count (none / one / "
+                         "several); with the training scan's rows (--rows of scene0000_01) it shows what the run "
+                         "fits there")
     args = ap.parse_args(argv)
     from data_prep import real_refer
     from scene3d.data.referring import read_jsonl
@@ -269,7 +287,9 @@ def main(argv=None) -> int:
     c = chance(rows, args.processed)
     print(line(f"chance (random object of {c['objects']})", c))
     print(frame_line(args.processed, sorted({r["scene_id"] for r in rows})))
-    if (args.processed / "scene0000_01_vert.npy").exists() or (args.processed / "scene0000_01").is_dir():
+    evaluated = {r["scene_id"] for r in rows}
+    if "scene0000_01" not in evaluated and ((args.processed / "scene0000_01_vert.npy").exists()
+                                            or (args.processed / "scene0000_01").is_dir()):
         print(descriptor_nn_line(args.processed, "scene0000_01", sorted({r["scene_id"] for r in rows})))
     proposer = None
     if args.proposal_model is not None:
@@ -319,6 +339,9 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 for m in masks:
                     print(line(f"model, {m}", res[m].metrics["overall"]))
+                    if args.by_program:
+                        for name, (n, miou) in by_program(rows, res[m].per_sample).items():
+                            print(f"    {name:<24} {n:4d} rows  mIoU {miou:.3f}")
                 if turns > 1:  # how far the agreement of the orientations tells a reliable answer
                     # the model stack: only a --checkpoint run loads it
                     from scene3d.evaluate import agreement_line, agreement_summary
