@@ -171,22 +171,22 @@ def descriptor_features(processed_dir: Path, scene_id: str) -> tuple[list, np.nd
     from scene3d.data.referring import scene_to_tensors
     from scene3d.data.scene import load_processed_scene
     from scene3d.structures.points import PointBatch
-    from scene3d.tokenizer.pooling import STATS_DIM, object_descriptors, pool_objects
+    from scene3d.tokenizer.pooling import object_descriptors, pool_objects, pooled_parts
 
     scene = load_processed_scene(Path(processed_dir) / scene_id)
     pts = PointBatch.from_list([scene_to_tensors(scene)])
     pooled = pool_objects(torch.zeros(pts.num_points, 1), pts, pts.instance)
-    colour = pooled.feat[:, 2 + 6 : 2 + 12]  # stats: centre (3) | size (3) | colour mean (3) | std (3) | count
-    assert pooled.feat.shape[1] == 2 + STATS_DIM
+    colour = pooled_parts(pooled, 1)["stats"][:, 6:12]  # stats: centre | size | colour mean | colour std | count
     feat = torch.cat([object_descriptors(pts, pooled), colour], 1).numpy()
     truth = {int(o.id): clean_label(o.label) for o in scene.objects if o.label not in STRUCTURAL}
     rows = [i for i, oid in enumerate(pooled.object_ids.tolist()) if int(oid) in truth]
     return [truth[int(pooled.object_ids[i])] for i in rows], feat[rows]
 
 
-def descriptor_nn_line(processed_dir: Path, train_id: str, scene_ids) -> str:
-    """A reference for the token readout: each object of the evaluated scan named by its nearest object of the
-    training scan (``train_id``) in the standardised descriptor + colour features."""
+def descriptor_nn(processed_dir: Path, train_id: str, scene_ids) -> tuple[int, int]:
+    """(objects named right, objects): a reference for the token readout, each object of the evaluated scans
+    named by its nearest object of the training scan (``train_id``) in the standardised descriptor + colour
+    features."""
     train_labels, a = descriptor_features(processed_dir, train_id)
     mu, sd = a.mean(0), a.std(0) + 1e-6
     right = total = 0
@@ -195,6 +195,11 @@ def descriptor_nn_line(processed_dir: Path, train_id: str, scene_ids) -> str:
         d = ((((b - mu) / sd)[:, None] - ((a - mu) / sd)[None]) ** 2).sum(-1)
         right += sum(train_labels[j] == t for j, t in zip(d.argmin(1), labels))
         total += len(labels)
+    return right, total
+
+
+def descriptor_nn_line(processed_dir: Path, train_id: str, scene_ids) -> str:
+    right, total = descriptor_nn(processed_dir, train_id, scene_ids)
     return (f"reference, no model: the nearest object of {train_id} by descriptors and colour names {right} of the "
             f"{total} ground-truth objects ({right / max(total, 1):.0%})")
 
@@ -286,11 +291,11 @@ def main(argv=None) -> int:
         print(f"the scan and its rows turned {args.turns} quarter turn(s) counter-clockwise about z")
     c = chance(rows, args.processed)
     print(line(f"chance (random object of {c['objects']})", c))
-    print(frame_line(args.processed, sorted({r["scene_id"] for r in rows})))
-    evaluated = {r["scene_id"] for r in rows}
+    evaluated = sorted({r["scene_id"] for r in rows})
+    print(frame_line(args.processed, evaluated))
     if "scene0000_01" not in evaluated and ((args.processed / "scene0000_01_vert.npy").exists()
                                             or (args.processed / "scene0000_01").is_dir()):
-        print(descriptor_nn_line(args.processed, "scene0000_01", sorted({r["scene_id"] for r in rows})))
+        print(descriptor_nn_line(args.processed, "scene0000_01", evaluated))
     proposer = None
     if args.proposal_model is not None:
         from scene3d.tokenizer.instance_proposals import InstanceProposer
