@@ -11,9 +11,11 @@ baseline), computed exactly as the mean over every object of the scores of "alwa
 (no sampling noise). With ``--checkpoint`` the model is scored through scene3d.engine.evaluate (the same path
 as ``scene3d eval``), for each of ``--objects`` (``gt``: ground-truth instances; ``proposals``: the geometric
 proposals, or with ``--proposal-model`` the learned instance proposals, scored against the ground-truth target
-points) and each mask path (reconciled, identifier-only,
-decoder-only). ``--vote-turns N`` also scores the answers voted over N quarter turns of the scan
-(scene3d.models.turns), after the scan as given in the same run. Without ``--rows`` the rows are generated here (``--per-op 8``, as the experiment's comment does).
+points) and each mask path (reconciled, identifier-only, decoder-only), with a count of the rows with targets
+by kind of answer (right, none, the anchor, same class but another object, another class; ``--errors`` lists each
+wrong one). ``--vote-turns N`` also scores the answers voted over N quarter turns of the scan
+(scene3d.models.turns), after the scan as given in the same run. Without ``--rows`` the rows are generated here
+(``--per-op 8``, as the experiment's comment does).
 """
 
 from __future__ import annotations
@@ -218,6 +220,59 @@ def by_program(rows, per_sample) -> dict:
     return {k: (len(v), float(np.mean(v))) for k, v in sorted(groups.items())}
 
 
+#: the kinds of answer :func:`answer_kinds` tells apart on a row with targets, in the order it prints them
+ANSWER_KINDS = ("right", "none", "the anchor", "same class, wrong object", "another class")
+
+
+def answer_kinds(rows, predictions, per_sample, processed_dir: Path) -> list:
+    """Per row with targets: ``(kind, text, [target classes], [picked classes])``, what a run got wrong and how.
+    Each predicted mask is read as the ground-truth instance that holds most of its points (so this also reads
+    answers over proposals); kind (:data:`ANSWER_KINDS`) is "right" where the row's IoU is >= 0.5, else "none"
+    (nothing picked), "the anchor" (a picked object is one of the row's anchors, whatever its class), "same
+    class, wrong object" (a picked object shares a target's class) or "another class". Zero-target rows are left out: their answer is right or
+    not, and nothing tells more."""
+    from scene3d.data.labels import clean_label
+    from scene3d.data.scene import load_processed_scene
+
+    scenes: dict = {}
+    iou = {(s["scene_id"], str(s["ann_id"])): s["iou"] for s in per_sample}
+    pred = {(p["scene_id"], str(p["ann_id"])): p for p in predictions}
+    out = []
+    for r in rows:
+        if not r.get("targets"):
+            continue
+        sid = r["scene_id"]
+        if sid not in scenes:
+            sc = load_processed_scene(Path(processed_dir) / sid)
+            scenes[sid] = (sc.instance, {int(o.id): clean_label(o.label) for o in sc.objects})
+        instance, label = scenes[sid]
+        picked = []
+        for m in pred[(sid, str(r["ann_id"]))].get("pred_masks", []):
+            ids = instance[np.asarray(m, dtype=np.int64)]
+            ids = ids[ids >= 0]
+            if ids.size:
+                picked.append(int(np.bincount(ids).argmax()))
+        want = [label.get(int(t), "?") for t in r["targets"]]
+        got = [label.get(i, "?") for i in picked]
+        if iou[(sid, str(r["ann_id"]))] >= 0.5:
+            kind = "right"
+        elif not picked:
+            kind = "none"
+        elif set(picked) & {int(a) for a in (r.get("anchors") or [])}:
+            kind = "the anchor"
+        elif set(got) & set(want):
+            kind = "same class, wrong object"
+        else:
+            kind = "another class"
+        out.append((kind, r["text"], want, got))
+    return out
+
+
+def answer_kinds_line(kinds) -> str:
+    counts = {k: sum(1 for x in kinds if x[0] == k) for k in ANSWER_KINDS}
+    return (f"    {len(kinds)} rows with targets: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+
+
 def frame_line(processed_dir: Path, scene_ids) -> str:
     """Each scan's canonical frame (model.canonical_frame): the quarter turns that reach it and how far (degrees)
     its median direction lies from a quadrant boundary."""
@@ -266,6 +321,9 @@ def main(argv=None) -> int:
                     help="also print each mask path's mIoU per generated program op and target count (none / one / "
                          "several); with the training scan's rows (--rows of scene0000_01) it shows what the run "
                          "fits there")
+    ap.add_argument("--errors", action="store_true",
+                    help="also list every wrong row with targets: its text, the targets' classes and the classes of "
+                         "what the run picked (the count by kind of answer is always printed)")
     args = ap.parse_args(argv)
     from data_prep import real_refer
     from scene3d.data.referring import read_jsonl
@@ -347,6 +405,12 @@ def main(argv=None) -> int:
                     if args.by_program:
                         for name, (n, miou) in by_program(rows, res[m].per_sample).items():
                             print(f"    {name:<24} {n:4d} rows  mIoU {miou:.3f}")
+                    kinds = answer_kinds(rows, res[m].predictions, res[m].per_sample, args.processed)
+                    print(answer_kinds_line(kinds))
+                    if args.errors:
+                        for kind, text, want, got in kinds:
+                            if kind != "right":
+                                print(f"      [{kind}] {text!r}: targets {want}, picked {got or 'nothing'}")
                 if turns > 1:  # how far the agreement of the orientations tells a reliable answer
                     # the model stack: only a --checkpoint run loads it
                     from scene3d.evaluate import agreement_line, agreement_summary

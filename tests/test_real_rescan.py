@@ -154,3 +154,48 @@ def test_descriptors_name_most_objects_of_the_other_rescan(real_data):
     labels_b, b = real_rescan.descriptor_features(real_data / MMDET, "scene0000_02")
     colour_only = np.abs(b[:, None, 5:] - a[None, :, 5:]).sum(-1).argmin(1)
     assert sum(labels_a[j] == t for j, t in zip(colour_only, labels_b)) < right - 10
+
+
+def test_answer_kinds_tell_how_a_row_is_wrong(real_data):
+    """bench/real_rescan.py's readout of wrong answers on scene0000_02: a mask read as the instance holding most of
+    its points; right (IoU >= 0.5), nothing, another object of a target's class, the anchor, another class; the
+    zero-target rows left out."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from data_prep import real_refer
+    from scene3d.data.labels import clean_label
+    from scene3d.data.scene import load_processed_scene
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import real_rescan
+
+    processed = real_data / MMDET
+    scene = load_processed_scene(processed / "scene0000_02")
+    label = {int(o.id): clean_label(o.label) for o in scene.objects}
+    rows = real_refer.generate_rows(processed, ["scene0000_02"], max_per_op=8, progress=False).rows
+    # a single-target row with an anchor, whose class has another object in the scan
+    row = next(r for r in rows if len(r["targets"]) == 1 and r.get("anchors")
+               and sum(v == label[r["targets"][0]] for i, v in label.items() if i not in r["anchors"]) > 1)
+    target, anchor = int(row["targets"][0]), int(row["anchors"][0])
+    twin = next(i for i, v in label.items() if v == label[target] and i not in (target, anchor))
+    other = next(i for i, v in label.items() if v != label[target] and i not in (target, anchor)
+                 and (scene.instance == i).any())
+    pts = {i: np.flatnonzero(scene.instance == i) for i in (target, anchor, twin, other)}
+    zero = next(r for r in rows if not r["targets"])
+    cases = [("right", [pts[target]], 1.0), ("none", [], 0.0), ("same class, wrong object", [pts[twin]], 0.0),
+             ("the anchor", [pts[anchor]], 0.0), ("another class", [pts[other][: len(pts[other]) // 2 + 1]], 0.0)]
+    for kind, masks, iou in cases:
+        ann = f"{row['ann_id']}-{kind}"
+        case = dict(row, ann_id=ann)
+        preds = [{"scene_id": "scene0000_02", "ann_id": ann, "pred_masks": [m.tolist() for m in masks]},
+                 {"scene_id": "scene0000_02", "ann_id": zero["ann_id"], "pred_masks": []}]
+        per_sample = [{"scene_id": "scene0000_02", "ann_id": ann, "iou": iou},
+                      {"scene_id": "scene0000_02", "ann_id": zero["ann_id"], "iou": 1.0}]
+        out = real_rescan.answer_kinds([case, zero], preds, per_sample, processed)
+        assert len(out) == 1 and out[0][0] == kind, (kind, out)
+        assert out[0][2] == [label[target]]
+    line = real_rescan.answer_kinds_line([("right", "", [], []), ("none", "", [], []), ("none", "", [], [])])
+    assert "3 rows with targets: 1 right, 2 none, 0 the anchor, 0 same class" in line
