@@ -57,11 +57,12 @@ def chance(rows, processed_dir) -> dict:
 class AnnotatedNames:
     """A stand-in label model that names each point by its annotated class (the nearest annotated point of the
     evaluated scans): ``--names annotated``, a diagnostic that separates wrong predicted names from wrong
-    reasoning. Never a result: the printed figures say "annotated names"."""
+    reasoning. Never a result: the printed figures say "annotated names". With ``shuffle_seed`` the classes are
+    dealt out at random among each scan's objects first (``--names shuffled``, :func:`shuffled_classes`)."""
 
     meta = {"trained_on": []}
 
-    def __init__(self, processed_dir, scene_ids) -> None:
+    def __init__(self, processed_dir, scene_ids, shuffle_seed=None) -> None:
         from scipy.spatial import cKDTree
 
         from scene3d.data.scene import load_processed_scene
@@ -70,6 +71,8 @@ class AnnotatedNames:
         self.num_classes = NUM_CLASSES
         scans = [scan_from_scene(load_processed_scene(Path(processed_dir) / sid)) for sid in scene_ids]
         self.tree = cKDTree(np.concatenate([s.coord for s in scans]))
+        if shuffle_seed is not None:
+            scans = [shuffled_classes(s, np.random.default_rng(shuffle_seed)) for s in scans]
         self.semantic = np.concatenate([s.semantic for s in scans])
 
     def point_probs(self, coord, color=None, what: str = "scan") -> np.ndarray:
@@ -77,6 +80,19 @@ class AnnotatedNames:
         out = np.zeros((len(cls), self.num_classes), np.float32)
         out[np.arange(len(cls)), cls] = 1.0
         return out
+
+
+def shuffled_classes(scan, rng):
+    """``scan`` (a TrainScan) with its objects' classes dealt out again at random among its objects (each class
+    keeps its count; ``--names shuffled``): a model that reads the names in its prompt answers differently, one
+    that ignores them answers as with the annotated names."""
+    ids = np.unique(scan.instance[scan.instance >= 0])
+    cls = np.array([int(scan.semantic[scan.instance == i][0]) for i in ids])
+    dealt = dict(zip(ids.tolist(), rng.permutation(cls).tolist()))
+    semantic = scan.semantic.copy()
+    for i, c in dealt.items():
+        semantic[scan.instance == i] = c
+    return scan._replace(semantic=semantic)
 
 
 def encoded_scans(model, processed_dir, scene_ids, names: bool = True):
@@ -306,9 +322,10 @@ def main(argv=None) -> int:
                     help="for a checkpoint whose prompt writes object class names (model.referring.object_labels): "
                          "the instance-proposal model that names the objects (default: --proposal-model, else the "
                          "checkpoint's model.label_model)")
-    ap.add_argument("--names", choices=("predicted", "annotated"), default="predicted",
-                    help="for such a checkpoint: the label model's names (the result) or the annotated ones (a "
-                         "diagnostic upper bound, printed as such)")
+    ap.add_argument("--names", choices=("predicted", "annotated", "shuffled"), default="predicted",
+                    help="for such a checkpoint: the label model's names (the result), the annotated ones (a "
+                         "diagnostic upper bound, printed as such) or the annotated classes dealt out at random "
+                         "among the objects (a diagnostic: does the run read the names at all?)")
     ap.add_argument("--turns", type=int, default=0, choices=range(4),
                     help="score the scan turned this many quarter turns counter-clockwise about z, the rows' compass "
                          "words turned with it (a robustness check: ScanNet leaves each scan's orientation "
@@ -371,9 +388,12 @@ def main(argv=None) -> int:
         model = load_model(Path(args.checkpoint).expanduser(), device="cuda" if torch.cuda.is_available() else "cpu")
         if model.model.config.referring.object_labels:
             namer = args.label_model or args.proposal_model
-            if args.names == "annotated":
-                model.model.set_label_model(AnnotatedNames(args.processed, sorted({r["scene_id"] for r in rows})))
-                namer = "ANNOTATED NAMES (diagnostic, not a result)"
+            if args.names in ("annotated", "shuffled"):
+                shuffled = args.names == "shuffled"
+                model.model.set_label_model(AnnotatedNames(args.processed, sorted({r["scene_id"] for r in rows}),
+                                                           shuffle_seed=0 if shuffled else None))
+                namer = ("ANNOTATED CLASSES SHUFFLED AMONG THE OBJECTS (diagnostic: does the run read the names?)"
+                         if shuffled else "ANNOTATED NAMES (diagnostic, not a result)")
             elif namer is not None:
                 model.model.set_label_model(namer)
             who = namer or model.model.config.label_model

@@ -199,3 +199,33 @@ def test_answer_kinds_tell_how_a_row_is_wrong(real_data):
         assert out[0][2] == [label[target]]
     line = real_rescan.answer_kinds_line([("right", "", [], []), ("none", "", [], []), ("none", "", [], [])])
     assert "3 rows with targets: 1 right, 2 none, 0 the anchor, 0 same class" in line
+
+
+def test_shuffled_classes_deal_the_classes_out_again():
+    """bench/real_rescan.py --names shuffled: every object keeps one class for all its points, each class keeps
+    its number of objects, unannotated points stay 0, and some objects change class."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from scene3d.tokenizer.instance_proposals import TrainScan
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import real_rescan
+
+    rng = np.random.default_rng(0)
+    instance = np.repeat(np.arange(-1, 12), 5)
+    classes = {i: c for i, c in zip(range(12), [3, 3, 5, 5, 5, 7, 8, 9, 10, 11, 12, 14])}
+    semantic = np.array([classes.get(int(i), 0) for i in instance])
+    scan = TrainScan("s", rng.normal(size=(len(instance), 3)), np.zeros((len(instance), 3)), instance, semantic)
+    out = real_rescan.shuffled_classes(scan, np.random.default_rng(1))
+    dealt = {}
+    for i in range(12):
+        vals = np.unique(out.semantic[instance == i])
+        assert vals.size == 1
+        dealt[i] = int(vals[0])
+    assert sorted(dealt.values()) == sorted(classes.values())
+    assert (out.semantic[instance < 0] == 0).all()
+    assert sum(dealt[i] != classes[i] for i in range(12)) >= 4
+    assert (scan.semantic == semantic).all()  # the input is left as it was
