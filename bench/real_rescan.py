@@ -245,8 +245,8 @@ def answer_kinds(rows, predictions, per_sample, processed_dir: Path) -> list:
     Each predicted mask is read as the ground-truth instance that holds most of its points (so this also reads
     answers over proposals); kind (:data:`ANSWER_KINDS`) is "right" where the row's IoU is >= 0.5, else "none"
     (nothing picked), "the anchor" (a picked object is one of the row's anchors, whatever its class), "same
-    class, wrong object" (a picked object shares a target's class) or "another class". Zero-target rows are left out: their answer is right or
-    not, and nothing tells more."""
+    class, wrong object" (a picked object shares a target's class) or "another class". Zero-target rows are left
+    out: their answer is right or not, and nothing tells more."""
     from scene3d.data.labels import clean_label
     from scene3d.data.scene import load_processed_scene
 
@@ -351,7 +351,8 @@ def main(argv=None) -> int:
         print(f"generated {len(rows)} rows of scene0000_02 in {time.perf_counter() - t0:.2f} s")
     else:
         rows = read_jsonl(args.rows)
-    print(f"{len(rows)} rows of {sorted({r['scene_id'] for r in rows})} (rescan of the training scan's room: "
+    evaluated = sorted({r["scene_id"] for r in rows})  # turning the scan (--turns) keeps its id
+    print(f"{len(rows)} rows of {evaluated} (rescan of the training scan's room: "
           "rescan generalisation, not new rooms)")
     tmp = None
     if args.turns:
@@ -360,13 +361,11 @@ def main(argv=None) -> int:
         from scene3d.data.augment import turn_row
 
         tmp = tempfile.TemporaryDirectory(prefix="real_rescan_turned_")
-        args.processed = turned_export(args.processed, sorted({r["scene_id"] for r in rows}), args.turns,
-                                       Path(tmp.name))
+        args.processed = turned_export(args.processed, evaluated, args.turns, Path(tmp.name))
         rows = [turn_row(r, args.turns) for r in rows]
         print(f"the scan and its rows turned {args.turns} quarter turn(s) counter-clockwise about z")
     c = chance(rows, args.processed)
     print(line(f"chance (random object of {c['objects']})", c))
-    evaluated = sorted({r["scene_id"] for r in rows})
     print(frame_line(args.processed, evaluated))
     if "scene0000_01" not in evaluated and ((args.processed / "scene0000_01_vert.npy").exists()
                                             or (args.processed / "scene0000_01").is_dir()):
@@ -377,7 +376,7 @@ def main(argv=None) -> int:
 
         proposer = InstanceProposer.load(args.proposal_model)
         trained_on = proposer.meta.get("trained_on", [])
-        if set(trained_on) & {r["scene_id"] for r in rows}:
+        if set(trained_on) & set(evaluated):
             raise SystemExit(f"{args.proposal_model} was trained on an evaluated scan ({trained_on})")
     if args.checkpoint:
         import torch
@@ -390,7 +389,7 @@ def main(argv=None) -> int:
             namer = args.label_model or args.proposal_model
             if args.names in ("annotated", "shuffled"):
                 shuffled = args.names == "shuffled"
-                model.model.set_label_model(AnnotatedNames(args.processed, sorted({r["scene_id"] for r in rows}),
+                model.model.set_label_model(AnnotatedNames(args.processed, evaluated,
                                                            shuffle_seed=0 if shuffled else None))
                 namer = ("ANNOTATED CLASSES SHUFFLED AMONG THE OBJECTS (diagnostic: does the run read the names?)"
                          if shuffled else "ANNOTATED NAMES (diagnostic, not a result)")
@@ -398,13 +397,13 @@ def main(argv=None) -> int:
                 model.model.set_label_model(namer)
             who = namer or model.model.config.label_model
             trained_on = model.model.label_model.meta.get("trained_on", []) if model.model.label_model else []
-            if set(trained_on) & {r["scene_id"] for r in rows}:
+            if set(trained_on) & set(evaluated):
                 raise SystemExit(f"label model {who} was trained on an evaluated scan ({trained_on})")
             print(f"object names in the prompt: predicted by {who} (trained on {', '.join(trained_on) or '?'})")
-            right, total = naming_accuracy(model.model, args.processed, sorted({r["scene_id"] for r in rows}))
+            right, total = naming_accuracy(model.model, args.processed, evaluated)
             print(f"  names right on {right} of the {total} ground-truth objects ({right / max(total, 1):.0%}; "
                   "annotated names cleaned as the expressions write them)")
-        right, total = token_naming_accuracy(model.model, args.processed, sorted({r["scene_id"] for r in rows}))
+        right, total = token_naming_accuracy(model.model, args.processed, evaluated)
         print(f"object tokens nearest their own class name: {right} of {total} ground-truth objects "
               f"({right / max(total, 1):.0%}; the scan's annotated classes, wall / floor / ceiling left out)")
         masks = [m.strip() for m in args.mask.split(",") if m.strip()]
